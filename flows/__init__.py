@@ -1,0 +1,1 @@
+"""Prefect flows and the `imagenet` command line (flows only wire tasks; commands call libraries)."""

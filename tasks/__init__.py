@@ -1,0 +1,1 @@
+"""Prefect tasks wrapping the data/ and model/ libraries: retries, cache policies, artifacts."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: where the real-Caffe goldens live, and skipping loudly where they don't.
+
+The goldens sit in ../shared/caffe-golden beside the clone (read-only in CI: open LMDBs there
+with readonly=True, lock=False, or copy them first). A user's clone has no ../shared; every
+test that needs it is skipped and the session header says why, once.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = Path(os.environ.get("IMAGENET_GOLDEN_DIR", REPO.parent / "shared" / "caffe-golden"))
+GOLDEN_MISSING = (
+    f"SKIPPING real-Caffe golden comparisons: {GOLDEN_DIR} does not exist "
+    "(it ships beside the developers' and CI's clone as ../shared/caffe-golden)"
+)
+
+
+def pytest_report_header(config):
+    if not GOLDEN_DIR.is_dir():
+        return [GOLDEN_MISSING]
+    return [f"caffe goldens: {GOLDEN_DIR}"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if GOLDEN_DIR.is_dir():
+        return
+    skip = pytest.mark.skip(reason=GOLDEN_MISSING)
+    for item in items:
+        if "golden" in getattr(item, "fixturenames", ()) or item.get_closest_marker("golden"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    """Path of ../shared/caffe-golden (tests using it are skipped where it is absent)."""
+    return GOLDEN_DIR
