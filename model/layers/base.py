@@ -9,8 +9,8 @@ interface (blobs in Caffe shapes, blobs/tops NCHW).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import jax
 
@@ -119,5 +119,4 @@ def layer_class(type_name: str, layer_name: str = "") -> type[Layer]:
         ) from None
 
 
-Filler = Callable[[jax.Array, Shape], jax.Array]
-__all__ = ["BlobSpec", "Layer", "REGISTRY", "register", "layer_class", "Shape", "field", "dataclass"]
+__all__ = ["BlobSpec", "Layer", "REGISTRY", "register", "layer_class", "Shape"]
