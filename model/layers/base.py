@@ -43,10 +43,23 @@ class Layer:
     # batch fed to Net.apply (Data, Input) or are generated (DummyData).
     is_input: ClassVar[bool] = False
 
-    def __init__(self, param: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape]) -> None:
+    def __init__(
+        self,
+        param: caffe_pb2.LayerParameter,
+        bottom_shapes: Sequence[Shape],
+        *,
+        given_top_shapes: Sequence[Shape] | None = None,
+    ) -> None:
         self.param = param
         self.name = param.name
         self.bottom_shapes = [tuple(int(d) for d in s) for s in bottom_shapes]
+        # Input layers (Data, Input) whose top shapes the Net knows from elsewhere (the first
+        # record of a Data layer's LMDB plus crop/batch size, or a caller's override) receive
+        # them here; their setup() uses them instead of (or to check) the prototxt.
+        self.given_top_shapes = (
+            None if given_top_shapes is None
+            else [tuple(int(d) for d in s) for s in given_top_shapes]
+        )
         self.top_shapes: list[Shape] = []
         self.blobs: list[BlobSpec] = []
         self.setup()
