@@ -1,0 +1,327 @@
+"""convert_imageset: a folder of images + a listing file -> an LMDB of Caffe Datums.
+
+Reproduces tools/convert_imageset.cpp (and ReadImageToDatum in src/caffe/util/io.cpp):
+- listing lines `<relative path> <int label>` split at the LAST space; optional shuffle;
+- key `%08d_<path>` with the 0-based line index after the shuffle, so a skipped image leaves
+  a gap in the keys;
+- value: a raw Datum (BGR, C x H x W, uint8) or, with --encoded / --encode_type, the original
+  file bytes when no resize is asked and the extension matches, else cv::imencode of the
+  decoded (and resized) image;
+- records committed every 1000, unreadable images logged and skipped.
+
+Where we differ on purpose: the shuffle is reproducible (--seed; the seed used is reported);
+images are decoded in parallel (the DB is byte for byte the same for any number of workers,
+because one writer puts the records in line order); a truncated JPEG is counted and warned
+about; a decompression bomb is refused from its header; --max-skipped turns too many skips into
+a failure; a failed or interrupted build never leaves a finished-looking DB (LmdbWriter).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import time
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field
+from multiprocessing.pool import Pool, ThreadPool
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import cv2
+
+from data import images
+from data.datum import encode_datum_bytes, encoded_datum_bytes
+from data.errors import ImagenetError
+from data.lmdb_io import COMMIT_EVERY_DEFAULT, LmdbWriter, lmdb_content_digest
+from data.progress import Progress
+
+log = logging.getLogger(__name__)
+
+# Images handed to a worker at a time: large enough to amortise the hand-off, small enough
+# that the ordered writer never waits long for the slowest chunk.
+CHUNK_SIZE = 16
+# Chunks in flight per worker: bounds memory (results wait for the in-order writer) while
+# keeping every worker busy.
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
+# Caffe's key: caffe::format_int(line_id, 8) + "_" + path.
+KEY_DIGITS = 8
+# Bits of OS randomness for the seed of an unseeded --shuffle (reported, so it can be replayed).
+_SEED_BITS = 63
+
+
+@dataclass(frozen=True)
+class ListingEntry:
+    line_no: int  # 1-based line in the listing file, for messages
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What each worker needs to turn one listing entry into one record."""
+
+    root_folder: str
+    resize_height: int = 0
+    resize_width: int = 0
+    gray: bool = False
+    encode_type: str = ""  # "" = raw records, unless `encoded` guesses it from the file name
+    encoded: bool = False
+    max_pixels: int = images.MAX_PIXELS_DEFAULT
+
+
+@dataclass
+class ConvertResult:
+    db_path: Path
+    count: int  # records written
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (line_no, path, reason)
+    truncated: list[tuple[int, str]] = field(default_factory=list)  # (line_no, path)
+    total_lines: int = 0
+    digest: str = ""
+    seconds: float = 0.0
+    seed: int | None = None  # the shuffle seed actually used (None: no shuffle)
+
+    def summary(self) -> str:
+        """One closing line, like Caffe's "Processed N files." plus what went wrong."""
+        text = f"Processed {self.count} files."
+        if self.skipped or self.truncated:
+            text += (f" Skipped {len(self.skipped)} unreadable, wrote {len(self.truncated)} "
+                     f"truncated (missing rows gray), of {self.total_lines} listed.")
+        return text
+
+
+@dataclass
+class _Outcome:
+    index: int  # line index after the shuffle (the number in the key)
+    key: bytes
+    value: bytes | None  # None = skipped
+    reason: str = ""
+    truncated: bool = False
+    data_size: int = -1  # raw records: len(Datum.data), for --check_size
+
+
+def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
+    """Parse Caffe's listing: each line `<path> <label>`, split at its last space."""
+    listfile = Path(listfile)
+    try:
+        text = listfile.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise ImagenetError(f"{listfile}: listing file not found") from None
+    entries = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        line = line.rstrip("\r")
+        path, sep, label_text = line.rpartition(" ")
+        if not sep or not path:
+            raise ImagenetError(
+                f"{listfile}:{line_no}: expected '<path> <label>' (split at the last space), "
+                f"got {line!r}")
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ImagenetError(
+                f"{listfile}:{line_no}: label {label_text!r} is not an integer in {line!r}"
+            ) from None
+        entries.append(ListingEntry(line_no, path, label))
+    return entries
+
+
+def _resolve(root_folder: str, rel: str) -> str:
+    # Caffe concatenates root_folder + path; the separator is added when the root lacks one
+    # (Caffe would then fail on every image).
+    if not root_folder or root_folder.endswith("/"):
+        return root_folder + rel
+    return root_folder + "/" + rel
+
+
+def _encoding_for(opts: ConvertOptions, rel: str) -> str:
+    """convert_imageset.cpp: with --encoded and no --encode_type, guess it from the extension."""
+    if opts.encode_type:
+        return opts.encode_type
+    if opts.encoded:
+        dot = rel.rfind(".")
+        return rel[dot + 1:].lower() if dot >= 0 else ""
+    return ""
+
+
+def convert_one(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outcome:
+    """One listing entry -> one record, exactly as Caffe's ReadImageToDatum builds it."""
+    key = f"{index:0{KEY_DIGITS}d}_{entry.path}".encode("utf-8", "surrogateescape")
+    try:
+        img = images.load_image(
+            _resolve(opts.root_folder, entry.path), gray=opts.gray,
+            resize_height=opts.resize_height, resize_width=opts.resize_width,
+            max_pixels=opts.max_pixels)
+        encoding = _encoding_for(opts, entry.path)
+        if encoding:
+            resized = opts.resize_height > 0 and opts.resize_width > 0
+            # io.cpp: keep the file's own bytes when the decoded colour mode is the one asked
+            # for, nothing was resized, and the extension already is the encoding.
+            channels = 1 if img.pixels.ndim == 2 else img.pixels.shape[2]
+            if ((channels == 3) == (not opts.gray) and not resized
+                    and images.extension_matches(entry.path, encoding)):
+                value = encoded_datum_bytes(img.file_bytes, entry.label)
+            else:
+                value = encoded_datum_bytes(images.encode_image(img.pixels, encoding),
+                                            entry.label)
+            return _Outcome(index, key, value, truncated=img.truncated)
+        chw = images.to_chw(img.pixels)
+        return _Outcome(index, key, encode_datum_bytes(chw, entry.label),
+                        truncated=img.truncated, data_size=chw.size)
+    except images.ImageSkip as skip:
+        return _Outcome(index, key, None, reason=skip.reason)
+
+
+# Worker-process state: set once per worker by the pool initializer, so chunks carry only
+# the listing entries.
+_worker_opts: ConvertOptions | None = None
+
+
+def _init_worker(opts: ConvertOptions) -> None:
+    global _worker_opts
+    _worker_opts = opts
+    # One OpenCV thread per worker: the workers already use every core.
+    cv2.setNumThreads(1)
+
+
+def _convert_chunk(chunk: list[tuple[int, ListingEntry]]) -> list[_Outcome]:
+    assert _worker_opts is not None, "worker used before _init_worker"
+    return [convert_one(_worker_opts, index, entry) for index, entry in chunk]
+
+
+def _chunks(items: list[tuple[int, ListingEntry]], size: int
+            ) -> Iterator[list[tuple[int, ListingEntry]]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _ordered_parallel(pool: Pool, chunks: Iterable[list], in_flight: int
+                      ) -> Iterator[_Outcome]:
+    """pool.imap, but with at most `in_flight` chunks outstanding (imap would queue results
+    without bound when the writer is the slower side)."""
+    pending: collections.deque = collections.deque()
+    chunks = iter(chunks)
+    for chunk in chunks:
+        pending.append(pool.apply_async(_convert_chunk, (chunk,)))
+        if len(pending) >= in_flight:
+            break
+    while pending:
+        outcomes = pending.popleft().get()
+        nxt = next(chunks, None)
+        if nxt is not None:
+            pending.append(pool.apply_async(_convert_chunk, (nxt,)))
+        yield from outcomes
+
+
+# How workers run: separate processes (true parallel decode; the default) or threads of this
+# process (OpenCV releases the GIL while decoding; no start-up cost, handy inside servers).
+POOLS: dict[str, type[Pool]] = {"process": Pool, "thread": ThreadPool}
+
+
+def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], workers: int,
+              pool_kind: str) -> Iterator[_Outcome]:
+    if workers <= 1:
+        for index, entry in items:
+            yield convert_one(opts, index, entry)
+        return
+    if pool_kind not in POOLS:
+        raise ImagenetError(f"unknown worker pool {pool_kind!r}; valid: {sorted(POOLS)}")
+    if pool_kind == "thread":
+        _init_worker(opts)
+        pool = ThreadPool(workers)
+    else:
+        pool = POOLS[pool_kind](workers, initializer=_init_worker, initargs=(opts,))
+    try:
+        yield from _ordered_parallel(pool, _chunks(items, CHUNK_SIZE),
+                                     workers * CHUNKS_IN_FLIGHT_PER_WORKER)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def convert_imageset(
+    root_folder: str | os.PathLike,
+    listfile: str | os.PathLike,
+    db_path: str | os.PathLike,
+    *,
+    resize_height: int = 0,
+    resize_width: int = 0,
+    shuffle: bool = False,
+    seed: int | None = None,
+    gray: bool = False,
+    encoded: bool = False,
+    encode_type: str = "",
+    check_size: bool = False,
+    workers: int | None = None,
+    overwrite: bool = False,
+    max_skipped: int | None = None,
+    max_pixels: int = images.MAX_PIXELS_DEFAULT,
+    commit_every: int = COMMIT_EVERY_DEFAULT,
+    pool: str = "process",
+    progress: Callable[[int, int | None], None] | None = None,
+    show_progress: bool | None = None,
+) -> ConvertResult:
+    """Convert the images named in `listfile` (relative to `root_folder`) into a new LMDB.
+
+    Raises ImagenetError (and leaves nothing at `db_path`) on a malformed listing, an existing
+    DB without overwrite, a size mismatch under check_size, or more than max_skipped skips.
+    """
+    started = time.monotonic()
+    if resize_height < 0 or resize_width < 0:
+        raise ImagenetError(f"resize sizes must be >= 0, got height {resize_height} and "
+                            f"width {resize_width}")
+    if max_skipped is not None and max_skipped < 0:
+        raise ImagenetError(f"max_skipped must be >= 0, got {max_skipped}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ImagenetError(f"workers must be >= 1, got {workers}")
+    root = os.fspath(root_folder)
+    if not Path(root).is_dir():
+        raise ImagenetError(f"{root}: root folder is not a directory")
+    entries = read_listing(listfile)
+    used_seed = None
+    if shuffle:
+        # Caffe seeds from /dev/urandom; we do too when no seed is given, but report it.
+        used_seed = seed if seed is not None else random.SystemRandom().getrandbits(_SEED_BITS)
+        random.Random(used_seed).shuffle(entries)
+    opts = ConvertOptions(root, resize_height, resize_width, gray, encode_type,
+                          encoded or bool(encode_type), max_pixels)
+    result = ConvertResult(Path(db_path), 0, total_lines=len(entries), seed=used_seed)
+    items = list(enumerate(entries))
+    expected_size = -1
+    with ExitStack() as stack:
+        writer = stack.enter_context(
+            LmdbWriter(db_path, overwrite=overwrite, commit_every=commit_every))
+        bar = stack.enter_context(Progress(len(entries), desc="convert_imageset", unit="img",
+                                           enabled=show_progress, on_update=progress))
+        outcomes = stack.enter_context(closing(_outcomes(opts, items, workers, pool)))
+        for outcome in outcomes:
+            entry = entries[outcome.index]
+            bar.update()
+            if outcome.value is None:
+                result.skipped.append((entry.line_no, entry.path, outcome.reason))
+                log.warning("skipped %s (listing line %d): %s",
+                            _resolve(root, entry.path), entry.line_no, outcome.reason)
+                if max_skipped is not None and len(result.skipped) > max_skipped:
+                    raise ImagenetError(
+                        f"more than --max-skipped={max_skipped} images could not be converted "
+                        f"(last: {entry.path} at {listfile}:{entry.line_no}: {outcome.reason}); "
+                        f"no DB written at {db_path}")
+                continue
+            if outcome.truncated:
+                result.truncated.append((entry.line_no, entry.path))
+                log.warning("truncated JPEG %s (listing line %d): written with the missing rows "
+                            "gray (128), as Caffe does", _resolve(root, entry.path), entry.line_no)
+            if check_size and outcome.data_size >= 0:
+                if expected_size < 0:
+                    expected_size = outcome.data_size
+                elif outcome.data_size != expected_size:
+                    # convert_imageset.cpp: CHECK_EQ(data.size(), data_size).
+                    raise ImagenetError(
+                        f"--check_size: {entry.path} ({listfile}:{entry.line_no}) gives "
+                        f"{outcome.data_size} bytes of pixels, the first image gave "
+                        f"{expected_size}; no DB written at {db_path}")
+            writer.put(outcome.key, outcome.value)
+        result.count = writer.puts
+    result.digest = lmdb_content_digest(db_path)
+    result.seconds = time.monotonic() - started
+    return result

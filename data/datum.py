@@ -1,0 +1,318 @@
+"""Caffe's record formats <-> numpy: `Datum` (one image + label) and `BlobProto` (mean files).
+
+Layouts are Caffe's (src/caffe/util/io.cpp CVMatToDatum / DecodeDatumNative,
+src/caffe/blob.cpp FromProto / ToProto): a raw Datum holds uint8 pixels in C x H x W order,
+channels B, G, R; an encoded Datum holds image file bytes with `encoded: true`; a mean file is a
+BlobProto with the legacy num/channels/height/width fields and float data.
+
+`decode_datum_bytes` and `encode_datum_bytes` are the hot paths (training input, conversion):
+they read and write the protobuf wire format directly, so a 196 KB record is neither parsed
+into a message nor copied; the tests check they agree byte for byte with caffe_pb2.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from data.errors import ImagenetError
+from data.proto import caffe_pb2
+
+# Datum field numbers (caffe.proto) and wire types, for the hand-rolled fast paths.
+_WT_VARINT, _WT_FIXED64, _WT_LEN, _WT_FIXED32 = 0, 1, 2, 5
+_F_CHANNELS, _F_HEIGHT, _F_WIDTH, _F_DATA, _F_LABEL, _F_FLOAT_DATA, _F_ENCODED = 1, 2, 3, 4, 5, 6, 7
+_BLOB_DATA_TAG = b"\x2a"  # BlobProto.data = 5, packed (length-delimited)
+_BLOB_LEGACY_FIELDS = (1, 2, 3, 4)  # num, channels, height, width
+_INT32_MASK = (1 << 64) - 1  # negative int32 varints are 64-bit two's complement on the wire
+_LEGACY_DIMS = 4
+
+
+# ------------------------------------------------------------------ wire-format helpers
+
+def _varint_bytes(value: int) -> bytes:
+    value &= _INT32_MASK
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ImagenetError("corrupt Datum: varint longer than 10 bytes")
+
+
+def _as_int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+class DatumHeader(NamedTuple):
+    """Everything in a serialized Datum except the pixels, plus where the pixels are."""
+
+    channels: int
+    height: int
+    width: int
+    label: int
+    encoded: bool
+    data_offset: int
+    data_length: int
+    has_float_data: bool
+
+
+def parse_datum_header(value: bytes | memoryview) -> DatumHeader:
+    """Walk a serialized Datum's fields without copying `data` (a handful of varints)."""
+    buf = value if isinstance(value, (bytes, bytearray)) else memoryview(value).cast("B")
+    channels = height = width = label = 0
+    encoded = has_float = False
+    data_offset = data_length = 0
+    pos, end = 0, len(buf)
+    try:
+        while pos < end:
+            tag = buf[pos]
+            if tag < 0x80:
+                pos += 1
+            else:
+                tag, pos = _read_varint(buf, pos)
+            field, wire = tag >> 3, tag & 7
+            if wire == _WT_VARINT:
+                val, pos = _read_varint(buf, pos)
+                if field == _F_CHANNELS:
+                    channels = _as_int32(val)
+                elif field == _F_HEIGHT:
+                    height = _as_int32(val)
+                elif field == _F_WIDTH:
+                    width = _as_int32(val)
+                elif field == _F_LABEL:
+                    label = _as_int32(val)
+                elif field == _F_ENCODED:
+                    encoded = bool(val)
+            elif wire == _WT_LEN:
+                length, pos = _read_varint(buf, pos)
+                if field == _F_DATA:
+                    data_offset, data_length = pos, length
+                elif field == _F_FLOAT_DATA:
+                    has_float = has_float or length > 0
+                pos += length
+            elif wire == _WT_FIXED32:
+                has_float = has_float or field == _F_FLOAT_DATA
+                pos += 4
+            elif wire == _WT_FIXED64:
+                pos += 8
+            else:
+                raise ImagenetError(f"corrupt Datum: unsupported wire type {wire} at byte {pos}")
+    except IndexError:
+        raise ImagenetError(f"corrupt Datum: record ends inside a field ({end} bytes)") from None
+    if pos != end:
+        raise ImagenetError(f"corrupt Datum: last field runs past the end ({end} bytes)")
+    return DatumHeader(channels, height, width, label, encoded, data_offset, data_length, has_float)
+
+
+# ------------------------------------------------------------------ Datum
+
+def decode_encoded(data: bytes | memoryview, *, force_color: bool = False) -> np.ndarray:
+    """Decode an encoded Datum's bytes like Caffe: DecodeDatumNative = cv::imdecode(data, -1)
+    (channels as stored, EXIF ignored); DecodeDatum(datum, true) = IMREAD_COLOR. -> (C,H,W)."""
+    flag = cv2.IMREAD_COLOR if force_color else cv2.IMREAD_UNCHANGED
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if img is None:
+        raise ImagenetError(f"could not decode an encoded Datum ({len(data)} bytes)")
+    if img.dtype != np.uint8:
+        # Caffe's CVMatToDatum CHECKs CV_8U; a 16-bit PNG cannot become a Datum.
+        raise ImagenetError(f"encoded Datum decodes to {img.dtype}, not uint8 (16-bit image?)")
+    return img[np.newaxis] if img.ndim == 2 else img.transpose(2, 0, 1)
+
+
+def datum_to_array(datum: caffe_pb2.Datum, *, force_color: bool = False) -> np.ndarray:
+    """A Datum's pixels: uint8 (C,H,W) BGR; encoded ones decoded natively like Caffe (or in
+    colour with force_color, Caffe's force_encoded_color); float_data -> float32 (C,H,W)."""
+    if datum.encoded:
+        return decode_encoded(datum.data, force_color=force_color)
+    shape = (datum.channels, datum.height, datum.width)
+    count = shape[0] * shape[1] * shape[2]
+    if datum.data:
+        if len(datum.data) != count:
+            raise ImagenetError(
+                f"Datum data has {len(datum.data)} bytes, but channels x height x width = "
+                f"{shape[0]}x{shape[1]}x{shape[2]} = {count}")
+        return np.frombuffer(datum.data, dtype=np.uint8).reshape(shape)
+    if len(datum.float_data) != count:
+        raise ImagenetError(
+            f"Datum float_data has {len(datum.float_data)} values, but channels x height x "
+            f"width = {shape[0]}x{shape[1]}x{shape[2]} = {count}")
+    return np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
+
+
+def decode_datum_bytes(value: bytes | memoryview, *, force_color: bool = False
+                       ) -> tuple[np.ndarray, int]:
+    """Serialized Datum -> ((C,H,W) array, label). Raw records come back as a read-only view
+    of `value` (no copy: keep `value` alive, and copy before the LMDB transaction ends if it is
+    a buffer from the map)."""
+    head = parse_datum_header(value)
+    if head.encoded:
+        data = memoryview(value)[head.data_offset:head.data_offset + head.data_length]
+        return decode_encoded(data, force_color=force_color), head.label
+    if head.has_float_data or head.data_length == 0:
+        datum = caffe_pb2.Datum()
+        datum.ParseFromString(bytes(value))
+        return datum_to_array(datum), head.label
+    count = head.channels * head.height * head.width
+    if head.data_length != count:
+        raise ImagenetError(
+            f"Datum data has {head.data_length} bytes, but channels x height x width = "
+            f"{head.channels}x{head.height}x{head.width} = {count}")
+    arr = np.frombuffer(value, dtype=np.uint8, count=count, offset=head.data_offset)
+    return arr.reshape(head.channels, head.height, head.width), head.label
+
+
+def _check_chw(chw: np.ndarray) -> None:
+    if chw.ndim != 3:
+        raise ImagenetError(f"a Datum holds a (C,H,W) array, got shape {chw.shape}")
+
+
+def array_to_datum(chw: np.ndarray, label: int) -> caffe_pb2.Datum:
+    """(C,H,W) uint8 -> raw Datum (data) or float -> Datum with float_data, fields set in the
+    order Caffe's CVMatToDatum + set_label set them (so the serialization matches Caffe's)."""
+    _check_chw(chw)
+    c, h, w = chw.shape
+    datum = caffe_pb2.Datum(channels=c, height=h, width=w)
+    if chw.dtype == np.uint8:
+        datum.data = np.ascontiguousarray(chw).tobytes()
+    else:
+        datum.float_data.extend(np.asarray(chw, dtype=np.float32).ravel().tolist())
+    datum.label = int(label)
+    datum.encoded = False
+    return datum
+
+
+def raw_datum_prefix(shape: tuple[int, int, int]) -> bytes:
+    """Wire bytes that precede the pixels of a raw Datum of this shape."""
+    c, h, w = shape
+    return (b"\x08" + _varint_bytes(c) + b"\x10" + _varint_bytes(h) + b"\x18" + _varint_bytes(w)
+            + b"\x22" + _varint_bytes(c * h * w))
+
+
+def raw_datum_suffix(label: int) -> bytes:
+    """Wire bytes after the pixels: label, then encoded=false (Caffe sets both explicitly)."""
+    return b"\x28" + _varint_bytes(int(label)) + b"\x38\x00"
+
+
+def encode_datum_bytes(chw: np.ndarray, label: int) -> bytes:
+    """array_to_datum(chw, label).SerializeToString() for uint8 arrays, with one copy of the
+    pixels instead of three: the pixels are written straight into the output buffer."""
+    _check_chw(chw)
+    if chw.dtype != np.uint8:
+        return array_to_datum(chw, label).SerializeToString()
+    prefix, suffix = raw_datum_prefix(chw.shape), raw_datum_suffix(label)
+    out = bytearray(len(prefix) + chw.size + len(suffix))
+    out[:len(prefix)] = prefix
+    np.frombuffer(out, dtype=np.uint8, count=chw.size, offset=len(prefix)).reshape(chw.shape)[
+        ...] = chw
+    out[len(prefix) + chw.size:] = suffix
+    return bytes(out)
+
+
+def encoded_datum_bytes(data: bytes, label: int) -> bytes:
+    """An encoded Datum as Caffe's ReadFileToDatum / ReadImageToDatum write it: data, label,
+    encoded=true (channels/height/width unset)."""
+    return (b"\x22" + _varint_bytes(len(data)) + data + b"\x28" + _varint_bytes(int(label))
+            + b"\x38\x01")
+
+
+# ------------------------------------------------------------------ BlobProto
+
+def blobproto_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
+    """float32 array shaped like Caffe's Blob::FromProto: the legacy (num, channels, height,
+    width) when any legacy field is set, else `shape.dim`. double_data wins when present."""
+    legacy = any(blob.HasField(name) for name in ("num", "channels", "height", "width"))
+    if legacy:
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = tuple(int(d) for d in blob.shape.dim)
+    values = blob.double_data if len(blob.double_data) else blob.data
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise ImagenetError(
+            f"BlobProto holds {len(values)} values but its shape {list(shape)} needs {count}")
+    return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def array_to_blobproto(arr: np.ndarray, legacy_4d: bool = True) -> caffe_pb2.BlobProto:
+    """float32 BlobProto; legacy_4d writes num/channels/height/width (shape padded with leading
+    1s, as Caffe's compute_image_mean writes num=1), else `shape.dim`."""
+    arr = np.asarray(arr, dtype=np.float32)
+    if legacy_4d:
+        if arr.ndim > _LEGACY_DIMS:
+            raise ImagenetError(f"legacy BlobProto holds at most 4 axes, got shape {arr.shape}")
+        dims = (1,) * (_LEGACY_DIMS - arr.ndim) + arr.shape
+        head = b"".join(bytes([(f << 3) | _WT_VARINT]) + _varint_bytes(d)
+                        for f, d in zip(_BLOB_LEGACY_FIELDS, dims))
+    else:
+        dims_wire = b"".join(_varint_bytes(d) for d in arr.shape)
+        shape_msg = b"\x0a" + _varint_bytes(len(dims_wire)) + dims_wire
+        head = b"\x3a" + _varint_bytes(len(shape_msg)) + shape_msg
+    payload = arr.astype("<f4").tobytes()
+    # Build the wire bytes and parse them: a packed float field parses with one memcpy,
+    # where extending `blob.data` from Python would box every value.
+    blob = caffe_pb2.BlobProto()
+    blob.ParseFromString(head + _BLOB_DATA_TAG + _varint_bytes(len(payload)) + payload)
+    return blob
+
+
+def read_blobproto(path: str | os.PathLike) -> np.ndarray:
+    """Read a .binaryproto (mean file) written by Caffe or by us -> float32 array."""
+    path = Path(path)
+    blob = caffe_pb2.BlobProto()
+    try:
+        blob.ParseFromString(path.read_bytes())
+    except Exception as err:  # protobuf's DecodeError has no stable import path across backends
+        if isinstance(err, OSError):
+            raise
+        raise ImagenetError(f"{path}: not a serialized caffe.BlobProto ({err})") from None
+    try:
+        return blobproto_to_array(blob)
+    except ImagenetError as err:
+        raise ImagenetError(f"{path}: {err}") from None
+
+
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_blobproto(path: str | os.PathLike, arr: np.ndarray, legacy_4d: bool = True) -> None:
+    """Write `arr` as a Caffe .binaryproto, atomically (temp file + rename)."""
+    write_bytes_atomic(path, array_to_blobproto(arr, legacy_4d).SerializeToString())
+
+
+__all__ = [
+    "DatumHeader", "array_to_blobproto", "array_to_datum", "blobproto_to_array",
+    "datum_to_array", "decode_datum_bytes", "decode_encoded", "encode_datum_bytes",
+    "encoded_datum_bytes", "parse_datum_header", "raw_datum_prefix", "raw_datum_suffix",
+    "read_blobproto", "write_blobproto", "write_bytes_atomic",
+]

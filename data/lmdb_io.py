@@ -1,0 +1,248 @@
+"""LMDB databases of Caffe records: an atomic, self-growing writer, a reader, a content digest.
+
+Caffe's own wrapper (src/caffe/util/db_lmdb.cpp) buffers puts, commits them in one transaction
+and doubles the map size when a commit hits MDB_MAP_FULL; convert_imageset commits every 1000
+records. LmdbWriter does the same, and also builds the database in a temporary directory beside
+the target, renaming it into place only when the build finishes: a killed build never leaves
+a DB that looks finished (Caffe's does), and a rerun removes the leftovers of dead builds.
+The directory holds `data.mdb` + `lock.mdb`, which real Caffe opens as is.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Iterator
+
+import lmdb
+
+from data.errors import ImagenetError
+
+# Initial map size of a new DB: the data file grows page by page (it is not preallocated), so
+# this only bounds how soon the first doubling happens.
+INITIAL_MAP_SIZE = 1 << 30
+# Caffe commits every 1000 records (convert_imageset.cpp).
+COMMIT_EVERY_DEFAULT = 1000
+# Prefix of the temporary build directory; the pid after it tells whether its owner still runs.
+_PARTIAL_MARK = ".partial-"
+_DATA_FILE = "data.mdb"
+# Framing of each record in lmdb_content_digest: key length and value length as little-endian
+# uint64, so concatenations cannot collide (("ab","c") vs ("a","bc")).
+_DIGEST_FRAME = struct.Struct("<QQ")
+_DIGEST_VERSION = b"imagenet-pipeline lmdb digest v1\n"
+
+
+def _is_lmdb_dir(path: Path) -> bool:
+    return path.is_dir() and (path / _DATA_FILE).is_file()
+
+
+def _open_readonly(path: Path) -> lmdb.Environment:
+    if not path.exists():
+        raise ImagenetError(f"{path}: no such LMDB (the path does not exist)")
+    if not _is_lmdb_dir(path):
+        raise ImagenetError(
+            f"{path}: not an LMDB (expected a directory holding {_DATA_FILE}, as Caffe writes)")
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False,
+                         max_readers=2048, subdir=True)
+    except lmdb.Error as err:
+        raise ImagenetError(f"{path}: not a readable LMDB ({err})") from None
+
+
+class LmdbReader:
+    """Read-only access to an LMDB: len, iteration in key order, random access by key.
+
+    Opened with lock=False (safe for databases nobody writes, and needed for read-only
+    folders such as the Caffe goldens).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.env = _open_readonly(self.path)
+
+    def __len__(self) -> int:
+        return int(self.env.stat()["entries"])
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        with self.env.begin(buffers=False) as txn:
+            yield from txn.cursor().iternext(keys=True, values=True)
+
+    def iter_buffers(self) -> Iterator[tuple[memoryview, memoryview]]:
+        """(key, value) as memoryviews into the map: no copy, but each pair is only valid until
+        the iterator advances (copy what you keep)."""
+        with self.env.begin(buffers=True) as txn:
+            yield from txn.cursor().iternext(keys=True, values=True)
+
+    def get(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(key)
+
+    def keys(self) -> list[bytes]:
+        with self.env.begin() as txn:
+            return list(txn.cursor().iternext(keys=True, values=False))
+
+    def first(self) -> tuple[bytes, bytes] | None:
+        """The first record in key order, or None for an empty DB."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            return (cursor.key(), cursor.value()) if cursor.first() else None
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> "LmdbReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def lmdb_content_digest(path: str | os.PathLike) -> str:
+    """sha256 over the records (key and value, in key order): the same records give the same
+    digest even when data.mdb differs (page layout, map size, free pages)."""
+    digest = hashlib.sha256(_DIGEST_VERSION)
+    with LmdbReader(path) as reader:
+        for key, value in reader.iter_buffers():
+            digest.update(_DIGEST_FRAME.pack(len(key), len(value)))
+            digest.update(key)
+            digest.update(value)  # hashlib releases the GIL and reads the map in place
+    return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_partials(target: Path) -> list[Path]:
+    """Remove temporary build directories of `target` left by builds that no longer run."""
+    removed = []
+    prefix = f".{target.name}{_PARTIAL_MARK}"
+    if not target.parent.is_dir():
+        return removed
+    for entry in target.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        try:
+            pid = int(entry.name[len(prefix):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+class LmdbWriter:
+    """Build a new LMDB at `path`: put() records, and on a clean exit of the `with` block the
+    finished DB is renamed into place. An exception (or a kill) leaves `path` untouched.
+
+    Records are committed every `commit_every` puts; a full map is doubled and the commit
+    retried, so MDB_MAP_FULL never reaches the caller. `path` must not exist unless
+    overwrite=True (then it is replaced only once the new DB is complete).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        commit_every: int = COMMIT_EVERY_DEFAULT,
+        map_size: int = INITIAL_MAP_SIZE,
+    ) -> None:
+        if commit_every < 1:
+            raise ImagenetError(f"commit_every must be >= 1, got {commit_every}")
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.commit_every = commit_every
+        if self.path.exists() and not overwrite:
+            raise ImagenetError(
+                f"{self.path} already exists; refusing to write into an existing DB (Caffe "
+                f"refuses too). Remove it or pass --overwrite.")
+        if not self.path.parent.is_dir():
+            raise ImagenetError(f"{self.path}: parent directory {self.path.parent} does not exist")
+        self.stale_removed = clean_stale_partials(self.path)
+        self.tmp_path = self.path.parent / (
+            f".{self.path.name}{_PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.tmp_path.mkdir()
+        # sync=False: nothing is durable until the final env.sync(), and nothing needs to be:
+        # an interrupted build is thrown away anyway. Saves an fsync per commit.
+        self.env = lmdb.open(str(self.tmp_path), map_size=map_size, subdir=True, sync=False,
+                             metasync=False, meminit=True, max_dbs=0)
+        self.map_size = map_size
+        self.count = 0  # records committed
+        self.puts = 0  # records put (committed or pending)
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._closed = False
+
+    def put(self, key: bytes, value: bytes) -> None:
+        if self._closed:
+            raise ImagenetError(f"{self.path}: put() after the writer was closed")
+        self._pending.append((key, value))
+        self.puts += 1
+        if len(self._pending) >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the pending records in one transaction, doubling the map while it is full."""
+        if not self._pending:
+            return
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in self._pending:
+                        txn.put(key, value)
+                break
+            except lmdb.MapFullError:
+                # db_lmdb.cpp DoubleMapSize(): the aborted transaction is simply redone.
+                self.map_size *= 2
+                self.env.set_mapsize(self.map_size)
+        self.count += len(self._pending)
+        self._pending.clear()
+
+    def finish(self) -> Path:
+        """Commit, flush to disk and move the DB into place; returns its path."""
+        self.commit()
+        self.env.sync(True)
+        self.env.close()
+        self._closed = True
+        if self.path.exists():
+            if not self.overwrite:
+                raise ImagenetError(f"{self.path} appeared while building; left the new DB at "
+                                    f"{self.tmp_path}")
+            trash = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, trash)
+            os.rename(self.tmp_path, self.path)
+            if trash.is_dir():
+                shutil.rmtree(trash)
+            else:
+                trash.unlink()
+        else:
+            os.rename(self.tmp_path, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Throw the partial build away."""
+        if not self._closed:
+            self.env.close()
+            self._closed = True
+        shutil.rmtree(self.tmp_path, ignore_errors=True)
+
+    def __enter__(self) -> "LmdbWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
