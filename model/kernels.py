@@ -1,0 +1,341 @@
+"""Fast, numerically faithful compute kernels for XLA's CPU backend.
+
+Measured on this project's 2-core machines (docs: ../shared/docs/MACHINE_NOTES.md and
+benchmarks/layers.py), XLA's CPU code runs convolution *weight gradients* at 9-45 GFLOP/s
+against ~110 GFLOP/s for a large float32 matmul, grouped convolutions (feature_group_count)
+several times slower than the same work split per group, and max-pool's backward
+(select_and_scatter) ~3.5x slower than PyTorch's. This module owns drop-in replacements:
+
+- `conv2d`: Caffe's convolution (src/caffe/layers/base_conv_layer.cpp, util/im2col.cpp) as
+  im2col + one GEMM per group, with a `jax.custom_vjp` whose weight gradient is the GEMM
+  dW = dY @ cols^T and whose input gradient is either XLA's transposed convolution or
+  W^T @ dY followed by col2im, whichever `ConvPlan` picks. Each group is computed separately
+  (Caffe's `group`: the same arithmetic as per-group convolutions).
+- `max_pool2d`: Caffe's MAX pooling (src/caffe/layers/pooling_layer.cpp): ceil-mode output
+  size, windows clipped to the image, and a backward that routes each output gradient to the
+  FIRST maximum of its window in row-major order (Caffe's strict `>` scan, its `mask`), as a
+  first-max index computed in the forward pass plus kh*kw strided pads: no select_and_scatter.
+
+Results equal the plain `lax` reference up to float32 summation order (tests/model/
+test_kernels.py). Both are pure, jittable functions of arrays in Caffe's NCHW layout and
+weights in Caffe's (num_output, channels/group, kh, kw) layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Pair = tuple[int, int]
+
+# How the input gradient of a convolution is computed: "lax" = XLA's own transposed
+# convolution (fast enough on CPU: it is a forward-like convolution), "col2im" = the GEMM
+# W^T @ dY and Caffe's col2im scatter-add. Forward: "lax" or "gemm" (im2col + GEMM).
+FORWARD_METHODS = ("lax", "gemm")
+INPUT_GRAD_METHODS = ("lax", "col2im")
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Which implementation each pass of `conv2d` uses (the weight gradient is always GEMM)."""
+
+    forward: str = "lax"
+    input_grad: str = "lax"
+
+    def __post_init__(self) -> None:
+        if self.forward not in FORWARD_METHODS:
+            raise ValueError(f"ConvPlan.forward {self.forward!r}; valid: {FORWARD_METHODS}")
+        if self.input_grad not in INPUT_GRAD_METHODS:
+            raise ValueError(
+                f"ConvPlan.input_grad {self.input_grad!r}; valid: {INPUT_GRAD_METHODS}"
+            )
+
+
+# Chosen from benchmarks/layers.py on the 2-core CPU (see benchmarks/README.md).
+DEFAULT_PLAN = ConvPlan()
+
+
+def _pair(v: int | Sequence[int], name: str) -> Pair:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    t = tuple(int(a) for a in v)
+    if len(t) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def conv_output_hw(hw: Pair, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair) -> Pair:
+    """Caffe's convolution output size (base_conv_layer.cpp compute_output_shape)."""
+    out = []
+    for size, k, s, p, d in zip(hw, kernel, stride, pad, dilation):
+        extent = d * (k - 1) + 1
+        out.append((size + 2 * p - extent) // s + 1)
+    return out[0], out[1]
+
+
+# -- im2col ------------------------------------------------------------------------------
+def _im2col(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair) -> jax.Array:
+    """(N, C, H, W) -> (N, C*kh*kw, Ho*Wo), rows ordered (c, i, j) like Caffe's im2col_cpu
+    so that a weight blob (O, C, kh, kw) reshaped to (O, C*kh*kw) multiplies it directly."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, pad, dilation
+    ho, wo = conv_output_hw((h, w), kernel, stride, pad, dilation)
+    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if (ph or pw) else x
+    slices = []
+    for i in range(kh):
+        for j in range(kw):
+            hs, ws = i * dh, j * dw
+            slices.append(
+                lax.slice(
+                    xp,
+                    (0, 0, hs, ws),
+                    (n, c, hs + (ho - 1) * sh + 1, ws + (wo - 1) * sw + 1),
+                    (1, 1, sh, sw),
+                )
+            )
+    cols = jnp.stack(slices, axis=2)  # (N, C, kh*kw, Ho, Wo)
+    return cols.reshape(n, c * kh * kw, ho * wo)
+
+
+def _lax_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair) -> jax.Array:
+    return lax.conv_general_dilated(
+        x, w, window_strides=stride, padding=[(pad[0], pad[0]), (pad[1], pad[1])],
+        rhs_dilation=dilation, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+    )
+
+
+def _gemm_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair) -> jax.Array:
+    n, _, h, wd = x.shape
+    o = w.shape[0]
+    kernel = (w.shape[2], w.shape[3])
+    ho, wo = conv_output_hw((h, wd), kernel, stride, pad, dilation)
+    cols = _im2col(x, kernel, stride, pad, dilation)  # (N, K, P)
+    # (O, K) x (N, K, P) -> (O, N, P): one GEMM over the whole batch (M=O, K, N*P).
+    y = lax.dot_general(w.reshape(o, -1), cols, (((1,), (1,)), ((), ())))
+    return jnp.transpose(y, (1, 0, 2)).reshape(n, o, ho, wo)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_single(
+    x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair, plan: ConvPlan
+) -> jax.Array:
+    if plan.forward == "gemm":
+        return _gemm_conv(x, w, stride, pad, dilation)
+    return _lax_conv(x, w, stride, pad, dilation)
+
+
+def _conv_single_fwd(x, w, stride, pad, dilation, plan):
+    return _conv_single(x, w, stride, pad, dilation, plan), (x, w)
+
+
+def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
+    x, w = res
+    o = w.shape[0]
+    kernel = (w.shape[2], w.shape[3])
+    n = x.shape[0]
+    dy_m = dy.reshape(n, o, -1)  # (N, O, P)
+    cols = _im2col(x, kernel, stride, pad, dilation)  # (N, K, P), recomputed: saves memory
+    # dW[o, k] = sum_n sum_p dY[n, o, p] * cols[n, k, p]: a single GEMM with K' = N*P.
+    dw = lax.dot_general(dy_m, cols, (((0, 2), (0, 2)), ((), ()))).reshape(w.shape)
+    if plan.input_grad == "col2im":
+        # dcols = W^T dY, then col2im (the transpose of im2col: strided pads summed).
+        dcols = lax.dot_general(w.reshape(o, -1), dy_m, (((0,), (1,)), ((), ())))  # (K, N, P)
+        dcols = jnp.transpose(dcols, (1, 0, 2))
+        _, im2col_vjp = jax.vjp(lambda a: _im2col(a, kernel, stride, pad, dilation), x)
+        (dx,) = im2col_vjp(dcols.astype(x.dtype))
+    else:
+        _, conv_vjp = jax.vjp(lambda a: _lax_conv(a, w, stride, pad, dilation), x)
+        (dx,) = conv_vjp(dy)
+    return dx, dw.astype(w.dtype)
+
+
+_conv_single.defvjp(_conv_single_fwd, _conv_single_bwd)
+
+
+def conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    stride: int | Sequence[int] = 1,
+    pad: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    plan: ConvPlan = DEFAULT_PLAN,
+) -> jax.Array:
+    """Caffe's Convolution forward: x (N, C, H, W), w (O, C/groups, kh, kw), b (O,) or None.
+
+    Same signature as model.layers.vision.conv2d. Groups are computed one by one (each a
+    GEMM) and concatenated along channels, as Caffe's forward_cpu_gemm loops over groups.
+    """
+    stride_, pad_, dil_ = _pair(stride, "stride"), _pair(pad, "pad"), _pair(dilation, "dilation")
+    c, o = x.shape[1], w.shape[0]
+    if groups < 1 or c % groups or o % groups or w.shape[1] * groups != c:
+        raise ValueError(
+            f"conv2d: input channels {c}, weights {tuple(w.shape)} and groups {groups} disagree"
+        )
+    if groups == 1:
+        y = _conv_single(x, w, stride_, pad_, dil_, plan)
+    else:
+        cg, og = c // groups, o // groups
+        y = jnp.concatenate(
+            [
+                _conv_single(
+                    x[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og], stride_, pad_, dil_, plan
+                )
+                for g in range(groups)
+            ],
+            axis=1,
+        )
+    if b is not None:
+        y = y + b.reshape(1, o, 1, 1).astype(y.dtype)
+    return y
+
+
+def conv2d_reference(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    stride: int | Sequence[int] = 1,
+    pad: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> jax.Array:
+    """The plain lax convolution (feature_group_count) that `conv2d` must match."""
+    stride_, pad_, dil_ = _pair(stride, "stride"), _pair(pad, "pad"), _pair(dilation, "dilation")
+    y = lax.conv_general_dilated(
+        x, w, window_strides=stride_, padding=[(pad_[0], pad_[0]), (pad_[1], pad_[1])],
+        rhs_dilation=dil_, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        feature_group_count=groups,
+    )
+    if b is not None:
+        y = y + b.reshape(1, -1, 1, 1).astype(y.dtype)
+    return y
+
+
+# -- max pooling -------------------------------------------------------------------------
+def pool_output_hw(hw: Pair, kernel: Pair, stride: Pair, pad: Pair) -> Pair:
+    """Caffe's pooling output size (pooling_layer.cpp Reshape): ceil mode, minus one when
+    the last window would start inside the padding."""
+    out = []
+    for size, k, s, p in zip(hw, kernel, stride, pad):
+        o = -(-(size + 2 * p - k) // s) + 1
+        if p > 0 and (o - 1) * s >= size + p:
+            o -= 1
+        out.append(o)
+    return out[0], out[1]
+
+
+def _pool_windows(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair) -> tuple[list[jax.Array], Pair]:
+    """The kh*kw strided views of x (padded with -inf so clipped windows ignore the
+    padding, as Caffe's hstart/hend clipping does): window element (i, j) of every output."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    ho, wo = pool_output_hw((h, w), kernel, stride, pad)
+    # Right/bottom padding: enough for the last (ceil-mode) window to be fully indexable.
+    ph_hi = max(0, (ho - 1) * sh + kh - h - ph)
+    pw_hi = max(0, (wo - 1) * sw + kw - w - pw)
+    neg = jnp.array(-jnp.inf, x.dtype)
+    xp = lax.pad(x, neg, ((0, 0, 0), (0, 0, 0), (ph, ph_hi, 0), (pw, pw_hi, 0)))
+    views = [
+        lax.slice(xp, (0, 0, i, j), (n, c, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
+                  (1, 1, sh, sw))
+        for i in range(kh) for j in range(kw)
+    ]
+    return views, (ph_hi, pw_hi)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair) -> jax.Array:
+    views, _ = _pool_windows(x, kernel, stride, pad)
+    y = views[0]
+    for v in views[1:]:
+        y = jnp.maximum(y, v)
+    return y
+
+
+def _max_pool_fwd(x, kernel, stride, pad):
+    views, _ = _pool_windows(x, kernel, stride, pad)
+    y = views[0]
+    idx = jnp.zeros(y.shape, jnp.int8 if len(views) < 128 else jnp.int32)
+    # Caffe scans the window row-major and replaces only on a strictly greater value, so the
+    # first maximum wins: keep the index of the first element that beats the running max.
+    for k, v in enumerate(views[1:], start=1):
+        better = v > y
+        y = jnp.where(better, v, y)
+        idx = jnp.where(better, jnp.asarray(k, idx.dtype), idx)
+    return y, (idx, x.shape)
+
+
+def _max_pool_bwd(kernel, stride, pad, res, dy):
+    idx, x_shape = res
+    n, c, h, w = x_shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    ho, wo = dy.shape[2], dy.shape[3]
+    hp = max(h + ph, (ho - 1) * sh + kh)  # padded extent, as in _pool_windows
+    wp = max(w + pw, (wo - 1) * sw + kw)
+    zero = jnp.array(0, dy.dtype)
+    dxp = None
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)
+        contrib = jnp.where(idx == k, dy, zero)
+        # Place output (ho, wo) at padded position (i + sh*ho, j + sw*wo): an interior pad.
+        placed = lax.pad(
+            contrib, zero,
+            ((0, 0, 0), (0, 0, 0),
+             (i, hp - i - ((ho - 1) * sh + 1), sh - 1),
+             (j, wp - j - ((wo - 1) * sw + 1), sw - 1)),
+        )
+        dxp = placed if dxp is None else dxp + placed
+    return (lax.slice(dxp, (0, 0, ph, pw), (n, c, ph + h, pw + w)),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool2d(
+    x: jax.Array,
+    kernel: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    pad: int | Sequence[int] = 0,
+) -> jax.Array:
+    """Caffe MAX pooling of x (N, C, H, W) with Caffe's output size and first-max gradient."""
+    kernel_, stride_, pad_ = _pair(kernel, "kernel"), _pair(stride, "stride"), _pair(pad, "pad")
+    if pad_[0] >= kernel_[0] or pad_[1] >= kernel_[1]:
+        # pooling_layer.cpp CHECK_LT(pad_h_, kernel_h_): a window inside the padding only.
+        raise ValueError(f"max_pool2d: pad {pad_} must be smaller than kernel {kernel_}")
+    return _max_pool(x, kernel_, stride_, pad_)
+
+
+def max_pool2d_reference(
+    x: jax.Array,
+    kernel: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    pad: int | Sequence[int] = 0,
+) -> jax.Array:
+    """reduce_window max with Caffe's output size (gradient: XLA's select_and_scatter)."""
+    kernel_, stride_, pad_ = _pair(kernel, "kernel"), _pair(stride, "stride"), _pair(pad, "pad")
+    h, w = x.shape[2], x.shape[3]
+    ho, wo = pool_output_hw((h, w), kernel_, stride_, pad_)
+    hi_h = (ho - 1) * stride_[0] + kernel_[0] - h - pad_[0]
+    hi_w = (wo - 1) * stride_[1] + kernel_[1] - w - pad_[1]
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, 1) + kernel_, (1, 1) + stride_,
+        ((0, 0), (0, 0), (pad_[0], max(hi_h, 0)), (pad_[1], max(hi_w, 0))),
+    )
+
+
+__all__ = [
+    "ConvPlan",
+    "DEFAULT_PLAN",
+    "conv2d",
+    "conv2d_reference",
+    "conv_output_hw",
+    "max_pool2d",
+    "max_pool2d_reference",
+    "pool_output_hw",
+]

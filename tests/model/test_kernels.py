@@ -1,0 +1,150 @@
+"""model/kernels.py against the plain lax references and small float64 numpy formulas.
+
+Tolerances: the GEMM kernels sum the same products as XLA's convolution in another order, so
+float32 results differ by a few ulps of the accumulated magnitude; 1e-5 relative to the
+output's scale (K up to ~600 products here) is ~100x that rounding, far below any real bug.
+Max pooling and its gradient are exact (selection and sums of at most kh*kw equal terms).
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import kernels
+
+RTOL = 1e-5
+
+CONV_CASES = [
+    # (N, C, H, W, O, k, stride, pad, dilation, groups)
+    (2, 3, 15, 15, 4, 5, 2, 0, 1, 1),   # conv1-like: stride, no pad
+    (2, 4, 9, 9, 6, 3, 1, 1, 1, 2),     # conv2/4/5-like: grouped, pad 1
+    (1, 6, 11, 8, 6, 3, 1, 2, 2, 3),    # dilation, non-square, 3 groups
+    (2, 2, 7, 7, 3, 1, 1, 0, 1, 1),     # 1x1
+    (1, 2, 10, 10, 2, (3, 2), (2, 1), (1, 0), 1, 1),  # rectangular kernel/stride/pad
+]
+PLANS = [kernels.ConvPlan(f, d) for f in kernels.FORWARD_METHODS for d in kernels.INPUT_GRAD_METHODS]
+
+
+def _conv_numpy(x, w, b, stride, pad, dilation, groups):
+    """float64 direct convolution, Caffe's definition (base_conv_layer.cpp)."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
+    wo = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    y = np.zeros((n, o, ho, wo))
+    og = o // groups
+    for oc in range(o):
+        g = oc // og
+        for i, j in itertools.product(range(kh), range(kw)):
+            patch = xp[:, g * cg:(g + 1) * cg, i * dh:i * dh + (ho - 1) * sh + 1:sh,
+                       j * dw:j * dw + (wo - 1) * sw + 1:sw]
+            y[:, oc] += np.einsum("nchw,c->nhw", patch, w[oc, :, i, j])
+    return y + b[None, :, None, None]
+
+
+def _pairs(*vals):
+    return [kernels._pair(v, "t") for v in vals]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_forward_and_gradients_match_lax(case):
+    n, c, h, w, o, k, stride, pad, dil, groups = case
+    kh, kw = kernels._pair(k, "k")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((o, c // groups, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    expect = _conv_numpy(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64),
+                         *_pairs(stride, pad, dil), groups)
+    ref = kernels.conv2d_reference(x, wt, b, stride, pad, dil, groups)
+    np.testing.assert_allclose(ref, expect, rtol=0, atol=RTOL * np.abs(expect).max())
+    dy = rng.standard_normal(expect.shape).astype(np.float32)
+
+    def loss(fn, xx, ww, bb):
+        return jnp.sum(fn(xx, ww, bb, stride, pad, dil, groups) * dy)
+
+    ref_grads = jax.grad(lambda *a: loss(kernels.conv2d_reference, *a), argnums=(0, 1, 2))(x, wt, b)
+    for plan in PLANS:
+        def ours(xx, ww, bb, s, p, d, g, plan=plan):
+            return kernels.conv2d(xx, ww, bb, s, p, d, g, plan=plan)
+
+        y = jax.jit(ours, static_argnums=(3, 4, 5, 6))(x, wt, b, stride, pad, dil, groups)
+        assert y.shape == expect.shape
+        np.testing.assert_allclose(y, expect, rtol=0, atol=RTOL * np.abs(expect).max(),
+                                   err_msg=str(plan))
+        grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(x, wt, b)
+        for name, got, want in zip("xwb", grads, ref_grads):
+            np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max(),
+                                       err_msg=f"d{name} {plan}")
+
+
+def test_conv2d_rejects_bad_groups():
+    x = jnp.zeros((1, 4, 5, 5))
+    with pytest.raises(ValueError, match="groups 3"):
+        kernels.conv2d(x, jnp.zeros((6, 4, 3, 3)), None, groups=3)
+    with pytest.raises(ValueError, match="ConvPlan.forward"):
+        kernels.ConvPlan(forward="winograd")
+
+
+def _max_pool_numpy(x, k, s, p):
+    """Caffe's pooling_layer.cpp forward_cpu/backward_cpu (MAX): clipped windows, first max."""
+    n, c, h, w = x.shape
+    ho, wo = kernels.pool_output_hw((h, w), (k, k), (s, s), (p, p))
+    y = np.empty((n, c, ho, wo), x.dtype)
+    mask = np.empty((n, c, ho, wo), np.int64)
+    for a, b, oh, ow in itertools.product(range(n), range(c), range(ho), range(wo)):
+        hs, ws = oh * s - p, ow * s - p
+        he, we = min(hs + k, h), min(ws + k, w)
+        hs, ws = max(hs, 0), max(ws, 0)
+        best, arg = -np.inf, -1
+        for hh in range(hs, he):
+            for ww in range(ws, we):
+                if x[a, b, hh, ww] > best:
+                    best, arg = x[a, b, hh, ww], hh * w + ww
+        y[a, b, oh, ow], mask[a, b, oh, ow] = best, arg
+    return y, mask
+
+
+@pytest.mark.parametrize(
+    "shape,k,s,p",
+    [((2, 3, 13, 13), 3, 2, 0),    # AlexNet pool: overlapping, exact fit
+     ((1, 2, 8, 8), 3, 2, 0),      # ceil mode: last window clipped
+     ((1, 2, 7, 9), 3, 2, 1),      # padding
+     ((1, 1, 6, 6), 2, 2, 0)],     # non-overlapping
+)
+def test_max_pool_matches_caffe_first_max(shape, k, s, p):
+    rng = np.random.default_rng(1)
+    # Few distinct values: many ties, so the first-max routing is really exercised.
+    x = rng.integers(0, 4, size=shape).astype(np.float32)
+    want_y, mask = _max_pool_numpy(x, k, s, p)
+    y = jax.jit(kernels.max_pool2d, static_argnums=(1, 2, 3))(x, k, s, p)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(kernels.max_pool2d_reference(x, k, s, p), want_y)
+    dy = rng.standard_normal(want_y.shape).astype(np.float32)
+    want_dx = np.zeros(x.shape, np.float64)
+    n, c, h, w = x.shape
+    for a, b, oh, ow in itertools.product(*(range(d) for d in want_y.shape)):
+        idx = mask[a, b, oh, ow]
+        want_dx[a, b, idx // w, idx % w] += dy[a, b, oh, ow]
+    dx = jax.jit(jax.grad(lambda xx: jnp.sum(kernels.max_pool2d(xx, k, s, p) * dy)))(x)
+    np.testing.assert_allclose(dx, want_dx, rtol=0, atol=1e-6)
+
+
+def test_max_pool_gradient_matches_select_and_scatter_without_ties():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 27, 27)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, 13, 13)).astype(np.float32)
+    got = jax.grad(lambda a: jnp.sum(kernels.max_pool2d(a, 3, 2) * dy))(x)
+    want = jax.grad(lambda a: jnp.sum(kernels.max_pool2d_reference(a, 3, 2) * dy))(x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_max_pool_rejects_pad_not_below_kernel():
+    with pytest.raises(ValueError, match="pad"):
+        kernels.max_pool2d(jnp.zeros((1, 1, 4, 4)), 2, 2, 2)
