@@ -1,0 +1,227 @@
+"""`.caffemodel` files: binary NetParameter with blobs, read and written by layer name.
+
+Reading accepts current (`layer`) and legacy (V1 `layers`, V0 nested) files through the same
+upgrade as prototxt text (model/prototxt.py, Caffe's upgrade_proto.cpp). Writing is Caffe's
+Net::ToProto + WriteProtoToBinaryFile (src/caffe/net.cpp): every layer of the net in order with
+its full LayerParameter (phase set, loss layers with their implicit loss_weight 1), learnable
+layers carrying blobs with new-style `shape` and `data` only. Copying weights into a net is
+Net::CopyTrainedLayersFrom: by layer NAME, unknown source layers logged and ignored, any shape
+mismatch fatal. Legacy 4-D blob shapes match a target whose shape, left-padded with ones to
+4-D, is the same (Blob::ShapeEquals), e.g. old InnerProduct weights stored 1x1xOxI.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import jax.numpy as jnp
+
+from data.datum import write_bytes_atomic
+from data.errors import ImagenetError
+from data.proto import caffe_pb2
+from model import prototxt
+from model.net import Net, Params
+
+# Blob::ShapeEquals compares legacy blobs as (num, channels, height, width).
+LEGACY_AXES = 4
+# BlobProto field numbers (caffe.proto) of the packed float/double payloads, and protobuf wire
+# types: blob data is moved as raw little-endian bytes, because converting tens of millions of
+# floats through Python lists (AlexNet's fc6 has 37.7M) takes seconds.
+_BLOB_DATA_FIELD = 5
+_BLOB_DOUBLE_DATA_FIELD = 8
+_WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
+Weights = dict[str, list[np.ndarray]]
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
+    """A BlobProto's data as float32, shaped by `shape` or, for legacy blobs, by
+    (num, channels, height, width) (Blob::FromProto)."""
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    else:
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    if len(blob.double_data):
+        arr = _packed_field(blob, _BLOB_DOUBLE_DATA_FIELD, np.dtype("<f8"))
+        if arr is None:
+            arr = np.asarray(blob.double_data)
+        arr = arr.astype(np.float32)
+    else:
+        arr = _packed_field(blob, _BLOB_DATA_FIELD, np.dtype("<f4"))
+        if arr is None:
+            arr = np.asarray(blob.data, dtype=np.float32)
+    count = int(np.prod(shape)) if shape else 1
+    if arr.size != count:
+        raise ImagenetError(f"blob of shape {shape} holds {arr.size} values, expected {count}")
+    return arr.reshape(shape)
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _packed_field(blob: caffe_pb2.BlobProto, field: int, dtype: np.dtype) -> np.ndarray | None:
+    """The packed payload of one repeated float/double field as an array, read from the
+    blob's wire bytes; None if the field is stored unpacked (then the caller iterates)."""
+    buf = blob.SerializeToString()
+    chunks: list[bytes] = []
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == _WIRE_VARINT:
+            _, pos = _varint(buf, pos)
+        elif wire == _WIRE_FIXED64:
+            if number == field:
+                return None
+            pos += 8
+        elif wire == _WIRE_FIXED32:
+            if number == field:
+                return None
+            pos += 4
+        elif wire == _WIRE_LEN:
+            length, pos = _varint(buf, pos)
+            if number == field:
+                chunks.append(buf[pos:pos + length])
+            pos += length
+        else:
+            return None
+    return np.frombuffer(b"".join(chunks), dtype=dtype).copy()
+
+
+def _set_blob_data(bp: caffe_pb2.BlobProto, arr: np.ndarray) -> None:
+    """bp.data = arr (float32), appended as one packed field in wire form."""
+    payload = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+    n, header = len(payload), bytearray([(_BLOB_DATA_FIELD << 3) | _WIRE_LEN])
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        header.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    bp.MergeFromString(bytes(header) + payload)
+
+
+def read_net_binary(path: str | Path) -> caffe_pb2.NetParameter:
+    """Parse a binary NetParameter file and upgrade it to the `layer` form."""
+    p = Path(path)
+    try:
+        payload = p.read_bytes()
+    except FileNotFoundError:
+        raise ImagenetError(f"{p}: no such caffemodel file") from None
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(payload)
+    except Exception as exc:  # protobuf's DecodeError: the file is not a NetParameter
+        raise ImagenetError(f"{p}: not a binary caffemodel (NetParameter): {exc}") from None
+    return prototxt.upgrade_net(net, str(p))
+
+
+def load_caffemodel(path: str | Path) -> Weights:
+    """{layer name: [blob arrays]} of a .caffemodel (V2 or V1), blobs in file shapes
+    (legacy blobs 4-D); layers without blobs are included with an empty list."""
+    net = read_net_binary(path)
+    weights: Weights = {}
+    for layer in net.layer:
+        try:
+            weights[layer.name] = [blob_to_array(b) for b in layer.blobs]
+        except ImagenetError as exc:
+            raise ImagenetError(f"{path}: layer {layer.name!r}: {exc}") from None
+    return weights
+
+
+def _layer_proto(net: Net, layer, params: Params | None) -> caffe_pb2.LayerParameter:
+    lp = caffe_pb2.LayerParameter()
+    lp.CopyFrom(layer.param)
+    del lp.blobs[:]
+    if not lp.HasField("phase"):
+        lp.phase = prototxt.phase_value(net.phase)
+    # LossLayer::LayerSetUp adds the implicit loss_weight 1 to its LayerParameter.
+    if layer.is_loss and not lp.loss_weight:
+        lp.loss_weight.extend(layer.loss_weights[:1])
+    # BatchNormLayer::LayerSetUp masks its statistics with lr_mult 0 ParamSpecs.
+    for i, spec in enumerate(layer.blobs):
+        if i >= len(lp.param) and not spec.learnable:
+            lp.param.add(lr_mult=0.0)
+    if params is None:
+        return lp
+    for i, blob in enumerate(net.layer_blobs(params, layer)):
+        arr = np.asarray(blob, dtype=np.float32)
+        bp = lp.blobs.add()
+        bp.shape.dim.extend(int(d) for d in arr.shape)
+        _set_blob_data(bp, arr)
+    return lp
+
+
+def net_to_proto(net: Net, params: Params | None, *, with_blobs: bool = True
+                 ) -> caffe_pb2.NetParameter:
+    """Net::ToProto (without diffs): name, then every layer with its parameters and blobs."""
+    out = caffe_pb2.NetParameter(name=net.name)
+    for layer in net.layers:
+        out.layer.append(_layer_proto(net, layer, params if with_blobs else None))
+    return out
+
+
+def save_caffemodel(path: str | Path, net: Net, params: Params) -> None:
+    """Write a .caffemodel real Caffe reads (binary NetParameter), atomically."""
+    write_bytes_atomic(path, net_to_proto(net, params).SerializeToString())
+
+
+def _matching_array(src: np.ndarray, target: tuple[int, ...]) -> np.ndarray | None:
+    if tuple(src.shape) == target:
+        return src
+    if src.ndim == LEGACY_AXES and len(target) <= LEGACY_AXES:
+        padded = (1,) * (LEGACY_AXES - len(target)) + target
+        if tuple(src.shape) == padded:
+            return src.reshape(target)
+    return None
+
+
+def copy_layers(
+    net: Net,
+    params: Params,
+    sources: Sequence[Mapping[str, Sequence[np.ndarray]]],
+    log: Callable[[str], None] = print,
+) -> Params:
+    """Net::CopyTrainedLayersFrom for each source in order: a new params dict where every
+    layer named in a source takes that source's blobs. Unknown source layers are logged as
+    "Ignoring source layer <name>"; a blob count or shape mismatch raises ImagenetError."""
+    out: Params = {name: list(blobs) for name, blobs in params.items()}
+    for source in sources:
+        for name, blobs in source.items():
+            try:
+                layer = net.layer(name)
+            except ImagenetError:
+                log(f"Ignoring source layer {name}")
+                continue
+            if len(blobs) != len(layer.blobs):
+                raise ImagenetError(f"Incompatible number of blobs for layer {name}: source "
+                                    f"has {len(blobs)}, target has {len(layer.blobs)}")
+            for i, (src, spec) in enumerate(zip(blobs, layer.blobs)):
+                target = tuple(int(d) for d in spec.shape)
+                arr = _matching_array(np.asarray(src), target)
+                if arr is None:
+                    raise ImagenetError(
+                        f"Cannot copy param {i} weights from layer '{name}'; shape mismatch. "
+                        f"Source param shape is {_fmt(np.shape(src))}; target param shape is "
+                        f"{_fmt(target)}. To learn this layer's parameters from scratch rather "
+                        "than copying from a saved net, rename the layer.")
+                owner_layer, owner_idx = net.param_owner(name, i)
+                out[owner_layer][owner_idx] = jnp.asarray(arr, dtype=jnp.float32)
+    return out
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    # Blob::shape_string: "16 3 11 11 (5808)".
+    dims = [int(d) for d in shape]
+    return f"{' '.join(map(str, dims))} ({int(np.prod(dims)) if dims else 1})"
+
+
+__all__ = ["blob_to_array", "copy_layers", "load_caffemodel", "net_to_proto",
+           "read_net_binary", "save_caffemodel"]
