@@ -7,6 +7,7 @@ flag on an argparse parser, plus the dashed form (`--resize-height`) that Python
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Callable
 
 _TRUE = {"true", "t", "yes", "y", "1"}
@@ -43,6 +44,7 @@ def add_flag(
 ) -> None:
     """Add a gflags-style flag; `type=bool` makes a boolean that also accepts --no<name>."""
     if type is bool:
+        _bare_bools_mean_true(parser).update(spellings(name))
         parser.add_argument(
             *spellings(name), dest=name, nargs="?", const=True, default=default,
             type=parse_bool, metavar="BOOL", help=help, **kwargs,
@@ -55,6 +57,25 @@ def add_flag(
         parser.add_argument(
             *spellings(name), dest=name, type=type, default=default, help=help, **kwargs
         )
+
+
+def _bare_bools_mean_true(parser: argparse.ArgumentParser) -> set[str]:
+    """The parser's boolean option strings, rewritten `--shuffle` -> `--shuffle=true` before
+    parsing: gflags never takes a bool's value from the next word, and create_imagenet.sh puts
+    a positional right after `--shuffle` (nargs="?" alone would swallow it)."""
+    bools = getattr(parser, "_gflags_bools", None)
+    if bools is None:
+        bools = parser._gflags_bools = set()  # type: ignore[attr-defined]
+        parse_known_args = parser.parse_known_args
+
+        def parse_bare_bools(args=None, namespace=None):  # type: ignore[no-untyped-def]
+            args = list(sys.argv[1:] if args is None else args)
+            end = args.index("--") if "--" in args else len(args)
+            args[:end] = [f"{a}=true" if a in bools else a for a in args[:end]]
+            return parse_known_args(args, namespace)
+
+        parser.parse_known_args = parse_bare_bools  # type: ignore[method-assign]
+    return bools
 
 
 def caffe_style_argv(argv: list[str]) -> list[str]:
