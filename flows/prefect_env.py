@@ -1,0 +1,36 @@
+"""Prefect settings every entry point of this project applies BEFORE importing prefect.
+
+PREFECT_NOTES (../shared/docs) measured why: `import prefect` creates ~/.prefect unless
+PREFECT_HOME is set; a first ephemeral run on a fresh database times out at the default 20 s;
+telemetry makes a DNS lookup and a "database is locked" traceback unless switched off. Values
+already in the environment win (a user's PREFECT_API_URL pointing at `make up`'s server, say).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Project-local Prefect home (git-ignored): database, profiles, logs of ephemeral runs.
+PREFECT_HOME = PROJECT_ROOT / ".prefect"
+# Creating the SQLite database of a fresh PREFECT_HOME took longer than Prefect's 20 s default.
+EPHEMERAL_STARTUP_TIMEOUT_S = "180"
+
+DEFAULTS: dict[str, str] = {
+    "PREFECT_HOME": str(PREFECT_HOME),
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": EPHEMERAL_STARTUP_TIMEOUT_S,
+    # No telemetry leaves the machine.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    # A stage's logs belong in its task run, not a wall of INFO lines on the terminal.
+    "PREFECT_LOGGING_LEVEL": "INFO",
+}
+
+
+def configure(**overrides: str) -> None:
+    """Set this project's Prefect defaults where the environment does not already say."""
+    for name, value in {**DEFAULTS, **overrides}.items():
+        os.environ.setdefault(name, value)
+    # Analytics must be off whatever a profile says.
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["DO_NOT_TRACK"] = "1"

@@ -1,0 +1,100 @@
+"""Conversion stages as Prefect tasks: the train and val LMDBs (Caffe's convert_imageset, as
+examples/imagenet/create_imagenet.sh runs it) and the mean file (compute_image_mean).
+
+Each records in its manifest the content digest of what it wrote (lmdb_content_digest for an
+LMDB, sha256 for the mean file): downstream stages key on that digest, so a rebuilt LMDB with
+the same records leaves the mean and the training cached.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from tasks.cache import file_digest, write_manifest
+from tasks.stage import ProgressArtifact, RecordedKey, StageResult
+
+LMDB_DIR = "lmdb"
+# Caffe's names (examples/imagenet/create_imagenet.sh, make_imagenet_mean.sh).
+LMDB_NAMES = {"train": "ilsvrc12_train_lmdb", "val": "ilsvrc12_val_lmdb"}
+MEAN_FILE = "imagenet_mean.binaryproto"
+CONVERT_CODE = ("data.convert", "data.datum", "data.lmdb_io", "data.images")
+MEAN_CODE = ("data.mean", "data.datum", "data.lmdb_io")
+SKIPPED_EXAMPLES = 5
+
+
+def lmdb_path(data_root: Path | str, split: str) -> Path:
+    return Path(data_root) / LMDB_DIR / LMDB_NAMES[split]
+
+
+def mean_path(data_root: Path | str) -> Path:
+    return Path(data_root) / LMDB_DIR / MEAN_FILE
+
+
+@task(cache_policy=RecordedKey())
+def convert_lmdb(
+    cache_key: str,
+    split: str,
+    data_root: str,
+    image_root: str,
+    listfile: str,
+    resize_height: int,
+    resize_width: int,
+    shuffle_seed: int | None,
+    encoded: bool,
+    gray: bool = False,
+    workers: int = 0,
+) -> StageResult:
+    """convert_imageset IMAGE_ROOT/ LISTFILE lmdb/ilsvrc12_<split>_lmdb, replacing what is there."""
+    from data.convert import convert_imageset
+    from data.lmdb_io import lmdb_content_digest
+
+    log = get_run_logger()
+    db = lmdb_path(data_root, split)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    progress = ProgressArtifact(f"convert {split} LMDB (images)")
+    result = convert_imageset(
+        str(image_root).rstrip("/") + "/", listfile, db,
+        resize_height=resize_height, resize_width=resize_width,
+        shuffle=shuffle_seed is not None, seed=shuffle_seed or 0, gray=gray,
+        encoded=encoded, workers=workers or None, overwrite=True, progress=progress,
+    )
+    progress.finish()
+    digest = result.digest or lmdb_content_digest(db)
+    # Skipped images are counted and named (the first few), never dropped silently.
+    record = {"count": int(result.count), "skipped": len(result.skipped),
+              "truncated": len(result.truncated), "total_lines": int(result.total_lines),
+              "digest": digest,
+              "skipped_examples": [f"line {n}: {path}: {why}"
+                                   for n, path, why in result.skipped[:SKIPPED_EXAMPLES]]}
+    write_manifest(db, stage=f"convert_{split}", key=cache_key, digest=digest, record=record)
+    seconds = float(result.seconds)
+    rate = result.count / seconds if seconds > 0 else 0.0
+    log.info("%s: %d images, %d skipped, %d truncated, %.1f s (%.0f img/s)", db, result.count,
+             len(result.skipped), len(result.truncated), seconds, rate)
+    for line in record["skipped_examples"]:
+        log.warning("skipped %s", line)
+    return StageResult(stage=f"convert_{split}", key=cache_key, outputs={"lmdb": str(db)},
+                       record=record, seconds=seconds, throughput=f"{rate:.0f} img/s")
+
+
+@task(cache_policy=RecordedKey())
+def compute_mean(cache_key: str, data_root: str, train_lmdb: str) -> StageResult:
+    """compute_image_mean lmdb/ilsvrc12_train_lmdb lmdb/imagenet_mean.binaryproto."""
+    from data.mean import compute_image_mean
+
+    log = get_run_logger()
+    out = mean_path(data_root)
+    progress = ProgressArtifact("mean over the train LMDB (images)")
+    result = compute_image_mean(train_lmdb, out, progress=progress)
+    progress.finish()
+    seconds = float(result.seconds)
+    channel_means = [float(c) for c in result.channel_means]
+    record = {"count": int(result.count), "channel_means": channel_means}
+    write_manifest(out, stage="mean", key=cache_key, digest=file_digest(out), record=record)
+    rate = result.count / seconds if seconds > 0 else 0.0
+    log.info("mean of %d images written to %s; channel means (BGR) %s", result.count, out,
+             ", ".join(f"{c:.3f}" for c in channel_means))
+    return StageResult(stage="mean", key=cache_key, outputs={"mean": str(out)}, record=record,
+                       seconds=seconds, throughput=f"{rate:.0f} img/s")

@@ -1,0 +1,325 @@
+"""Training and evaluation stages as Prefect tasks, on model.train.
+
+Training is a chain of segment tasks, one per snapshot interval: segment k trains from the
+snapshot at its start iteration to its end iteration and leaves `<prefix>_iter_<end>` on disk.
+Each is cached on (net, solver, data digests, model code, end iteration), so a rerun of the flow
+skips finished segments, and retries resume from the newest snapshot on disk, so a crash costs
+at most one interval (Caffe itself can only restart by hand with `caffe train --snapshot`).
+
+`prepare_training` is the thin adapter between the user's solver/net prototxts and this data
+root: it writes copies whose Data layers read this run's LMDBs and mean file and whose
+snapshot_prefix lives under `training/<config id>/`, a folder named after everything the weights
+depend on, so snapshots of another configuration are never resumed by mistake.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from prefect import task
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from data.errors import ImagenetError
+from data.proto import caffe_pb2
+from tasks.cache import canonical_json, code_digest, file_digest, input_fingerprint, write_manifest
+from tasks.stage import ProgressArtifact, RecordedKey, StageResult
+
+TRAINING_DIR = "training"
+TRAIN_CODE = ("model",)
+SOLVER_FILE = "solver.prototxt"
+NET_FILE = "train_val.prototxt"
+SNAPSHOT_NAME = "snap"
+CAFFEMODEL_EXT = ".caffemodel"
+SOLVERSTATE_EXT = ".solverstate"
+TRAIN_RETRIES = 2
+TRAIN_RETRY_DELAY_S = 2
+# Tests (and chaos drills) set this to an iteration: the segment that reaches it fails once.
+INJECT_FAILURE_ENV = "IMAGENET_INJECT_TRAIN_FAILURE"
+_SNAP_RE = re.compile(r"_iter_(\d+)\.solverstate$")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by a training segment when INJECT_FAILURE_ENV asks for it."""
+
+
+class TrainingPlan(BaseModel):
+    """Where one training configuration lives and how it is cut into segments."""
+
+    run_dir: str
+    solver: str
+    net: str
+    snapshot_prefix: str
+    max_iter: int
+    segment_ends: list[int]
+    config_id: str
+    test_batch_size: int
+    accuracy_top_k: dict[str, int]
+
+
+def _resolve(path: str, relative_to: Path) -> Path:
+    """Caffe resolves prototxt paths against the working directory; users also write them
+    relative to the solver or the repository. Accept the first that exists."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), relative_to, REPO_ROOT):
+        if (base / p).exists():
+            return (base / p).resolve()
+    raise ImagenetError(f"{path}: not found (relative to {Path.cwd()}, {relative_to} or {REPO_ROOT})")
+
+
+def _read(path: Path, message: Any) -> Any:
+    try:
+        text_format.Parse(path.read_text(), message)
+    except text_format.ParseError as err:
+        raise ImagenetError(f"{path}: {err}") from err
+    return message
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomic, and untouched when identical, so a rerun sees the same file."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _phase_of(layer: caffe_pb2.LayerParameter) -> int | None:
+    for rule in layer.include:
+        if rule.HasField("phase"):
+            return rule.phase
+    return None
+
+
+def prepare_training(
+    data_root: Path | str,
+    solver_src: str,
+    *,
+    train_lmdb: Path | str,
+    val_lmdb: Path | str,
+    mean_file: Path | str,
+    max_iter: int | None = None,
+    snapshot_interval: int | None = None,
+) -> TrainingPlan:
+    """Write this data root's copies of the solver and net and cut max_iter into segments."""
+    solver_path = _resolve(solver_src, REPO_ROOT)
+    solver = _read(solver_path, caffe_pb2.SolverParameter())
+    if not solver.net:
+        raise ImagenetError(f"{solver_path}: the pipeline needs a solver with `net:` "
+                            "(one train_val prototxt with TRAIN and TEST Data layers)")
+    net_path = _resolve(solver.net, solver_path.parent)
+    net = _read(net_path, caffe_pb2.NetParameter())
+
+    top_k: dict[str, int] = {}
+    test_batch = 0
+    for layer in net.layer:
+        phase = _phase_of(layer)
+        if layer.type == "Data":
+            layer.data_param.source = str(Path(train_lmdb if phase == caffe_pb2.TRAIN else val_lmdb).resolve())
+            layer.data_param.backend = caffe_pb2.DataParameter.LMDB
+            if layer.transform_param.HasField("mean_file"):
+                layer.transform_param.mean_file = str(Path(mean_file).resolve())
+            if phase == caffe_pb2.TEST:
+                test_batch = layer.data_param.batch_size
+        if layer.type == "Accuracy" and phase in (None, caffe_pb2.TEST):
+            for top in layer.top:
+                top_k[top] = layer.accuracy_param.top_k or 1
+    if not test_batch:
+        raise ImagenetError(f"{net_path}: no TEST-phase Data layer with a batch_size: "
+                            "the pipeline evaluates on the val LMDB through it")
+
+    if max_iter is not None:
+        solver.max_iter = max_iter
+    interval = snapshot_interval or solver.snapshot or solver.max_iter
+    if interval <= 0 or solver.max_iter <= 0:
+        raise ImagenetError(f"{solver_path}: max_iter ({solver.max_iter}) and the snapshot "
+                            f"interval ({interval}) must be positive")
+    solver.snapshot = interval
+    solver.snapshot_after_train = True
+
+    # The configuration id covers everything the weights depend on except the paths we set.
+    config = {
+        "solver": text_format.MessageToString(solver),
+        "net": text_format.MessageToString(net),
+        "data": {name: input_fingerprint(p) for name, p in
+                 (("train", train_lmdb), ("val", val_lmdb), ("mean", mean_file))},
+        "code": code_digest(TRAIN_CODE),
+    }
+    import hashlib
+
+    config_id = hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+    run_dir = Path(data_root) / TRAINING_DIR / f"{net_path.parent.name}-{config_id}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prefix = run_dir / SNAPSHOT_NAME
+    solver.net = str(run_dir / NET_FILE)
+    solver.snapshot_prefix = str(prefix)
+    _write_if_changed(run_dir / NET_FILE, text_format.MessageToString(net))
+    _write_if_changed(run_dir / SOLVER_FILE, text_format.MessageToString(solver))
+
+    ends = list(range(interval, solver.max_iter, interval)) + [solver.max_iter]
+    return TrainingPlan(run_dir=str(run_dir), solver=str(run_dir / SOLVER_FILE),
+                        net=str(run_dir / NET_FILE), snapshot_prefix=str(prefix),
+                        max_iter=solver.max_iter, segment_ends=ends, config_id=config_id,
+                        test_batch_size=test_batch, accuracy_top_k=top_k)
+
+
+def snapshot_files(prefix: str, it: int) -> tuple[Path, Path]:
+    """Caffe's names: <prefix>_iter_<N>.caffemodel / .solverstate."""
+    return (Path(f"{prefix}_iter_{it}{CAFFEMODEL_EXT}"), Path(f"{prefix}_iter_{it}{SOLVERSTATE_EXT}"))
+
+
+def newest_snapshot(prefix: str, at_most: int) -> int | None:
+    """The highest iteration <= at_most with both snapshot files on disk."""
+    folder, stem = Path(prefix).parent, Path(prefix).name
+    best = None
+    for path in folder.glob(f"{stem}_iter_*{SOLVERSTATE_EXT}"):
+        m = _SNAP_RE.search(path.name)
+        if not m:
+            continue
+        it = int(m.group(1))
+        if it <= at_most and snapshot_files(prefix, it)[0].exists() and (best is None or it > best):
+            best = it
+    return best
+
+
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a training segment on anything but a user error (a bad prototxt stays bad)."""
+    try:
+        state.result()
+    except ImagenetError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _injected_failure_hook(run_dir: Path, start: int, end: int):
+    """If INJECT_FAILURE_ENV names an iteration inside this segment, fail once when reaching it."""
+    raw = os.environ.get(INJECT_FAILURE_ENV)
+    if not raw:
+        return None
+    at = int(raw)
+    marker = run_dir / f"injected-failure-{at}.done"
+    if not (start < at <= end) or marker.exists():
+        return None
+
+    def hook(it: int) -> None:
+        if it >= at:
+            marker.write_text(str(it))
+            raise InjectedFailure(f"injected failure at iteration {it} ({INJECT_FAILURE_ENV}={at})")
+
+    return hook
+
+
+@task(cache_policy=RecordedKey(), retries=TRAIN_RETRIES, retry_delay_seconds=TRAIN_RETRY_DELAY_S,
+      retry_condition_fn=retry_unless_user_error)
+def train_segment(
+    cache_key: str,
+    solver: str,
+    snapshot_prefix: str,
+    start_iter: int,
+    end_iter: int,
+    max_iter: int,
+    devices: list[int] | None = None,
+) -> StageResult:
+    """Train from the newest snapshot <= end_iter (normally start_iter's) to end_iter."""
+    from model.train import train
+
+    log = get_run_logger()
+    run_dir = Path(solver).parent
+    resume = newest_snapshot(snapshot_prefix, end_iter)
+    caffemodel, solverstate = snapshot_files(snapshot_prefix, end_iter)
+    rows: list[dict[str, Any]] = []
+    seconds, images_per_second = 0.0, 0.0
+    if resume == end_iter:
+        log.info("snapshot at iteration %d already on disk (an earlier run got this far)", end_iter)
+    else:
+        if resume is None and start_iter > 0:
+            log.warning("no snapshot <= %d on disk: training this configuration from 0", end_iter)
+        elif resume is not None and resume < start_iter:
+            log.warning("newest snapshot on disk is iteration %d, before this segment's start %d",
+                        resume, start_iter)
+        snapshot = str(snapshot_files(snapshot_prefix, resume)[1]) if resume else None
+        log.info("training iterations %d -> %d%s", resume or 0, end_iter,
+                 f" (resuming from {snapshot})" if snapshot else " (from scratch)")
+        progress = ProgressArtifact(f"training iterations {start_iter}->{end_iter} of {max_iter}")
+        inject = _injected_failure_hook(run_dir, resume or 0, end_iter)
+
+        def on_progress(it: int, total: int) -> None:
+            progress(it, max_iter)
+            if inject is not None:
+                inject(it)
+
+        def on_test(it: int, outputs: dict[str, Any]) -> None:
+            rows.append({"iter": int(it), **{k: float(v) for k, v in outputs.items()}})
+            log.info("test at iteration %d: %s", it,
+                     ", ".join(f"{k} = {float(v):.4f}" for k, v in outputs.items()))
+
+        result = train(solver, snapshot=snapshot, devices=devices, stop_at_iter=end_iter,
+                       on_progress=on_progress, on_test=on_test, workdir=str(run_dir))
+        seconds = float(result.seconds)
+        images_per_second = float(result.images_per_second or 0.0)
+        if newest_snapshot(snapshot_prefix, end_iter) != end_iter:
+            raise RuntimeError(f"training stopped at {result.final_iter} without writing "
+                               f"{solverstate} (solver snapshot settings?)")
+    for path in (caffemodel, solverstate):
+        write_manifest(path, stage="train", key=cache_key, digest=file_digest(path),
+                       record={"iter": end_iter})
+    metrics = Path(snapshot_prefix).parent
+    return StageResult(
+        stage="train", key=cache_key,
+        outputs={"caffemodel": str(caffemodel), "solverstate": str(solverstate),
+                 "run_dir": str(metrics)},
+        record={"start_iter": start_iter, "end_iter": end_iter, "resumed_from": resume,
+                "tests": rows, "images_per_second": images_per_second},
+        seconds=seconds, throughput=f"{images_per_second:.1f} img/s" if images_per_second else "",
+    )
+
+
+def eval_path(plan: TrainingPlan, it: int) -> Path:
+    return Path(plan.run_dir) / f"eval_iter_{it}.json"
+
+
+@task(cache_policy=RecordedKey())
+def evaluate_weights(
+    cache_key: str,
+    net: str,
+    weights: str,
+    iterations: int,
+    output: str,
+    accuracy_top_k: dict[str, int],
+    devices: list[int] | None = None,
+) -> StageResult:
+    """Score the final weights on the val LMDB (the net's TEST phase): top-1 and top-5."""
+    from model.train import evaluate
+
+    log = get_run_logger()
+    start = time.monotonic()
+    outputs = {k: float(v) for k, v in evaluate(net, weights, iterations, devices=devices).items()}
+    seconds = time.monotonic() - start
+    by_k = {k: outputs[name] for name, k in accuracy_top_k.items() if name in outputs}
+    record = {"outputs": outputs, "top1": by_k.get(1), "top5": by_k.get(5),
+              "iterations": iterations}
+    out = Path(output)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out)
+    write_manifest(out, stage="evaluate", key=cache_key, digest=file_digest(out))
+    log.info("evaluation of %s over %d iterations: %s", weights, iterations,
+             ", ".join(f"{k} = {v:.4f}" for k, v in outputs.items()))
+    return StageResult(stage="evaluate", key=cache_key, outputs={"metrics": str(out)},
+                       record=record, seconds=seconds)
+
+
+def eval_iterations(val_count: int, test_batch_size: int) -> int:
+    """Enough TEST batches to see every val image once (Caffe's test_iter * batch = 50,000)."""
+    return max(1, math.ceil(val_count / test_batch_size))
