@@ -1,0 +1,158 @@
+"""data/download.py against a real HTTP server on 127.0.0.1 (tests/data/http_fixture.py)."""
+from __future__ import annotations
+
+import base64
+import logging
+from pathlib import Path
+
+import pytest
+
+from data import ilsvrc12
+from data.download import Backoff, Credentials, download, mask_url, md5_of
+from data.errors import ImagenetError
+
+FAST = Backoff(initial=0.001, factor=2.0, maximum=0.01, jitter=0.0)
+VAL = ilsvrc12.VAL_ARCHIVE
+
+
+@pytest.fixture
+def sums(mini_tiny) -> dict[str, str]:
+    return ilsvrc12.parse_md5sums(mini_tiny.md5sums.read_text(), "MD5SUMS")
+
+
+def test_download_verifies_and_renames(mirror, mini_tiny, sums, tmp_path):
+    seen = []
+    result = download(mirror.url(VAL), tmp_path, md5=sums[VAL], backoff=FAST,
+                      progress=lambda done, total: seen.append((done, total)))
+    assert result.path == tmp_path / VAL
+    assert result.path.read_bytes() == mini_tiny.val_tar.read_bytes()
+    assert result.md5 == sums[VAL] and result.md5_verified
+    assert not result.resumed and not result.reused_in_place and result.attempts == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [VAL]  # no .part / .json left over
+    assert seen[-1] == (result.bytes, result.bytes)
+
+
+def test_drop_half_way_then_rerun_resumes_with_range(mirror, mini_tiny, sums, tmp_path):
+    size = mini_tiny.val_tar.stat().st_size
+    mirror.fail(VAL, ("drop", size // 2))
+    with pytest.raises(ImagenetError, match="rerun to resume"):
+        download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=0, backoff=FAST)
+    part = tmp_path / (VAL + ".part")
+    assert part.stat().st_size == size // 2
+    assert not (tmp_path / VAL).exists()  # nothing that looks finished
+
+    result = download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=0, backoff=FAST)
+    second = mirror.requests_for(VAL)[1]
+    assert second["range"] == f"bytes={size // 2}-"
+    assert "if-range" in second  # resumes only if the file did not change meanwhile
+    assert result.resumed and md5_of(result.path) == sums[VAL]
+    assert not part.exists()
+
+
+def test_drop_is_retried_within_one_call(mirror, sums, tmp_path):
+    mirror.fail(VAL, ("drop", 1000), ("drop", 5000))
+    waits: list[float] = []
+    result = download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=3, backoff=FAST,
+                      sleep=waits.append)
+    ranges = [r.get("range") for r in mirror.requests_for(VAL)]
+    assert ranges == [None, "bytes=1000-", "bytes=6000-"]
+    assert result.resumed and result.attempts == 3 and len(waits) == 2
+
+
+def test_503_twice_then_success(mirror, sums, tmp_path):
+    mirror.fail(VAL, ("status", 503), ("status", 503))
+    waits: list[float] = []
+    result = download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=5, backoff=FAST,
+                      sleep=waits.append)
+    assert len(mirror.requests_for(VAL)) == 3
+    assert waits == [0.001, 0.002]  # exponential backoff
+    assert md5_of(result.path) == sums[VAL]
+
+
+def test_429_honours_retry_after(mirror, sums, tmp_path):
+    mirror.fail(VAL, ("status", 429, 3))
+    waits: list[float] = []
+    download(mirror.url(VAL), tmp_path, md5=sums[VAL], backoff=Backoff(0.001, 2, 10, 0),
+             sleep=waits.append)
+    assert waits == [3.0]
+
+
+def test_persistent_5xx_gives_up_after_retries(mirror, sums, tmp_path):
+    mirror.fail(VAL, *[("status", 500)] * 4)
+    with pytest.raises(ImagenetError, match=r"failed after 3 attempts: HTTP 500"):
+        download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=2, backoff=FAST,
+                 sleep=lambda s: None)
+    assert len(mirror.requests_for(VAL)) == 3
+
+
+def test_404_fails_fast_without_retry_storm(mirror, tmp_path):
+    with pytest.raises(ImagenetError) as err:
+        download(mirror.url("no_such.tar"), tmp_path, retries=5, backoff=FAST)
+    assert str(err.value).startswith("HTTP 404")
+    assert "\n" not in str(err.value)
+    assert len(mirror.requests_for("no_such.tar")) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_checksum_is_set_aside_and_never_used(mirror, tmp_path):
+    with pytest.raises(ImagenetError, match="md5 mismatch for ILSVRC2012_img_val.tar") as err:
+        download(mirror.url(VAL), tmp_path, md5="0" * 32, backoff=FAST)
+    aside = tmp_path / (VAL + ".md5-mismatch")
+    assert str(aside) in str(err.value)
+    assert aside.is_file() and not (tmp_path / VAL).exists()
+    assert not (tmp_path / (VAL + ".part")).exists()
+
+
+def test_known_archive_name_is_checked_against_the_official_md5(mirror, tmp_path):
+    # The mini val tar has the official name but not the official bytes.
+    with pytest.raises(ImagenetError, match="29b22e2961454d5413ddabcf34fc5622.*--checksums"):
+        download(mirror.url(VAL), tmp_path, backoff=FAST)
+
+
+def test_finished_file_is_verified_and_reused(mirror, sums, tmp_path):
+    download(mirror.url(VAL), tmp_path, md5=sums[VAL], backoff=FAST)
+    again = download(mirror.url(VAL), tmp_path, md5=sums[VAL], backoff=FAST)
+    assert again.reused_in_place and len(mirror.requests_for(VAL)) == 1
+
+
+def test_local_paths_are_verified_in_place(mini_tiny, sums, tmp_path):
+    for source in (str(mini_tiny.val_tar), mini_tiny.val_tar.as_uri()):
+        result = download(source, tmp_path / "dl", md5=sums[VAL])
+        assert result.path == mini_tiny.val_tar and result.reused_in_place
+    assert not (tmp_path / "dl").exists()  # nothing copied
+    with pytest.raises(ImagenetError, match="md5 mismatch.*not used"):
+        download(str(mini_tiny.val_tar), tmp_path, md5="f" * 32)
+    assert mini_tiny.val_tar.is_file()  # a user's own file is never renamed
+    with pytest.raises(ImagenetError, match="no such file"):
+        download(str(tmp_path / "missing.tar"), tmp_path)
+
+
+def test_stalled_connection_times_out_and_resumes(mirror, sums, tmp_path):
+    mirror.fail(VAL, ("stall", 3))
+    result = download(mirror.url(VAL), tmp_path, md5=sums[VAL], timeout=0.5, backoff=FAST,
+                      sleep=lambda s: None)
+    assert result.resumed and mirror.requests_for(VAL)[1]["range"].startswith("bytes=")
+
+
+def test_credentials_are_sent_but_never_shown(mirror, sums, tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("IMAGENET_TOKEN", raising=False)
+    url = mirror.url(VAL).replace("http://", "http://alice:s3cr3t@")
+    mirror.fail(VAL, ("status", 503))
+    with caplog.at_level(logging.WARNING, logger="data.download"):
+        download(url, tmp_path, md5=sums[VAL], backoff=FAST, sleep=lambda s: None)
+    sent = mirror.requests_for(VAL)[0]["authorization"]
+    assert sent == "Basic " + base64.b64encode(b"alice:s3cr3t").decode()
+    assert caplog.records and "s3cr3t" not in caplog.text and "***@" in caplog.text
+
+    with pytest.raises(ImagenetError) as err:
+        download(mirror.url("gone.tar").replace("http://", "http://alice:s3cr3t@"), tmp_path)
+    assert "s3cr3t" not in str(err.value) and "alice" not in str(err.value)
+
+    monkeypatch.setenv("IMAGENET_TOKEN", "tok-123")
+    download(mirror.url(ilsvrc12.AUX_ARCHIVE), tmp_path / "t", backoff=FAST)
+    assert mirror.requests_for(ilsvrc12.AUX_ARCHIVE)[0]["authorization"] == "Bearer tok-123"
+    assert "tok-123" not in repr(Credentials(token="tok-123"))
+
+
+def test_mask_url():
+    assert mask_url("https://u:p@host:8080/a.tar?sig=abc&x=1") == "https://***@host:8080/a.tar?sig=***&x=1"
