@@ -1,0 +1,266 @@
+"""Safe, streaming, resumable extraction of the ILSVRC12 archives.
+
+- `extract_train(tar, root)`: ILSVRC2012_img_train.tar is a tar of per-synset tars
+  (`n01440764.tar` ...). Each inner tar is streamed straight out of the outer one (never written
+  to disk, so extraction needs the images' size, not twice the archive's) into a work directory
+  `root/.extract-state/tmp/<wnid>`, which is renamed to `root/train/<wnid>` once complete; then a
+  marker `root/.extract-state/train/<wnid>.done` is written. A rerun skips synsets whose marker
+  and folder both exist and redoes everything else (a folder without a marker is not trusted:
+  the run that made it may have been killed).
+- `extract_val(tar, root)`: the flat val tar into `root/val/`; each file is written under a
+  temporary name and renamed, so a file that exists is complete and a rerun skips it.
+- `extract_archive(path, dest)`: any tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) into `dest`.
+Every member is checked before anything is written: absolute names, `..` components, symlinks,
+hard links, devices and FIFOs are refused with an error naming the member (for the outer and
+val tars the whole archive is checked first, so a bad archive writes nothing at all). A
+free-space check runs before starting and says how many bytes are needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, IO
+
+from data import ilsvrc12
+from data.download import check_free_space
+from data.errors import ImagenetError
+
+ProgressFn = Callable[[int, "int | None"], None]
+
+STATE_DIR = ".extract-state"
+MARKER_SUFFIX = ".done"
+COPY_CHUNK = 1 << 20
+INNER_TAR_RE = re.compile(r"^(n\d{8})\.tar$")
+
+
+@dataclass
+class ExtractResult:
+    dest: Path
+    files: int = 0  # files written by this run
+    bytes: int = 0  # bytes written by this run
+    skipped_files: int = 0  # already complete from an earlier run
+    synsets_extracted: int = 0  # train only
+    synsets_skipped: int = 0  # train only: complete from an earlier run
+    seconds: float = 0.0
+
+
+def safe_member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath | None:
+    """The member's relative path if it is safe to write, None for a directory entry; raises
+    ImagenetError for absolute names, `..`, links, devices and anything else not a file."""
+    name = member.name
+    kind = ("symlink" if member.issym() else "hard link" if member.islnk() else
+            "FIFO" if member.isfifo() else "device" if member.isdev() else None)
+    if kind:
+        raise ImagenetError(f"{where}: refusing {kind} member {name!r} "
+                            f"(-> {member.linkname!r})" if member.linkname else
+                            f"{where}: refusing {kind} member {name!r}")
+    if not (member.isreg() or member.isdir()):
+        raise ImagenetError(f"{where}: refusing member {name!r} of tar type {member.type!r}")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise ImagenetError(f"{where}: refusing absolute member name {name!r}")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ImagenetError(f"{where}: refusing member {name!r}: it contains '..'")
+    if "\0" in name:
+        raise ImagenetError(f"{where}: refusing member name with a NUL byte: {name!r}")
+    if not parts:
+        if member.isdir():
+            return None
+        raise ImagenetError(f"{where}: refusing member with an empty name")
+    return None if member.isdir() else PurePosixPath(*parts)
+
+
+def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None) -> int:
+    """Stream `src` into `dst_path` via a temporary name + rename; returns bytes written."""
+    tmp = dst_path.with_name(f".{dst_path.name}.part-extract")
+    written = 0
+    with open(tmp, "wb") as out:
+        while chunk := src.read(COPY_CHUNK):
+            out.write(chunk)
+            written += len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    os.replace(tmp, dst_path)
+    return written
+
+
+class _Counter:
+    """Bytes done out of a total, forwarded to the caller's progress callback."""
+
+    def __init__(self, total: int, progress: ProgressFn | None) -> None:
+        self.done, self.total, self.progress = 0, total, progress
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _open(path: Path, mode: str = "r:*") -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, mode)
+    except FileNotFoundError:
+        raise ImagenetError(f"{path}: no such file") from None
+    except tarfile.TarError as err:
+        raise ImagenetError(f"{path}: not a readable tar archive ({err})") from None
+
+
+def _checked(tar: tarfile.TarFile, where: str) -> list[tuple[tarfile.TarInfo, PurePosixPath | None]]:
+    try:
+        members = tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ImagenetError(f"{where}: corrupt or truncated tar ({err})") from None
+    return [(m, safe_member_path(m, where)) for m in members]
+
+
+def _extract_flat(path: Path, target: Path, progress: ProgressFn | None,
+                  skip_complete: bool) -> ExtractResult:
+    """Shared by extract_val and extract_archive: check all, check space, write each file."""
+    start = time.monotonic()
+    path = Path(path)
+    result = ExtractResult(dest=target)
+    with _open(path) as tar:
+        checked = _checked(tar, str(path))
+        todo = []
+        for member, rel in checked:
+            if rel is None:
+                continue
+            final = target / rel
+            if skip_complete and final.is_file() and final.stat().st_size == member.size:
+                result.skipped_files += 1
+                continue
+            todo.append((member, final))
+        target.mkdir(parents=True, exist_ok=True)
+        check_free_space(target, sum(m.size for m, _ in todo), f"extracting {path.name}")
+        counter = _Counter(sum(m.size for m, _ in todo), progress)
+        for member, final in todo:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            result.bytes += _copy(src, final, counter.add)
+            result.files += 1
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def extract_val(tar_path: Path, dest_root: Path, *, progress: ProgressFn | None = None
+                ) -> ExtractResult:
+    """ILSVRC2012_img_val.tar -> dest_root/val/<file>; files already complete are skipped."""
+    return _extract_flat(Path(tar_path), Path(dest_root) / ilsvrc12.VAL_DIR, progress, True)
+
+
+def extract_archive(path: Path, dest: Path, *, progress: ProgressFn | None = None
+                    ) -> ExtractResult:
+    """Any tar archive (compression auto-detected) into `dest`, with the same safety checks."""
+    return _extract_flat(Path(path), Path(dest), progress, False)
+
+
+def _marker(state: Path, wnid: str) -> Path:
+    return state / f"{wnid}{MARKER_SUFFIX}"
+
+
+def synset_complete(dest_root: Path, wnid: str) -> bool:
+    """Whether `wnid` was fully extracted by extract_train (marker and folder both present)."""
+    root = Path(dest_root)
+    return (_marker(root / STATE_DIR / ilsvrc12.TRAIN_DIR, wnid).is_file()
+            and (root / ilsvrc12.TRAIN_DIR / wnid).is_dir())
+
+
+def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | None = None
+                  ) -> ExtractResult:
+    """ILSVRC2012_img_train.tar (a tar of per-synset tars) -> dest_root/train/<wnid>/<file>,
+    resumable per synset (see the module docstring)."""
+    start = time.monotonic()
+    tar_path, root = Path(tar_path), Path(dest_root)
+    train_dir = root / ilsvrc12.TRAIN_DIR
+    state = root / STATE_DIR / ilsvrc12.TRAIN_DIR
+    work = root / STATE_DIR / "tmp"
+    result = ExtractResult(dest=train_dir)
+    with _open(tar_path) as outer:
+        todo: list[tuple[tarfile.TarInfo, str]] = []
+        for member, rel in _checked(outer, str(tar_path)):
+            if rel is None:
+                continue
+            m = INNER_TAR_RE.match(str(rel))
+            if not m:
+                raise ImagenetError(
+                    f"{tar_path}: member {member.name!r} is not a per-synset tar "
+                    "(<wnid>.tar); is this ILSVRC2012_img_train.tar? (use extract_archive or "
+                    "`imagenet extract --kind archive` for other tars)")
+            if synset_complete(root, m.group(1)):
+                result.synsets_skipped += 1
+                continue
+            todo.append((member, m.group(1)))
+        for d in (train_dir, state, work):
+            d.mkdir(parents=True, exist_ok=True)
+        # An inner tar is its files plus 512-byte headers: its size bounds what we write.
+        needed = sum(member.size for member, _ in todo)
+        check_free_space(root, needed, f"extracting {tar_path.name}")
+        counter = _Counter(needed, progress)
+        for member, wnid in todo:
+            where = f"{tar_path}:{member.name}"
+            tmp = work / wnid
+            if tmp.exists():  # left by a killed run: never trusted
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            base = counter.done
+            files = nbytes = 0
+            try:
+                inner = tarfile.open(fileobj=outer.extractfile(member), mode="r|")
+                for im in inner:
+                    rel = safe_member_path(im, where)
+                    if rel is None:
+                        continue
+                    final = tmp / rel
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    nbytes += _copy(inner.extractfile(im), final, counter.add)
+                    files += 1
+            except tarfile.TarError as err:
+                raise ImagenetError(f"{where}: corrupt synset tar ({err})") from None
+            final_dir = train_dir / wnid
+            if final_dir.exists():  # a folder without a marker: incomplete or not ours
+                shutil.rmtree(final_dir)
+            os.replace(tmp, final_dir)
+            ilsvrc12.atomic_write_text(_marker(state, wnid),
+                                       json.dumps({"files": files, "bytes": nbytes}) + "\n")
+            counter.done = base + member.size  # headers and padding count as done too
+            counter.add(0)
+            result.files += files
+            result.bytes += nbytes
+            result.synsets_extracted += 1
+    result.seconds = time.monotonic() - start
+    return result
+
+
+# How `imagenet extract --kind` chooses what to do with an archive.
+EXTRACTORS: dict[str, Callable[..., ExtractResult]] = {
+    "train": extract_train,
+    "val": extract_val,
+    "archive": extract_archive,
+}
+
+
+def guess_kind(path: Path) -> str:
+    """'train' / 'val' for the ILSVRC2012 image tars (by name), else 'archive'."""
+    name = Path(path).name
+    if name.startswith("ILSVRC2012_img_train") and name.endswith(".tar"):
+        return "train"
+    if name.startswith("ILSVRC2012_img_val") and name.endswith(".tar"):
+        return "val"
+    return "archive"
+
+
+def extract(path: Path, dest_root: Path, kind: str = "auto", *,
+            progress: ProgressFn | None = None) -> ExtractResult:
+    """Dispatch on `kind` ("auto", or one of EXTRACTORS)."""
+    if kind == "auto":
+        kind = guess_kind(path)
+    if kind not in EXTRACTORS:
+        raise ImagenetError(f"unknown extract kind {kind!r}; valid: auto, "
+                            f"{', '.join(EXTRACTORS)}")
+    return EXTRACTORS[kind](path, dest_root, progress=progress)
