@@ -87,7 +87,7 @@ def max_pool2d(
     """
     x, pads = _crop_for_negative_padding(x, pads)
     return lax.reduce_window(
-        x, -jnp.inf, lax.max, (1, 1) + tuple(kernel), (1, 1) + tuple(stride),
+        x, np.array(-np.inf, x.dtype), lax.max, (1, 1) + tuple(kernel), (1, 1) + tuple(stride),
         ((0, 0), (0, 0)) + tuple(pads),
     )
 
@@ -102,7 +102,7 @@ def ave_pool2d(
     """Window sums of the real pixels divided by Caffe's per-window `divisor` (out_h, out_w)."""
     x, pads = _crop_for_negative_padding(x, pads)
     s = lax.reduce_window(
-        x, jnp.zeros((), x.dtype), lax.add, (1, 1) + tuple(kernel), (1, 1) + tuple(stride),
+        x, np.zeros((), x.dtype), lax.add, (1, 1) + tuple(kernel), (1, 1) + tuple(stride),
         ((0, 0), (0, 0)) + tuple(pads),
     )
     return s / jnp.asarray(divisor, x.dtype)
@@ -138,7 +138,7 @@ def lrn_across_channels(x: jax.Array, size: int, alpha: float, beta: float, k: f
     pre = (size - 1) // 2
     sq = x * x
     window_sum = lax.reduce_window(
-        sq, jnp.zeros((), x.dtype), lax.add, (1, size, 1, 1), (1, 1, 1, 1),
+        sq, np.zeros((), x.dtype), lax.add, (1, size, 1, 1), (1, 1, 1, 1),
         ((0, 0), (pre, size - 1 - pre), (0, 0), (0, 0)),
     )
     # Caffe computes alpha_over_size in the blob's precision.
