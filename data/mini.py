@@ -119,6 +119,7 @@ NOISE_SIGMA = 14.0
 _SIZE_PROBS = np.array([p for _, p in IMAGE_SIZES]) / sum(p for _, p in IMAGE_SIZES)
 SHAPES = ("circle", "square", "triangle", "hstripes", "vstripes", "diagonal", "checker", "ring",
           "cross", "dots")
+BG_VALUES = (0.3, 0.5, 0.7)
 AWKWARD = ("grayscale", "cmyk", "png")
 
 
@@ -147,11 +148,12 @@ class MiniResult:
 
 def _class_style(index: int) -> tuple[str, np.ndarray, np.ndarray]:
     """(shape, foreground RGB, background RGB) of class `index`: shapes cycle, hues spread by
-    the golden ratio so neighbouring classes never share a palette."""
+    the golden ratio so neighbouring classes never share a palette, and the background (the
+    opposite hue) takes one of three brightnesses."""
     hue = (index * 0.6180339887) % 1.0
-    fg = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95)) * 255
-    bg = np.array(colorsys.hsv_to_rgb((hue + 0.45) % 1.0, 0.35 + 0.1 * (index % 3), 0.55)) * 255
-    return SHAPES[index % len(SHAPES)], fg, bg
+    fg = np.array(colorsys.hsv_to_rgb(hue, 0.9, 0.95)) * 255
+    bg = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.5, BG_VALUES[index % len(BG_VALUES)]))
+    return SHAPES[index % len(SHAPES)], fg, bg * 255
 
 
 def _mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -365,6 +367,8 @@ def make_mini_ilsvrc12(
     # Devkit: ILSVRC2012_IDs are a seeded permutation, so ID order != sorted WNID order (the
     # trap of the real devkit); the ground truth holds IDs, not Caffe labels.
     ids = np.random.default_rng([seed, 5]).permutation(classes) + 1
+    if classes > 1 and np.array_equal(ids, np.arange(1, classes + 1)):
+        ids = np.roll(ids, 1)  # never let ID order coincide with label order
     leaves = [dict(ILSVRC2012_ID=float(ids[k]), WNID=w, words=words[w], gloss="",
                    num_children=0.0, children=[], wordnet_height=0.0,
                    num_train_images=float(train_per_class)) for k, w in enumerate(synsets)]
