@@ -225,8 +225,9 @@ def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], worke
         return
     if pool_kind not in POOLS:
         raise ImagenetError(f"unknown worker pool {pool_kind!r}; valid: {sorted(POOLS)}")
+    cv_threads = cv2.getNumThreads()
     if pool_kind == "thread":
-        _init_worker(opts)
+        _init_worker(opts)  # also limits OpenCV to one thread in this process, until finally:
         pool = ThreadPool(workers)
     else:
         pool = POOLS[pool_kind](workers, initializer=_init_worker, initargs=(opts,))
@@ -236,6 +237,7 @@ def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], worke
     finally:
         pool.terminate()
         pool.join()
+        cv2.setNumThreads(cv_threads)
 
 
 def convert_imageset(

@@ -212,18 +212,15 @@ def raw_datum_suffix(label: int) -> bytes:
 
 
 def encode_datum_bytes(chw: np.ndarray, label: int) -> bytes:
-    """array_to_datum(chw, label).SerializeToString() for uint8 arrays, with one copy of the
-    pixels instead of three: the pixels are written straight into the output buffer."""
+    """array_to_datum(chw, label).SerializeToString() for uint8 arrays, with two copies of the
+    pixels instead of four."""
     _check_chw(chw)
     if chw.dtype != np.uint8:
         return array_to_datum(chw, label).SerializeToString()
-    prefix, suffix = raw_datum_prefix(chw.shape), raw_datum_suffix(label)
-    out = bytearray(len(prefix) + chw.size + len(suffix))
-    out[:len(prefix)] = prefix
-    np.frombuffer(out, dtype=np.uint8, count=chw.size, offset=len(prefix)).reshape(chw.shape)[
-        ...] = chw
-    out[len(prefix) + chw.size:] = suffix
-    return bytes(out)
+    # bytes.join takes the contiguous array through the buffer protocol: one transposing copy
+    # into a temporary, one into the result.
+    return b"".join((raw_datum_prefix(chw.shape), np.ascontiguousarray(chw),
+                     raw_datum_suffix(label)))
 
 
 def encoded_datum_bytes(data: bytes, label: int) -> bytes:

@@ -102,6 +102,8 @@ def jpeg_is_truncated(data: bytes) -> bool:
     """
     if not data.startswith(_JPEG_SOI):
         return False
+    if data.endswith(b"\xff\xd9"):
+        return False  # the usual case: the file ends with EOI, nothing to walk
     pos, n = 2, len(data)
     while True:
         if pos + 2 > n:
@@ -164,16 +166,21 @@ def load_image(
     if not data:
         raise ImageSkip("empty file")
     check_size(read_header(data), max_pixels, path)
-    # cv2.imread, not imdecode: OpenCV 5's imdecode rejects a truncated JPEG that imread (and
-    # Caffe's OpenCV 4.6 imread) decodes with gray rows; imread(path) is Caffe's exact call.
     flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
-    pixels = cv2.imread(str(path), flag)
+    truncated = jpeg_is_truncated(data)
+    # imdecode of the bytes we already hold gives imread's pixels (EXIF applied, format
+    # sniffed; checked on every golden image) without reading the file twice. But OpenCV 5's
+    # imdecode rejects a truncated JPEG that imread (like Caffe's OpenCV 4.6 imread) decodes
+    # with gray rows, so those, and anything imdecode refuses, go through Caffe's own call.
+    pixels = None if truncated else cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    if pixels is None:
+        pixels = cv2.imread(str(path), flag)
     if pixels is None:
         raise ImageSkip("OpenCV could not decode it (Caffe: \"Could not open or find file\")")
     if resize_height > 0 and resize_width > 0:
         # cv::resize(src, dst, cv::Size(width, height)): dsize is (width, height).
         pixels = cv2.resize(pixels, (resize_width, resize_height), interpolation=cv2.INTER_LINEAR)
-    return DecodedImage(pixels, jpeg_is_truncated(data), data)
+    return DecodedImage(pixels, truncated, data)
 
 
 def to_chw(pixels: np.ndarray) -> np.ndarray:

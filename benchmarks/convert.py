@@ -1,0 +1,176 @@
+"""Benchmark: convert-imageset and compute-image-mean against naive baselines, same run.
+
+    .venv/bin/python benchmarks/convert.py [FOLDER] [--count 1000] [--resize 256] [--repeat 2]
+
+FOLDER: a folder of JPEGs (every image file under it is listed, label 0). Without one, the
+script writes `--count` photo-like JPEGs sized like ImageNet's (mostly 500x375 and 375x500,
+quality 90) into a temporary folder. It prints images/s of:
+- a naive single-process baseline (cv2.imread + cv2.resize + caffe_pb2.Datum + txn.put,
+  commit every 1000: what a user would write), then data.convert.convert_imageset with 1 worker
+  and with all cores, each as a ratio to the baseline;
+- a naive per-record mean (ParseFromString + np.frombuffer + float32 add), then
+  data.mean.compute_image_mean, as a ratio.
+Each figure is the best of --repeat runs (the page cache is warmed first). Not a test: speed
+claims live here, never in timed unit tests.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import lmdb
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.convert import convert_imageset  # noqa: E402
+from data.mean import compute_image_mean  # noqa: E402
+from data.proto import caffe_pb2  # noqa: E402
+
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
+# ImageNet's typical shapes (width, height) and how often the generator uses each.
+SHAPES = [((500, 375), 0.6), ((375, 500), 0.25), ((500, 333), 0.1), ((500, 500), 0.05)]
+JPEG_QUALITY = 90
+# Texture of the synthetic photos: smooth blobs at several scales plus sensor-like noise, so
+# the files compress like photos (~50-110 KB at q90), not like flat colour or white noise.
+OCTAVES = (4, 16, 64)
+NOISE_SIGMA = 4.0
+COMMIT_EVERY = 1000
+
+
+def make_photo(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    img = np.zeros((height, width, 3), np.float32)
+    for cells in OCTAVES:
+        small = rng.uniform(0, 255, (max(2, cells * height // width), cells, 3)).astype(np.float32)
+        img += cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC) / len(OCTAVES)
+    img += rng.normal(0, NOISE_SIGMA, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def generate(folder: Path, count: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    sizes = [s for s, _ in SHAPES]
+    probs = [p for _, p in SHAPES]
+    for i in range(count):
+        width, height = sizes[rng.choice(len(sizes), p=probs)]
+        ok, buf = cv2.imencode(".JPEG", make_photo(rng, width, height),
+                               [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        assert ok
+        (folder / f"img_{i:06d}.JPEG").write_bytes(buf.tobytes())
+
+
+def write_listing(folder: Path, listfile: Path) -> int:
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS)
+    listfile.write_text("".join(f"{f} 0\n" for f in files))
+    return len(files)
+
+
+def naive_convert(root: Path, listfile: Path, db: Path, size: int) -> None:
+    """decode + resize + Datum + put, one process, as a first attempt would be written."""
+    env = lmdb.open(str(db), map_size=1 << 34)
+    txn = env.begin(write=True)
+    lines = listfile.read_text().splitlines()
+    for i, line in enumerate(lines):
+        path, label = line.rsplit(" ", 1)
+        img = cv2.resize(cv2.imread(str(root / path), cv2.IMREAD_COLOR), (size, size))
+        datum = caffe_pb2.Datum(channels=3, height=size, width=size,
+                                data=img.transpose(2, 0, 1).tobytes(), label=int(label))
+        txn.put(f"{i:08d}_{path}".encode(), datum.SerializeToString())
+        if (i + 1) % COMMIT_EVERY == 0:
+            txn.commit()
+            txn = env.begin(write=True)
+    txn.commit()
+    env.close()
+
+
+def naive_mean(db: Path) -> np.ndarray:
+    """Per-record loop: parse, view, add in float32 (Caffe's own arithmetic)."""
+    env = lmdb.open(str(db), readonly=True, lock=False)
+    total, count = None, 0
+    with env.begin() as txn:
+        for _, value in txn.cursor():
+            datum = caffe_pb2.Datum()
+            datum.ParseFromString(value)
+            arr = np.frombuffer(datum.data, np.uint8).astype(np.float32)
+            total = arr if total is None else total + arr
+            count += 1
+    env.close()
+    return total / count
+
+
+def best_time(fn: Callable[[], object], repeat: int, cleanup: Callable[[], None]) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        cleanup()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", type=Path, help="folder of JPEGs (default: generate)")
+    parser.add_argument("--count", type=int, default=1000, help="images to generate")
+    parser.add_argument("--resize", type=int, default=256, help="resize to SIZE x SIZE")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per figure (best is kept)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="'all cores' worker count")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_convert_"))
+    try:
+        root = args.folder
+        if root is None:
+            root = work / "images"
+            root.mkdir()
+            start = time.perf_counter()
+            generate(root, args.count)
+            print(f"generated {args.count} JPEGs in {time.perf_counter() - start:.1f} s "
+                  f"into {root}")
+        listfile = work / "list.txt"
+        n = write_listing(root, listfile)
+        nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        print(f"{n} images, {nbytes / n / 1024:.0f} KB on average; {os.cpu_count()} cores; "
+              f"resize {args.resize}x{args.resize}; best of {args.repeat}")
+        for p in root.rglob("*"):  # warm the page cache so the first contender is not penalised
+            if p.is_file():
+                p.read_bytes()
+        db = work / "db"
+
+        def clean() -> None:
+            shutil.rmtree(db, ignore_errors=True)
+
+        base = best_time(lambda: naive_convert(root, listfile, db, args.resize), args.repeat,
+                         clean)
+        print(f"convert  naive baseline (1 process):  {n / base:8.1f} img/s   1.00x")
+        for workers in sorted({1, args.workers}):
+            t = best_time(lambda: convert_imageset(
+                root, listfile, db, resize_height=args.resize, resize_width=args.resize,
+                workers=workers, show_progress=False), args.repeat, clean)
+            print(f"convert  imagenet, --workers={workers}:       {n / t:8.1f} img/s   "
+                  f"{base / t:.2f}x")
+
+        record_bytes = 3 * args.resize * args.resize
+        base = best_time(lambda: naive_mean(db), args.repeat, lambda: None)
+        print(f"mean     naive per-record loop:       {n / base:8.1f} rec/s   1.00x   "
+              f"({n * record_bytes / base / 1e6:.0f} MB/s)")
+        t = best_time(lambda: compute_image_mean(db, show_progress=False), args.repeat,
+                      lambda: None)
+        print(f"mean     imagenet compute-image-mean: {n / t:8.1f} rec/s   {base / t:.2f}x   "
+              f"({n * record_bytes / t / 1e6:.0f} MB/s)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
