@@ -1,0 +1,171 @@
+"""data.lmdb_io: atomic self-growing writer, reader, content digest; Caffe's LMDBs read exactly."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from data.datum import decode_datum_bytes, parse_datum_header
+from data.errors import ImagenetError
+from data.lmdb_io import LmdbReader, LmdbWriter, clean_stale_partials, lmdb_content_digest
+
+GOLDEN_LMDBS = ["train_lmdb", "val_lmdb", "train_gray_lmdb", "train_64_lmdb", "val_64_lmdb",
+                "bad_lmdb", "train_encoded_lmdb", "train_encoded_raw_lmdb"]
+
+
+def _records(n: int, size: int = 100) -> list[tuple[bytes, bytes]]:
+    return [(f"{i:08d}_k".encode(), bytes([i % 256]) * size) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", GOLDEN_LMDBS)
+def test_reads_every_golden_lmdb_exactly(golden: Path, name: str) -> None:
+    meta = json.loads((golden / f"{name}.json").read_text())
+    with LmdbReader(golden / name) as reader:
+        assert len(reader) == meta["count"]
+        records = list(reader)
+        assert [k.decode() for k in reader.keys()] == [r["key"] for r in meta["records"]]
+        for (key, value), rec in zip(records, meta["records"]):
+            assert key.decode() == rec["key"]
+            assert len(value) == rec["value_bytes"]
+            assert reader.get(key) == value
+            arr, label = decode_datum_bytes(value)
+            assert label == rec["label"]
+            # data_sha256 is over Datum.data: raw pixels or encoded bytes.
+            if rec["encoded"]:
+                head = parse_datum_header(value)
+                data = value[head.data_offset:head.data_offset + head.data_length]
+            else:
+                data = arr.tobytes()
+                assert arr.shape == (rec["channels"], rec["height"], rec["width"])
+            assert len(data) == rec["data_bytes"]
+            assert hashlib.sha256(data).hexdigest() == rec["data_sha256"], key
+        assert reader.get(b"no such key") is None
+
+
+def test_write_then_read_in_key_order(tmp_path: Path) -> None:
+    records = _records(25)
+    db = tmp_path / "db"
+    with LmdbWriter(db, commit_every=7) as writer:
+        for key, value in reversed(records):  # put order does not matter, keys sort
+            writer.put(key, value)
+    assert db.is_dir() and (db / "data.mdb").is_file()
+    with LmdbReader(db) as reader:
+        assert len(reader) == 25
+        assert list(reader) == records
+        assert reader.keys() == [k for k, _ in records]
+        assert reader.first() == records[0]
+
+
+def test_map_grows_instead_of_map_full(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    records = _records(60, size=20_000)  # 1.2 MB into a 64 KiB map
+    with LmdbWriter(db, map_size=1 << 16, commit_every=1000) as writer:
+        for key, value in records:
+            writer.put(key, value)
+    assert writer.map_size > 1 << 16
+    with LmdbReader(db) as reader:
+        assert list(reader) == records
+
+
+def test_refuses_existing_db_unless_overwrite(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    with LmdbWriter(db) as writer:
+        writer.put(b"a", b"old")
+    with pytest.raises(ImagenetError, match="already exists.*--overwrite"):
+        LmdbWriter(db)
+    with LmdbWriter(db, overwrite=True) as writer:
+        writer.put(b"b", b"new")
+    with LmdbReader(db) as reader:
+        assert list(reader) == [(b"b", b"new")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]  # no temp or old copies left
+
+
+def test_failed_build_leaves_no_db(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    with pytest.raises(RuntimeError):
+        with LmdbWriter(db, commit_every=2) as writer:
+            for key, value in _records(5):
+                writer.put(key, value)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_db(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    with LmdbWriter(db) as writer:
+        writer.put(b"a", b"old")
+    with pytest.raises(RuntimeError):
+        with LmdbWriter(db, overwrite=True) as writer:
+            writer.put(b"b", b"new")
+            raise RuntimeError("boom")
+    with LmdbReader(db) as reader:
+        assert list(reader) == [(b"a", b"old")]
+
+
+def test_stale_partial_builds_are_removed(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    dead_pid = 2**22 + 12345  # above Linux's default pid_max of 2**22: never a live process
+    stale = tmp_path / f".db.partial-{dead_pid}-abcd1234"
+    stale.mkdir()
+    (stale / "data.mdb").write_bytes(b"x")
+    mine = tmp_path / f".db.partial-{os.getpid()}-live0000"
+    mine.mkdir()
+    other = tmp_path / ".other.partial-1-x"
+    other.mkdir()
+    assert clean_stale_partials(db) == [stale]
+    assert not stale.exists() and mine.exists() and other.exists()
+
+
+def test_reader_rejects_what_is_not_an_lmdb(tmp_path: Path) -> None:
+    with pytest.raises(ImagenetError, match="does not exist"):
+        LmdbReader(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ImagenetError, match="not an LMDB"):
+        LmdbReader(tmp_path / "plain")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ImagenetError, match="not an LMDB"):
+        LmdbReader(tmp_path / "file")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "data.mdb").write_bytes(b"not lmdb" * 100)
+    with pytest.raises(ImagenetError, match="junk"):
+        LmdbReader(tmp_path / "junk")
+
+
+def test_digest_depends_on_records_not_on_file_bytes(tmp_path: Path) -> None:
+    records = _records(40, size=3000)
+    a, b = tmp_path / "a", tmp_path / "b"
+    with LmdbWriter(a, commit_every=1000) as writer:
+        for key, value in records:
+            writer.put(key, value)
+    # Same records, another map size and another commit pattern: a different data.mdb.
+    env = lmdb.open(str(b), map_size=1 << 25)
+    for key, value in reversed(records):
+        with env.begin(write=True) as txn:
+            txn.put(key, value)
+    env.close()
+    assert (a / "data.mdb").read_bytes() != (b / "data.mdb").read_bytes()
+    assert lmdb_content_digest(a) == lmdb_content_digest(b)
+    c = tmp_path / "c"
+    with LmdbWriter(c) as writer:
+        for key, value in records[:-1]:
+            writer.put(key, value)
+        writer.put(records[-1][0], records[-1][1][:-1] + b"!")
+    assert lmdb_content_digest(c) != lmdb_content_digest(a)
+    # Framing: moving bytes between key and value changes the digest.
+    d, e = tmp_path / "d", tmp_path / "e"
+    with LmdbWriter(d) as writer:
+        writer.put(b"ab", b"c")
+    with LmdbWriter(e) as writer:
+        writer.put(b"a", b"bc")
+    assert lmdb_content_digest(d) != lmdb_content_digest(e)
+
+
+def test_digest_of_golden_is_stable(golden: Path) -> None:
+    assert lmdb_content_digest(golden / "val_64_lmdb") == lmdb_content_digest(
+        golden / "val_64_lmdb")
+    assert lmdb_content_digest(golden / "val_64_lmdb") != lmdb_content_digest(
+        golden / "val_lmdb")
