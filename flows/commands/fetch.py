@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     downloads = Path(args.downloads) if args.downloads else root / DOWNLOADS_DIR
     sums: dict[str, str] = {}
     if args.checksums:
+        if "://" in args.checksums and not args.checksums.startswith("file:"):
+            # Always fetched afresh: a stale checksum list would bless stale archives.
+            (downloads / source_name(args.checksums)).unlink(missing_ok=True)
         path = download(args.checksums, downloads, retries=args.retries).path
         sums = ilsvrc12.parse_md5sums(path.read_text(), str(args.checksums))
 
