@@ -1,0 +1,208 @@
+"""Training snapshots: Caffe's `.caffemodel` + `.solverstate` pair and our exact-resume side file.
+
+Caffe (src/caffe/solver.cpp Snapshot, sgd_solver.cpp SnapshotSolverStateToBinaryProto) writes
+`<snapshot_prefix>_iter_<N>.caffemodel` (the TRAIN net as a binary NetParameter) and
+`<snapshot_prefix>_iter_<N>.solverstate` (SolverState: iter, learned_net = the caffemodel's
+file name as built from the prefix, history = one BlobProto per history blob with a new-style
+shape, current_step). We write the same bytes Caffe would, so real Caffe resumes from ours.
+
+Caffe keeps no RNG state or data position, so its resume is not the interrupted run
+(BVLC/caffe#1059). What exact resume needs goes into `<prefix>_iter_<N>.resume.json`, which
+Caffe never reads: seed, data batches consumed, test-net cursors, the smoothed-loss window, and
+the SHA-256 of the caffemodel and solverstate it belongs to. Each file is written to a temporary
+name and renamed; the side file is written last, so a snapshot counts as complete (and is
+offered by `latest_snapshot`) only when all three exist and the digests match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data.datum import write_bytes_atomic
+from data.errors import ImagenetError
+from data.proto import caffe_pb2
+
+CAFFEMODEL_SUFFIX = ".caffemodel"
+SOLVERSTATE_SUFFIX = ".solverstate"
+SIDE_SUFFIX = ".resume.json"
+SIDE_FORMAT = "imagenet-pipeline resume v1"
+
+
+@dataclass(frozen=True)
+class SolverStateData:
+    """A parsed .solverstate."""
+
+    iter: int
+    learned_net: str
+    history: list[np.ndarray]
+    current_step: int
+
+
+def snapshot_stem(prefix: str, iteration: int) -> str:
+    """Solver::SnapshotFilename without extension: prefix + "_iter_" + format_int(iter)."""
+    return f"{prefix}_iter_{int(iteration)}"
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    return _sha256(Path(path).read_bytes())
+
+
+def _blob(arr: np.ndarray) -> caffe_pb2.BlobProto:
+    """Blob::ToProto without diff: new-style shape, float data."""
+    arr = np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
+    bp = caffe_pb2.BlobProto()
+    bp.shape.dim.extend(int(d) for d in arr.shape)
+    # from the raw little-endian bytes: extending `data` from Python boxes every float
+    payload = arr.astype("<f4").tobytes()
+    tag = bytes([(5 << 3) | 2])  # field 5 (data), wire type LEN (packed)
+    n, size = len(payload), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        size.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    bp.MergeFromString(tag + bytes(size) + payload)
+    return bp
+
+
+def solverstate_bytes(iteration: int, learned_net: str, history: Sequence[np.ndarray],
+                      current_step: int) -> bytes:
+    """SolverState as SGDSolver::SnapshotSolverStateToBinaryProto serializes it."""
+    state = caffe_pb2.SolverState()
+    state.iter = int(iteration)
+    state.learned_net = learned_net
+    for h in history:
+        state.history.append(_blob(h))
+    state.current_step = int(current_step)
+    return state.SerializeToString()
+
+
+def read_solverstate(path: str | Path) -> SolverStateData:
+    """Parse a .solverstate written by Caffe or by us."""
+    p = Path(path)
+    try:
+        payload = p.read_bytes()
+    except FileNotFoundError:
+        raise ImagenetError(f"{p}: no such solverstate file") from None
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(payload)
+    except Exception as exc:  # protobuf's DecodeError
+        raise ImagenetError(f"{p}: not a binary SolverState: {exc}") from None
+    from model.caffemodel import blob_to_array
+    history = []
+    for i, bp in enumerate(state.history):
+        try:
+            history.append(np.asarray(blob_to_array(bp), dtype=np.float32))
+        except ImagenetError as exc:
+            raise ImagenetError(f"{p}: history blob {i}: {exc}") from None
+    return SolverStateData(iter=int(state.iter), learned_net=state.learned_net,
+                           history=history, current_step=int(state.current_step))
+
+
+def resolve_learned_net(learned_net: str, solverstate: str | Path, cwd: str | Path) -> Path:
+    """Caffe opens learned_net relative to the working directory; we fall back to the
+    solverstate's folder so a moved snapshot pair still resumes."""
+    candidates = [Path(cwd) / learned_net, Path(solverstate).parent / Path(learned_net).name]
+    for c in candidates:
+        if c.exists():
+            return c
+    raise ImagenetError(f"{solverstate}: learned_net {learned_net!r} not found (looked at "
+                        f"{', '.join(str(c) for c in candidates)})")
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    caffemodel: Path
+    solverstate: Path
+    side: Path
+
+
+def snapshot_files(prefix: str, iteration: int, root: str | Path = ".") -> SnapshotFiles:
+    stem = Path(root) / snapshot_stem(prefix, iteration)
+    return SnapshotFiles(caffemodel=stem.with_name(stem.name + CAFFEMODEL_SUFFIX),
+                         solverstate=stem.with_name(stem.name + SOLVERSTATE_SUFFIX),
+                         side=stem.with_name(stem.name + SIDE_SUFFIX))
+
+
+def write_snapshot(*, prefix: str, iteration: int, root: str | Path, caffemodel: bytes,
+                   history: Sequence[np.ndarray], current_step: int, side: dict[str, Any],
+                   log=None) -> SnapshotFiles:
+    """Write the three files of snapshot `iteration`; the side file (with both digests) last.
+
+    `caffemodel` is the serialized NetParameter; `side` the resume information (JSON-able).
+    """
+    files = snapshot_files(prefix, iteration, root)
+    files.caffemodel.parent.mkdir(parents=True, exist_ok=True)
+    stem = snapshot_stem(prefix, iteration)
+    if log:
+        log(f"Snapshotting to binary proto file {stem}{CAFFEMODEL_SUFFIX}")
+    write_bytes_atomic(files.caffemodel, caffemodel)
+    # learned_net as Caffe writes it: the model file name built from the prefix, not absolute
+    state = solverstate_bytes(iteration, stem + CAFFEMODEL_SUFFIX, history, current_step)
+    if log:
+        log(f"Snapshotting solver state to binary proto file {stem}{SOLVERSTATE_SUFFIX}")
+    write_bytes_atomic(files.solverstate, state)
+    record = {"format": SIDE_FORMAT, "iter": int(iteration), **side,
+              "caffemodel_sha256": _sha256(caffemodel), "solverstate_sha256": _sha256(state)}
+    write_bytes_atomic(files.side, (json.dumps(record, indent=1) + "\n").encode())
+    return files
+
+
+def read_side(solverstate: str | Path, caffemodel: str | Path | None = None
+              ) -> dict[str, Any] | None:
+    """The resume side file of a solverstate, or None when there is none (a Caffe-written
+    snapshot). A side file that does not belong to these exact files is an error: resuming
+    with it would silently not be the interrupted run."""
+    ss = Path(solverstate)
+    name = ss.name[:-len(SOLVERSTATE_SUFFIX)] if ss.name.endswith(SOLVERSTATE_SUFFIX) else ss.name
+    side_path = ss.with_name(name + SIDE_SUFFIX)
+    if not side_path.exists():
+        return None
+    try:
+        record = json.loads(side_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ImagenetError(f"{side_path}: unreadable resume file: {exc}") from None
+    if record.get("format") != SIDE_FORMAT:
+        raise ImagenetError(f"{side_path}: format {record.get('format')!r}, expected "
+                            f"{SIDE_FORMAT!r}")
+    if record.get("solverstate_sha256") != file_sha256(ss):
+        raise ImagenetError(f"{side_path} does not belong to {ss} (solverstate digest differs); "
+                            "delete the side file to resume with Caffe's semantics")
+    if caffemodel is not None and record.get("caffemodel_sha256") != file_sha256(caffemodel):
+        raise ImagenetError(f"{side_path} does not belong to {caffemodel} (caffemodel digest "
+                            "differs)")
+    return record
+
+
+_ITER_RE = re.compile(r"_iter_(\d+)\.resume\.json$")
+
+
+def latest_snapshot(prefix: str, root: str | Path = ".") -> SnapshotFiles | None:
+    """The highest-iteration COMPLETE snapshot of `prefix` (all three files, digests match)."""
+    base = Path(root) / prefix
+    found = []
+    for side in base.parent.glob(base.name + "_iter_*" + SIDE_SUFFIX):
+        m = _ITER_RE.search(side.name)
+        if m and side.name == f"{base.name}_iter_{m.group(1)}{SIDE_SUFFIX}":
+            found.append(int(m.group(1)))
+    for it in sorted(found, reverse=True):
+        files = snapshot_files(prefix, it, root)
+        if not (files.caffemodel.exists() and files.solverstate.exists()):
+            continue
+        try:
+            read_side(files.solverstate, files.caffemodel)
+        except ImagenetError:
+            continue
+        return files
+    return None

@@ -1,0 +1,876 @@
+"""Caffe's `caffe train` / `caffe test` loop on JAX: Solver::Solve, Step, TestAll, Snapshot.
+
+Owns the training loop around a pure, jitted `train_step(state, batch, hyper)`:
+- state (`TrainState`): learnable blobs in `learnable_params` order, the optimizer state
+  (Caffe's history blobs), the iteration and the base RNG key. Dropout keys are
+  fold_in(rng, iteration), data crops/mirrors come from data/pipeline.py keyed on
+  (seed, batch index), so iteration i is a pure function of the state and i.
+- batch: uint8 images + crop offsets + mirror flags + labels for each of iter_size passes;
+  the DataTransformer's float work (mean, scale, mirror) runs inside the step.
+- hyper: the float32 learning rate of this iteration (model/solver.py computes it on the host
+  in double, like Caffe).
+
+Around it, the order of src/caffe/solver.cpp: test at iter % test_interval == 0 (iteration 0 only
+with test_initialization), forward/backward iter_size times, smoothed loss over average_loss,
+display "Iteration N (x iter/s, ys/D iters), loss = L" + net outputs, ApplyUpdate with
+"Iteration N, lr = R", ++iter, snapshot every `snapshot` iterations; after max_iter a snapshot
+(snapshot_after_train), one more TRAIN forward printed as "Iteration N, loss = L", the final
+test and "Optimization Done.". Logs carry glog-style prefixes so Caffe's tools/extra/parse_log.py
+reads them. Beside the snapshots: `<prefix>_metrics.jsonl` and `<prefix>_plot.png`.
+
+Where we differ from Caffe on purpose: resume is exact (the data position, test-net cursors,
+seed and smoothed-loss window are stored in the snapshot's side file, model/snapshot.py);
+Caffe restarts its data readers and RNG (BVLC/caffe#1059), which we reproduce only when
+resuming from a Caffe-written solverstate (no side file). In multi-device runs the printed train
+loss is the mean over the global batch (Caffe prints the root solver's own batch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data.errors import ImagenetError
+from data.pipeline import DataSource, HostBatch, Prefetcher
+from data.proto import caffe_pb2
+from data.transform import transform_batch
+from model import snapshot as snap
+from model.caffemodel import copy_layers, load_caffemodel, net_to_proto
+from model.net import Net, Params
+from model.solver import CaffeSolver, build_solver, read_solver
+
+LogFn = Callable[[str], None]
+PRECISIONS = ("fp32", "bf16")
+# Streams of the counter-based data RNG: the train net, then test net k at TEST_STREAM + k.
+TRAIN_STREAM = 0
+TEST_STREAM = 1
+# Caffe's solver_mode enum value for CPU (caffe.proto SolverParameter.SolverMode).
+SOLVER_MODE_CPU = 0
+# Points of the loss/accuracy plot and its size in pixels.
+PLOT_SIZE = (900, 500)
+
+
+# ----------------------------------------------------------------------------- logging
+
+class CaffeLog:
+    """Writes glog-style lines ("I1127 19:39:11.798727 1234 solver.cpp:239] msg") to a
+    callable or a logging.Logger, so log parsers written for Caffe work on ours."""
+
+    def __init__(self, sink: LogFn | logging.Logger | None) -> None:
+        self.sink = sink
+        self.pid = os.getpid()
+
+    def __call__(self, msg: str, where: str = "solver.cpp:0") -> None:
+        if isinstance(self.sink, logging.Logger):
+            self.sink.info(msg)
+            return
+        now = time.time()
+        t = time.localtime(now)
+        prefix = (f"I{t.tm_mon:02d}{t.tm_mday:02d} {t.tm_hour:02d}:{t.tm_min:02d}:"
+                  f"{t.tm_sec:02d}.{int((now % 1) * 1e6):06d} {self.pid} {where}] ")
+        line = prefix + msg
+        if self.sink is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            self.sink(line)
+
+
+def fmt(x: float) -> str:
+    """C++ ostream's default float formatting (6 significant digits, %g)."""
+    return f"{float(x):.6g}"
+
+
+# ----------------------------------------------------------------------------- devices
+
+def select_devices(devices: str | Sequence[int] | None, solver_mode: int | None = None
+                   ) -> list[jax.Device]:
+    """--gpu semantics on jax.devices(): "all", a list of indices, [-1] (CPU), or None (the
+    solver_mode default: the first device)."""
+    avail = jax.devices()
+    if devices is None:
+        return [avail[0]]
+    if isinstance(devices, str):
+        if devices == "all":
+            return list(avail)
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    devices = list(devices)
+    if devices == [-1]:
+        return [jax.devices("cpu")[0]]
+    bad = [d for d in devices if not 0 <= d < len(avail)]
+    if bad or not devices:
+        raise ImagenetError(f"device ids {devices} invalid; {len(avail)} devices available: "
+                            f"{', '.join(str(d) for d in avail)}")
+    if len(set(devices)) != len(devices):
+        raise ImagenetError(f"device ids repeated: {devices}")
+    return [avail[d] for d in devices]
+
+
+# ----------------------------------------------------------------------------- nets + data
+
+@dataclass
+class FedNet:
+    """A net whose Data layers are fed from DataSources."""
+
+    net: Net
+    sources: dict[str, DataSource]  # Data layer name -> source
+    means: dict[str, np.ndarray | None]
+    loss_weight: dict[str, float]   # output blob -> loss weight
+
+
+def _net_param(solver: caffe_pb2.SolverParameter, root: Path, which: str, k: int = 0
+               ) -> tuple[caffe_pb2.NetParameter, str]:
+    """Solver::InitTrainNet / InitTestNets: the NetParameter for the train net or test net k."""
+    from model.prototxt import read_net_parameter
+    if which == "train":
+        if solver.HasField("train_net_param"):
+            return solver.train_net_param, "train_net_param"
+        if solver.HasField("train_net"):
+            return read_net_parameter(root / solver.train_net), solver.train_net
+        if solver.HasField("net_param"):
+            return solver.net_param, "net_param"
+        if solver.HasField("net"):
+            return read_net_parameter(root / solver.net), solver.net
+        raise ImagenetError("the solver names no net (net, net_param, train_net or "
+                            "train_net_param)")
+    specific = list(solver.test_net_param) + [None] * len(solver.test_net)
+    if k < len(solver.test_net_param):
+        return solver.test_net_param[k], f"test_net_param[{k}]"
+    if k < len(specific):
+        path = solver.test_net[k - len(solver.test_net_param)]
+        return read_net_parameter(root / path), path
+    if solver.HasField("net_param"):
+        return solver.net_param, "net_param"
+    return read_net_parameter(root / solver.net), solver.net
+
+
+def num_test_nets(solver: caffe_pb2.SolverParameter) -> int:
+    """Solver::InitTestNets: specific test nets plus generic ones (one per extra test_iter)."""
+    specific = len(solver.test_net_param) + len(solver.test_net)
+    generic = solver.HasField("net") or solver.HasField("net_param")
+    n = len(solver.test_iter) if generic else specific
+    if len(solver.test_iter) != n or (n and solver.test_interval <= 0 and False):
+        raise ImagenetError(f"test_iter must be specified for each test network: "
+                            f"{len(solver.test_iter)} test_iter for {n} test nets")
+    return n
+
+
+def build_fed_net(net_param: caffe_pb2.NetParameter, phase: str, *, root: Path, seed: int,
+                  stream: int, n_devices: int, state: caffe_pb2.NetState | None = None,
+                  source_name: str | None = None) -> FedNet:
+    """A Net plus DataSources for its Data layers, shapes taken from the data (global batch =
+    batch_size x devices, as Caffe's multi-GPU)."""
+    from model.prototxt import filter_net
+    stages = list(state.stage) if state is not None else []
+    level = int(state.level) if state is not None else 0
+    filtered = filter_net(net_param, phase, level=level, stages=stages)
+    sources: dict[str, DataSource] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for lp in filtered.layer:
+        if lp.type in ("Data",):
+            src = DataSource(lp, train=(phase == "TRAIN"), seed=seed, stream=stream,
+                             batch_multiplier=n_devices, root=root)
+            sources[lp.name] = src
+            first = src.batch(0)
+            shapes[lp.top[0]] = tuple(first.images.shape)
+            if len(lp.top) > 1:
+                shapes[lp.top[1]] = (src.batch_size,)
+        elif lp.type in ("Input",) and n_devices > 1:
+            raise ImagenetError(f"layer {lp.name!r}: Input layers cannot be fed in training")
+    net = Net(net_param, phase, stages=stages, level=level, input_shapes=shapes,
+              source=source_name)
+    for spec in net.inputs:
+        if spec.layer_name not in sources:
+            raise ImagenetError(f"layer {spec.layer_name!r} ({spec.type}): only Data layers "
+                                "can feed a training or test net")
+    means = {name: s.mean(shapes[s.tops[0]][1]) for name, s in sources.items()}
+    loss_weight: dict[str, float] = {}
+    for layer in net.layers:
+        for top, w in zip(layer.param.top, layer.loss_weights):
+            loss_weight[top] = float(w)
+    return FedNet(net=net, sources=sources, means=means, loss_weight=loss_weight)
+
+
+def stack_batches(fed: FedNet, batches: Sequence[Mapping[str, HostBatch]]) -> dict[str, Any]:
+    """Host arrays of one step: per Data layer, iter_size batches stacked on axis 0."""
+    out: dict[str, Any] = {}
+    for name in fed.sources:
+        parts = [b[name] for b in batches]
+        out[name] = {"images": np.stack([p.images for p in parts]),
+                     "offsets": np.stack([p.offsets for p in parts]),
+                     "mirror": np.stack([p.mirror for p in parts]),
+                     "labels": np.stack([p.labels for p in parts])}
+    return out
+
+
+def _net_inputs(fed: FedNet, arrays: Mapping[str, Any], k: int, dtype: Any) -> dict[str, Any]:
+    """The Data tops of pass k: device-side DataTransformer output and labels."""
+    feed: dict[str, Any] = {}
+    for name, src in fed.sources.items():
+        a = arrays[name]
+        data = transform_batch(a["images"][k], a["offsets"][k], a["mirror"][k], fed.means[name],
+                               src.plan.scale)
+        feed[src.tops[0]] = data.astype(dtype)
+        if len(src.tops) > 1:
+            feed[src.tops[1]] = a["labels"][k]
+    return feed
+
+
+# ----------------------------------------------------------------------------- the step
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and writes."""
+
+    params: tuple      # learnable blobs, learnable_params order
+    opt_state: Any     # the optimizer's state (Caffe's history blobs at its end)
+    iteration: jax.Array
+    rng: jax.Array     # base key; iteration i uses fold_in(rng, i)
+
+
+def flatten_params(net: Net, params: Params) -> tuple:
+    return tuple(jnp.asarray(params[r.layer][r.index], jnp.float32) for r in net.learnable_params)
+
+
+def unflatten_params(net: Net, flat: Sequence[Any], template: Params) -> Params:
+    out: Params = {name: [None] * len(blobs) for name, blobs in template.items()}
+    for ref, value in zip(net.learnable_params, flat):
+        out[ref.layer][ref.index] = value
+    return out
+
+
+def make_train_step(fed: FedNet, solver: CaffeSolver, template: Params, *,
+                    precision: str = "fp32") -> Callable:
+    """train_step(state, batch, hyper) -> (new_state, metrics); pure, jit it.
+
+    batch: stack_batches output (iter_size passes); hyper: {"lr", "adam_correction"} float32.
+    metrics: {"loss": mean loss over the passes, "outputs": the last pass's net outputs}.
+    """
+    if precision not in PRECISIONS:
+        raise ImagenetError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    net = fed.net
+    iter_size = int(solver.param.iter_size)
+    compute = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    refs = net.learnable_params
+    frozen = [i for i, r in enumerate(refs) if not r.learnable]
+
+    def loss_fn(flat, feed, rng):
+        p = unflatten_params(net, [x.astype(compute) for x in flat], template)
+        tops, loss, updates = net.apply_with_updates(p, feed, rng, train=True)
+        return loss.astype(jnp.float32), (tops, updates)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Mapping[str, Any], hyper: Mapping[str, Any]
+                   ) -> tuple[TrainState, dict[str, Any]]:
+        flat = state.params
+        step_rng = jax.random.fold_in(state.rng, state.iteration)
+        total_loss = jnp.float32(0)
+        grads = None
+        tops: dict[str, Any] = {}
+        for k in range(iter_size):
+            feed = _net_inputs(fed, batch, k, compute)
+            (loss, (tops, updates)), g = grad_fn(flat, feed, jax.random.fold_in(step_rng, k))
+            # Caffe accumulates diffs over the iter_size passes, then Normalize divides
+            grads = g if grads is None else tuple(a + b for a, b in zip(grads, g))
+            total_loss = total_loss + loss
+            if frozen and updates:
+                # BatchNorm statistics are written by the forward pass itself
+                flat = list(flat)
+                for i in frozen:
+                    r = refs[i]
+                    if r.layer in updates:
+                        flat[i] = updates[r.layer][r.index].astype(jnp.float32)
+                flat = tuple(flat)
+        new_params, opt_state = solver.update(grads, state.opt_state, flat, hyper)
+        if frozen:
+            new_params = tuple(flat[i] if i in frozen else p for i, p in enumerate(new_params))
+        metrics = {"loss": total_loss / jnp.float32(iter_size),
+                   "outputs": {k: v.astype(jnp.float32) for k, v in tops.items()}}
+        return TrainState(new_params, opt_state, state.iteration + 1, state.rng), metrics
+
+    return train_step
+
+
+def make_forward(fed: FedNet, template: Params, *, train: bool, precision: str = "fp32"
+                 ) -> Callable:
+    """forward(flat_params, batch, rng) -> (loss, outputs) for one pass (k = 0)."""
+    net = fed.net
+    compute = jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+    def forward(flat, batch, rng):
+        p = unflatten_params(net, [x.astype(compute) for x in flat], template)
+        feed = _net_inputs(fed, batch, 0, compute)
+        tops, loss = net.apply(p, feed, rng, train=train)
+        return loss.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in tops.items()}
+
+    return forward
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class TrainResult:
+    final_iter: int
+    last_snapshot: tuple[str, str] | None  # (caffemodel, solverstate)
+    metrics_path: str
+    plot_path: str
+    final_test_outputs: dict[str, float]
+    seconds: float
+    images_per_second: float
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss of its forward
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM -> snapshot, then stop (Caffe's --sigint_effect; Solve snapshots after an
+    early exit because snapshot_after_train defaults to true)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _output_lines(outputs: Mapping[str, np.ndarray], loss_weight: Mapping[str, float],
+                  scale: float = 1.0) -> list[tuple[str, float, float]]:
+    """Net outputs flattened element-wise as Caffe prints them: (name, value, loss weight)."""
+    rows = []
+    for name, value in outputs.items():
+        for v in np.asarray(value, np.float32).ravel():
+            rows.append((name, float(np.float32(v) * np.float32(scale)), loss_weight.get(name, 0)))
+    return rows
+
+
+def _out_msg(kind: str, j: int, name: str, value: float, weight: float) -> str:
+    msg = f"    {kind} net output #{j}: {name} = {fmt(value)}"
+    if weight:
+        msg += f" (* {fmt(weight)} = {fmt(np.float32(weight) * np.float32(value))} loss)"
+    return msg
+
+
+class MetricsWriter:
+    """JSON-lines metrics and a PNG plot (train loss, test loss, test accuracy vs iteration)."""
+
+    def __init__(self, path: Path, plot_path: Path, resume_iter: int | None) -> None:
+        self.path, self.plot_path = path, plot_path
+        self.records: list[dict[str, Any]] = []
+        if resume_iter is not None and path.exists():
+            # drop what a killed run logged after the snapshot we resume from
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("iter", 0) < resume_iter:
+                    self.records.append(rec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, path)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def plot(self) -> None:
+        from PIL import Image, ImageDraw
+        train = [(r["iter"], r["loss"]) for r in self.records if r["kind"] == "train"]
+        test_loss = [(r["iter"], r["outputs"]["loss"]) for r in self.records
+                     if r["kind"] == "test" and r.get("net", 0) == 0 and "loss" in r["outputs"]]
+        test_acc = [(r["iter"], r["outputs"]["accuracy"]) for r in self.records
+                    if r["kind"] == "test" and r.get("net", 0) == 0
+                    and "accuracy" in r["outputs"]]
+        w, h = PLOT_SIZE
+        left, right, top, bottom = 60, 60, 30, 40
+        img = Image.new("RGB", (w, h), "white")
+        d = ImageDraw.Draw(img)
+        d.rectangle([left, top, w - right, h - bottom], outline="black")
+        xs = [p[0] for p in train + test_loss + test_acc] or [0, 1]
+        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+        losses = [p[1] for p in train + test_loss if math.isfinite(p[1])] or [0, 1]
+        l1 = max(max(losses), 1e-6)
+
+        def px(it: float) -> float:
+            return left + (it - x0) / (x1 - x0) * (w - left - right)
+
+        def py(v: float, vmax: float) -> float:
+            return h - bottom - (v / vmax) * (h - top - bottom)
+
+        for series, color, vmax in ((train, (31, 119, 180), l1), (test_loss, (214, 39, 40), l1),
+                                    (test_acc, (44, 160, 44), 1.0)):
+            pts = [(px(i), py(v, vmax)) for i, v in series if math.isfinite(v)]
+            if len(pts) > 1:
+                d.line(pts, fill=color, width=2)
+            for x, y in pts[-1:] if len(pts) > 1 else pts:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        d.text((left, 8), "train loss", fill=(31, 119, 180))
+        d.text((left + 90, 8), "test loss", fill=(214, 39, 40))
+        d.text((left + 170, 8), "test accuracy (right axis, 0..1)", fill=(44, 160, 44))
+        d.text((left - 50, top), fmt(l1), fill="black")
+        d.text((left - 10, h - bottom), "0", fill="black")
+        d.text((w - right + 5, top), "1", fill="black")
+        d.text((left, h - bottom + 5), str(int(x0)), fill="black")
+        d.text((w - right - 40, h - bottom + 5), str(int(x1)), fill="black")
+        d.text((w // 2 - 30, h - bottom + 20), "iteration", fill="black")
+        tmp = self.plot_path.with_name(self.plot_path.name + ".tmp.png")
+        img.save(tmp)
+        os.replace(tmp, self.plot_path)
+
+
+# ----------------------------------------------------------------------------- train()
+
+def _load_weights(spec: str | Sequence[str], root: Path) -> list[dict[str, list[np.ndarray]]]:
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for n in names:
+        n = n.strip()
+        if not n:
+            continue
+        p = Path(n) if Path(n).is_absolute() else root / n
+        out.append(load_caffemodel(p))
+    return out
+
+
+def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None = None,
+          weights: str | Sequence[str] | None = None,
+          devices: str | Sequence[int] | None = None, stop_at_iter: int | None = None,
+          log: LogFn | logging.Logger | None = None,
+          on_progress: Callable[[int, int], None] | None = None,
+          on_test: Callable[[int, dict[str, float]], None] | None = None,
+          workdir: str | os.PathLike | None = None, precision: str = "fp32",
+          prefetch: int = 3) -> TrainResult:
+    """Run `caffe train --solver=solver_path [--snapshot | --weights] [--gpu]`.
+
+    Relative paths in the solver and nets (net, sources, mean files, snapshot_prefix) resolve
+    against `workdir` (default: the current directory, as in Caffe). `stop_at_iter` trains up to
+    that iteration, snapshots there and returns (one snapshot interval per pipeline task).
+    """
+    t_start = time.time()
+    clog = CaffeLog(log)
+    root = Path(workdir) if workdir is not None else Path.cwd()
+    solver_path = Path(solver_path)
+    if not solver_path.is_absolute() and not solver_path.exists():
+        solver_path = root / solver_path
+    if snapshot is not None and weights:
+        raise ImagenetError("Give a snapshot to resume training or weights to finetune but "
+                            "not both.")
+    sp = read_solver(str(solver_path))
+    devs = select_devices(devices, int(sp.solver_mode))
+    n_dev = len(devs)
+    clog("Use CPU." if devs[0].platform == "cpu" else f"Using devices {devs}", "caffe.cpp:197")
+
+    # 1. resume information first: it fixes the seed
+    resume: snap.SolverStateData | None = None
+    side: dict[str, Any] | None = None
+    snapshot_path: Path | None = None
+    if snapshot is not None:
+        snapshot_path = Path(snapshot)
+        if not snapshot_path.is_absolute() and not snapshot_path.exists():
+            snapshot_path = root / snapshot_path
+        resume = snap.read_solverstate(snapshot_path)
+        if resume.learned_net:
+            learned = snap.resolve_learned_net(resume.learned_net, snapshot_path, root)
+        else:
+            raise ImagenetError(f"{snapshot_path}: no learned_net (HDF5 snapshots are not "
+                                "supported)")
+        side = snap.read_side(snapshot_path, learned)
+        if side is not None and side.get("devices", n_dev) != n_dev:
+            raise ImagenetError(f"{snapshot_path} was written by a {side['devices']}-device run; "
+                                f"resume it on {side['devices']} devices (got {n_dev}) so the "
+                                "global batch and data order stay the same")
+    if side is not None:
+        seed = int(side["seed"])
+    elif sp.random_seed >= 0:
+        seed = int(sp.random_seed)
+    else:
+        seed = int.from_bytes(os.urandom(4), "little")
+
+    clog("Initializing solver from parameters: \n" + str(sp), "solver.cpp:45")
+    # 2. nets
+    train_param, train_src = _net_param(sp, root, "train")
+    clog(f"Creating training net from net file: {train_src}", "solver.cpp:102")
+    train_state = sp.train_state if sp.HasField("train_state") else None
+    fed = build_fed_net(train_param, "TRAIN", root=root, seed=seed, stream=TRAIN_STREAM,
+                        n_devices=n_dev, state=train_state, source_name=str(root / train_src)
+                        if not train_src.endswith("param") else None)
+    net = fed.net
+    tests: list[FedNet] = []
+    for k in range(num_test_nets(sp)):
+        tparam, tsrc = _net_param(sp, root, "test", k)
+        clog(f"Creating test net (#{k}) specified by {tsrc}", "solver.cpp:190")
+        tstate = sp.test_state[k] if k < len(sp.test_state) else None
+        # Caffe tests on the root solver only, at the prototxt's batch size: test batches are
+        # replicated, not split over the devices
+        tests.append(build_fed_net(tparam, "TEST", root=root, seed=seed, stream=TEST_STREAM + k,
+                                   n_devices=1, state=tstate))
+    solver = build_solver(sp, [r.lr_mult for r in net.learnable_params],
+                          [r.decay_mult for r in net.learnable_params])
+    clog("Solver scaffolding done.", "solver.cpp:57")
+
+    # 3. parameters: fillers from the seed, then --weights or the snapshot's learned_net
+    # one compiled init instead of op-by-op dispatch (each filler op would compile on its own)
+    params = jax.jit(net.init)(jax.random.PRNGKey(seed))
+    test_inits = [_test_init(t.net, params, seed) for t in tests]
+    if weights:
+        sources = _load_weights(weights, root)
+        for w in (weights.split(",") if isinstance(weights, str) else weights):
+            clog(f"Finetuning from {w.strip()}", "caffe.cpp:124")
+        params = copy_layers(net, params, sources, log=lambda m: clog(m, "net.cpp:746"))
+        test_inits = [copy_layers(t.net, p, sources, log=lambda m: clog(m, "net.cpp:746"))
+                      for t, p in zip(tests, test_inits)]
+    it0, current_step = 0, 0
+    history = None
+    if resume is not None:
+        clog(f"Resuming from {snapshot}", "caffe.cpp:235")
+        model = load_caffemodel(learned)
+        params = copy_layers(net, params, [model], log=lambda m: clog(m, "net.cpp:746"))
+        test_inits = [copy_layers(t.net, p, [model], log=lambda m: clog(m, "net.cpp:746"))
+                      for t, p in zip(tests, test_inits)]
+        it0, current_step, history = resume.iter, resume.current_step, resume.history
+        clog("SGDSolver: restoring history", "sgd_solver.cpp:336")
+
+    # 4. device placement: params replicated, batches split along N
+    mesh = Mesh(np.array(devs), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(None, "data"))  # (iter_size, N, ...)
+    flat = flatten_params(net, params)
+    opt_state = solver.init(flat)
+    if history is not None:
+        opt_state = solver.with_history(opt_state, history)
+    state = TrainState(flat, opt_state, jnp.asarray(it0, jnp.int32),
+                       jax.random.PRNGKey(seed))
+    state = jax.device_put(state, replicated)
+    step_fn = jax.jit(make_train_step(fed, solver, params, precision=precision),
+                      out_shardings=(replicated, replicated), donate_argnums=(0,))
+    fwd_train = jax.jit(make_forward(fed, params, train=True, precision=precision))
+    test_fns = [jax.jit(make_forward(t, ti, train=False, precision=precision))
+                for t, ti in zip(tests, test_inits)]
+
+    def put_batch(arrays: dict[str, Any]) -> dict[str, Any]:
+        return jax.device_put(arrays, sharded)
+
+    def test_params(k: int, flat_now: tuple) -> tuple:
+        # Caffe's ShareTrainedLayersWith: a test-net blob shares the train blob of the same
+        # layer name; test-only layers keep their own values
+        tnet = tests[k].net
+        train_vals = unflatten_params(net, flat_now, params)
+        out = []
+        for r in tnet.learnable_params:
+            if r.layer in train_vals and train_vals[r.layer][r.index] is not None:
+                out.append(train_vals[r.layer][r.index])
+            else:
+                out.append(jax.device_put(jnp.asarray(test_inits[k][r.layer][r.index]),
+                                          replicated))
+        return tuple(out)
+
+    # 5. bookkeeping restored from the side file (exact resume) or fresh (Caffe semantics)
+    iter_size = int(sp.iter_size)
+    average_loss = int(sp.average_loss)
+    max_iter = int(sp.max_iter)
+    stop_iter = max_iter if stop_at_iter is None else min(int(stop_at_iter), max_iter)
+    if side is not None:
+        train_cursor = int(side["train_batches"])
+        test_cursors = [int(c) for c in side["test_batches"]]
+        losses = [float(x) for x in side["losses"]]
+        smoothed = np.float32(side["smoothed_loss"])
+        start_iter = int(side["start_iter"])
+    else:
+        # Caffe restarts every data reader at the first record (and the RNG from the seed)
+        train_cursor, test_cursors = 0, [0] * len(tests)
+        losses, smoothed, start_iter = [], np.float32(0), it0
+    prefix = sp.snapshot_prefix or ""
+    if not prefix and (sp.snapshot or sp.snapshot_after_train):
+        prefix = str(solver_path.with_suffix(""))  # Caffe: the solver file name
+    prefix_path = Path(prefix) if Path(prefix).is_absolute() else root / prefix
+    metrics = MetricsWriter(prefix_path.with_name(prefix_path.name + "_metrics.jsonl"),
+                            prefix_path.with_name(prefix_path.name + "_plot.png"),
+                            it0 if resume is not None else 0)
+
+    it = it0
+    last_snapshot: tuple[str, str] | None = None
+    final_test: dict[str, float] = {}
+    loss_log: dict[int, float] = {}
+    images = 0
+
+    def side_record() -> dict[str, Any]:
+        return {"seed": seed, "devices": n_dev, "train_batches": train_cursor,
+                "test_batches": test_cursors, "losses": [float(x) for x in losses],
+                "smoothed_loss": float(smoothed), "start_iter": start_iter,
+                "iter_size": iter_size}
+
+    def do_snapshot() -> None:
+        nonlocal last_snapshot
+        host_flat = jax.device_get(state.params)
+        host_params = unflatten_params(net, host_flat, params)
+        model_bytes = net_to_proto(net, host_params).SerializeToString()
+        hist = [np.asarray(h) for h in jax.device_get(solver.history(state.opt_state))]
+        files = snap.write_snapshot(prefix=prefix, iteration=it, root=root,
+                                    caffemodel=model_bytes, history=hist,
+                                    current_step=current_step, side=side_record(),
+                                    log=lambda m: clog(m, "solver.cpp:464"))
+        last_snapshot = (str(files.caffemodel), str(files.solverstate))
+
+    def run_tests() -> None:
+        nonlocal final_test
+        for k, t in enumerate(tests):
+            clog(f"Iteration {it}, Testing net (#{k})", "solver.cpp:347")
+            n_iter = int(sp.test_iter[k])
+            tp = test_params(k, state.params)
+            scores: dict[str, np.ndarray] = {}
+            loss_sum = np.float32(0)
+            pf = _prefetchers(t, test_cursors[k], n_iter)
+            try:
+                for _ in range(n_iter):
+                    hb = {name: next(p) for name, p in pf.items()}
+                    arrays = jax.device_put(stack_batches(t, [hb]), replicated)
+                    loss, outs = test_fns[k](tp, arrays, None)
+                    outs = jax.device_get(outs)
+                    loss_sum += np.float32(loss)
+                    for name, v in outs.items():
+                        v = np.asarray(v, np.float32).ravel()
+                        scores[name] = v if name not in scores else scores[name] + v
+            finally:
+                for p in pf.values():
+                    p.close()
+            test_cursors[k] += n_iter
+            if sp.test_compute_loss:
+                clog(f"Test loss: {fmt(loss_sum / np.float32(n_iter))}", "solver.cpp:399")
+            result: dict[str, float] = {}
+            j = 0
+            for name, total in scores.items():
+                for v in total:
+                    mean = np.float32(v) / np.float32(n_iter)
+                    clog(_out_msg("Test", j, name, float(mean), t.loss_weight.get(name, 0.0)),
+                         "solver.cpp:414")
+                    key = name if total.size == 1 else f"{name}[{j}]"
+                    result[key] = float(mean)
+                    j += 1
+            metrics.add({"kind": "test", "iter": it, "net": k, "outputs": result})
+            if k == 0:
+                final_test = result
+            if on_test is not None:
+                on_test(it, result)
+        if tests:
+            metrics.plot()
+
+    def _prefetchers(f: FedNet, start: int, count: int) -> dict[str, Prefetcher]:
+        return {name: Prefetcher(src, start, depth=max(1, min(prefetch, count)))
+                for name, src in f.sources.items()}
+
+    clog("Starting Optimization", "caffe.cpp:239")
+    clog(f"Solving {net.name}", "solver.cpp:289")
+    clog(f"Learning Rate Policy: {sp.lr_policy}", "solver.cpp:290")
+    train_pf = {name: Prefetcher(src, train_cursor, depth=prefetch)
+                for name, src in fed.sources.items()}
+    stopped_early = False
+    t_loop = time.time()
+    timer, iters_last = time.time(), it
+    try:
+        with _StopRequest() as stop:
+            while it < stop_iter:
+                if sp.test_interval and it % sp.test_interval == 0 and (
+                        it > 0 or sp.test_initialization) and tests:
+                    run_tests()
+                display = bool(sp.display) and it % sp.display == 0
+                passes = [{name: next(p) for name, p in train_pf.items()}
+                          for _ in range(iter_size)]
+                train_cursor += iter_size
+                arrays = put_batch(stack_batches(fed, passes))
+                hyper, current_step = solver.step_hyper(it, current_step)
+                state, m = step_fn(state, arrays, hyper)
+                loss = np.float32(jax.device_get(m["loss"]))
+                if not np.isfinite(loss):
+                    where = (f"; the last good snapshot is {last_snapshot[1]}" if last_snapshot
+                             else "")
+                    raise ImagenetError(f"loss is {loss} at iteration {it} (lr {hyper['lr']}): "
+                                        f"training diverged, stopping{where}")
+                loss_log[it] = float(loss)
+                images += iter_size * fed_batch_size(fed)
+                # Solver::UpdateSmoothedLoss
+                if len(losses) < average_loss:
+                    losses.append(float(loss))
+                    smoothed = np.float32((smoothed * np.float32(len(losses) - 1) + loss)
+                                          / np.float32(len(losses)))
+                else:
+                    idx = (it - start_iter) % average_loss
+                    smoothed = np.float32(smoothed + (loss - np.float32(losses[idx]))
+                                          / np.float32(average_loss))
+                    losses[idx] = float(loss)
+                if display:
+                    lapse = time.time() - timer
+                    per_s = (it - iters_last) / (lapse if lapse else 1)
+                    clog(f"Iteration {it} ({fmt(per_s)} iter/s, {fmt(lapse)}s/{sp.display} "
+                         f"iters), loss = {fmt(smoothed)}", "solver.cpp:239")
+                    outs = jax.device_get(m["outputs"])
+                    rows = _output_lines(outs, fed.loss_weight)
+                    for j, (name, v, w) in enumerate(rows):
+                        clog(_out_msg("Train", j, name, v, w), "solver.cpp:258")
+                    clog(f"Iteration {it}, lr = {fmt(hyper['lr'])}", "sgd_solver.cpp:112")
+                    metrics.add({"kind": "train", "iter": it, "loss": float(smoothed),
+                                 "lr": float(hyper["lr"]),
+                                 "outputs": {n: v for n, v, _ in rows}})
+                    timer, iters_last = time.time(), it
+                it += 1
+                if on_progress is not None:
+                    on_progress(it, max_iter)
+                if (sp.snapshot and it % sp.snapshot == 0) or stop.requested:
+                    do_snapshot()
+                if stop.requested:
+                    clog(f"Received {stop.requested}: stopping after the snapshot",
+                         "solver.cpp:305")
+                    stopped_early = True
+                    break
+    finally:
+        for p in train_pf.values():
+            p.close()
+    train_seconds = time.time() - t_loop
+    if not stopped_early and it < max_iter:
+        # stop_at_iter: leave a snapshot at that iteration for the next task to resume
+        if last_snapshot is None or not last_snapshot[0].endswith(f"_iter_{it}.caffemodel"):
+            do_snapshot()
+    elif not stopped_early:
+        if sp.snapshot_after_train and (not sp.snapshot or it % sp.snapshot != 0):
+            do_snapshot()
+        if sp.display and it % sp.display == 0:
+            # Solve(): one more TRAIN forward on the next batch, to print the final loss
+            passes = [{name: src.batch(train_cursor) for name, src in fed.sources.items()}]
+            arrays = put_batch(stack_batches(fed, passes))
+            loss, _ = fwd_train(state.params, arrays,
+                                jax.random.fold_in(jax.random.fold_in(state.rng, it), 0))
+            loss = np.float32(loss)
+            if len(losses) < average_loss:
+                losses.append(float(loss))
+                smoothed = np.float32((smoothed * np.float32(len(losses) - 1) + loss)
+                                      / np.float32(len(losses)))
+            else:
+                idx = (it - start_iter) % average_loss
+                smoothed = np.float32(smoothed + (loss - np.float32(losses[idx]))
+                                      / np.float32(average_loss))
+            loss_log[it] = float(loss)
+            clog(f"Iteration {it}, loss = {fmt(smoothed)}", "solver.cpp:327")
+        if sp.test_interval and it % sp.test_interval == 0 and tests:
+            run_tests()
+        clog("Optimization Done.", "solver.cpp:332")
+    else:
+        clog("Optimization stopped early.", "solver.cpp:319")
+    if tests and metrics.records:
+        metrics.plot()
+    for t in [fed, *tests]:
+        for s in t.sources.values():
+            s.close()
+    done = it - it0
+    return TrainResult(
+        final_iter=it, last_snapshot=last_snapshot, metrics_path=str(metrics.path),
+        plot_path=str(metrics.plot_path), final_test_outputs=final_test,
+        seconds=time.time() - t_start,
+        images_per_second=(images / train_seconds) if done and train_seconds > 0 else 0.0,
+        losses=loss_log)
+
+
+def _test_init(tnet: Net, train_params: Params, seed: int) -> Params:
+    """Initial test-net params: the train net's blobs where layer names match (they are shared
+    anyway), fillers only when the test net has layers of its own."""
+    own = [r for r in tnet.learnable_params if r.layer not in train_params]
+    base = jax.jit(tnet.init)(jax.random.PRNGKey(seed)) if own else {}
+    out: Params = {}
+    for layer in tnet.layers:
+        if layer.blobs:
+            out[layer.name] = list(base[layer.name]) if layer.name in base else [
+                train_params.get(layer.name, [None] * len(layer.blobs))[i]
+                for i in range(len(layer.blobs))]
+    return out
+
+
+def fed_batch_size(fed: FedNet) -> int:
+    return max((s.batch_size for s in fed.sources.values()), default=0)
+
+
+# ----------------------------------------------------------------------------- evaluate()
+
+def evaluate(model_prototxt: str | os.PathLike, weights: str | Sequence[str], iterations: int,
+             devices: str | Sequence[int] | None = None, *,
+             log: LogFn | logging.Logger | None = None,
+             workdir: str | os.PathLike | None = None) -> dict[str, float]:
+    """`caffe test`: the TEST net's outputs averaged over `iterations` batches.
+
+    Logs "Batch i, name = value" per batch and the averages as caffe.cpp's test() does
+    ("name = mean" plus "(* w = x loss)" for loss outputs); returns {name: mean}.
+    """
+    from model.prototxt import read_net_parameter
+    clog = CaffeLog(log)
+    root = Path(workdir) if workdir is not None else Path.cwd()
+    if iterations < 1:
+        raise ImagenetError(f"--iterations must be >= 1, got {iterations}")
+    devs = select_devices(devices)
+    path = Path(model_prototxt)
+    if not path.is_absolute() and not path.exists():
+        path = root / path
+    fed = build_fed_net(read_net_parameter(path), "TEST", root=root, seed=0, stream=TEST_STREAM,
+                        n_devices=1, source_name=str(path))
+    params = jax.jit(fed.net.init)(jax.random.PRNGKey(0))
+    params = copy_layers(fed.net, params, _load_weights(weights, root),
+                         log=lambda m: clog(m, "net.cpp:746"))
+    mesh = Mesh(np.array(devs), ("data",))
+    # `caffe test` runs one device at the prototxt's batch size; several devices just hold
+    # replicas
+    replicated = NamedSharding(mesh, PartitionSpec())
+    flat = jax.device_put(flatten_params(fed.net, params), replicated)
+    fwd = jax.jit(make_forward(fed, params, train=False))
+    clog(f"Running for {iterations} iterations.", "caffe.cpp:281")
+    scores: dict[str, np.ndarray] = {}
+    loss_sum = np.float32(0)
+    pfs = {name: Prefetcher(src, 0, depth=min(3, iterations)) for name, src in fed.sources.items()}
+    try:
+        for i in range(iterations):
+            hb = {name: next(p) for name, p in pfs.items()}
+            loss, outs = fwd(flat, jax.device_put(stack_batches(fed, [hb]), replicated), None)
+            loss_sum += np.float32(loss)
+            j = 0
+            for name, v in jax.device_get(outs).items():
+                v = np.asarray(v, np.float32).ravel()
+                for x in v:
+                    clog(f"Batch {i}, {name} = {fmt(x)}", "caffe.cpp:304")
+                    j += 1
+                scores[name] = v if name not in scores else scores[name] + v
+    finally:
+        for p in pfs.values():
+            p.close()
+        for s in fed.sources.values():
+            s.close()
+    clog(f"Loss: {fmt(loss_sum / np.float32(iterations))}", "caffe.cpp:309")
+    result: dict[str, float] = {}
+    for name, total in scores.items():
+        for j, v in enumerate(total):
+            mean = float(np.float32(v) / np.float32(iterations))
+            key = name if total.size == 1 else f"{name}[{j}]"
+            w = fed.loss_weight.get(name, 0.0)
+            msg = f"{key} = {fmt(mean)}"
+            if w:
+                msg += f" (* {fmt(w)} = {fmt(np.float32(w) * np.float32(mean))} loss)"
+            clog(msg, "caffe.cpp:322")
+            result[key] = mean
+    return result
