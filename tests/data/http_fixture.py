@@ -44,7 +44,8 @@ class MirrorServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                        daemon=True)  # short poll: quick shutdown
         self._timer = threading.Timer(max_lifetime, self.stop)
         self._timer.daemon = True
 
