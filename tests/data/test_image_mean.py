@@ -1,0 +1,117 @@
+"""compute_image_mean: Caffe's mean.binaryproto reproduced bit for bit; errors; CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data.datum import decode_datum_bytes, encode_datum_bytes, encoded_datum_bytes, read_blobproto
+from data.errors import ImagenetError
+from data.lmdb_io import LmdbReader, LmdbWriter
+from data.mean import RECORDS_PER_PARTIAL, compute_image_mean
+from data.proto import caffe_pb2
+from flows.cli import main as cli_main
+
+
+@pytest.mark.parametrize("db, mean_file, logged", [
+    ("train_lmdb", "mean.binaryproto", ["74.4029", "88.6627", "142.696"]),
+    ("train_64_lmdb", "mean_64.binaryproto", ["74.3874", "88.652", "142.669"]),
+])
+def test_mean_of_caffes_lmdb_is_caffes_mean(golden: Path, tmp_path: Path, db: str,
+                                            mean_file: str, logged: list[str]) -> None:
+    out = tmp_path / "mean.binaryproto"
+    result = compute_image_mean(golden / db, out, threads=2)
+    caffe_mean = read_blobproto(golden / mean_file)[0]
+    assert result.count == 25 and result.mean.dtype == np.float32
+    # The brief allows 1e-3; float32(sum of uint8) / float32(N) is Caffe's arithmetic exactly
+    # (README section 4), so we hold ourselves to bit equality.
+    assert np.array_equal(result.mean, caffe_mean)
+    assert out.read_bytes() == (golden / mean_file).read_bytes()
+    # compute_image_mean.cpp's log lines, digits as glog prints them.
+    assert result.log_lines()[2:] == [f"mean_value channel [{c}]: {v}"
+                                      for c, v in enumerate(logged)]
+
+
+def test_mean_of_gray_and_encoded_records(golden: Path) -> None:
+    gray = compute_image_mean(golden / "train_gray_lmdb")
+    assert gray.mean.shape == (1, 256, 256) and gray.count == 25
+    # Encoded records are decoded (natively, like Caffe's DecodeDatumNative) and averaged.
+    encoded = compute_image_mean(golden / "train_encoded_lmdb", threads=2)
+    with LmdbReader(golden / "train_encoded_lmdb") as reader:
+        total = sum(decode_datum_bytes(v)[0].astype(np.float64) for _, v in reader)
+    assert np.array_equal(encoded.mean, (total.astype(np.float32) / np.float32(25)))
+
+
+def test_different_shapes_name_the_first_offending_key(golden: Path) -> None:
+    # Without a resize the encoded-raw DB holds images of several sizes.
+    with pytest.raises(ImagenetError, match=r"'00000001_n01440764/n01440764_5109.JPEG' has "
+                                            r"shape \[1, 333, 500\]"):
+        compute_image_mean(golden / "train_encoded_raw_lmdb")
+
+
+def test_raw_shape_mismatch_and_empty_db(tmp_path: Path) -> None:
+    with LmdbWriter(tmp_path / "mixed") as writer:
+        writer.put(b"a", encode_datum_bytes(np.zeros((3, 4, 4), np.uint8), 0))
+        writer.put(b"b", encode_datum_bytes(np.zeros((3, 4, 5), np.uint8), 0))
+    with pytest.raises(ImagenetError, match=r"record 'b' has shape \[3, 4, 5\].*\[3, 4, 4\]"):
+        compute_image_mean(tmp_path / "mixed")
+    with LmdbWriter(tmp_path / "empty"):
+        pass
+    with pytest.raises(ImagenetError, match="no records"):
+        compute_image_mean(tmp_path / "empty")
+
+
+def test_exact_sum_across_many_partials_and_threads(tmp_path: Path) -> None:
+    # More records than one uint16 partial holds, all 255: overflow would show at once.
+    n = 2 * RECORDS_PER_PARTIAL + 5
+    rng = np.random.default_rng(1)
+    recs = rng.integers(0, 256, (n, 2, 3, 3), dtype=np.uint8)
+    recs[:RECORDS_PER_PARTIAL + 3] = 255
+    with LmdbWriter(tmp_path / "db") as writer:
+        for i, rec in enumerate(recs):
+            writer.put(f"{i:08d}".encode(), encode_datum_bytes(rec, i % 3))
+    expected = (recs.astype(np.uint64).sum(0).astype(np.float32) / np.float32(n))
+    for threads in (1, 3):
+        result = compute_image_mean(tmp_path / "db", threads=threads)
+        assert result.count == n and np.array_equal(result.mean, expected)
+
+
+def test_mixed_raw_and_encoded_records(tmp_path: Path) -> None:
+    img = (np.arange(4 * 6 * 3) * 7 % 256).astype(np.uint8).reshape(4, 6, 3)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    chw = img.transpose(2, 0, 1)
+    with LmdbWriter(tmp_path / "db") as writer:
+        writer.put(b"0", encode_datum_bytes(chw, 0))
+        writer.put(b"1", encoded_datum_bytes(png, 0))
+        writer.put(b"2", encode_datum_bytes(np.zeros_like(chw), 0))
+    result = compute_image_mean(tmp_path / "db")
+    assert np.array_equal(result.mean, (2 * chw.astype(np.float32)) / np.float32(3))
+
+
+def test_float_data_records_sum_in_float32(tmp_path: Path) -> None:
+    values = [np.full((1, 2, 2), v, np.float32) for v in (0.5, 1.25, 3.0)]
+    with LmdbWriter(tmp_path / "db") as writer:
+        for i, v in enumerate(values):
+            datum = caffe_pb2.Datum(channels=1, height=2, width=2, label=0)
+            datum.float_data.extend(v.ravel().tolist())
+            writer.put(f"{i}".encode(), datum.SerializeToString())
+    result = compute_image_mean(tmp_path / "db")
+    assert np.array_equal(result.mean, np.full((1, 2, 2), np.float32(4.75) / np.float32(3)))
+
+
+def test_cli_prints_channel_means_and_writes_file(golden: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "m.binaryproto"
+    assert cli_main(["compute-image-mean", "--backend", "lmdb", str(golden / "train_lmdb"),
+                     str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mean_value channel [0]: 74.4029" in printed and "Processed 25 files." in printed
+    assert out.read_bytes() == (golden / "mean.binaryproto").read_bytes()
+    assert cli_main(["compute-image-mean", str(golden / "val_64_lmdb")]) == 0  # print only
+    assert "Number of channels: 3" in capsys.readouterr().out
+    assert cli_main(["compute-image-mean", str(tmp_path / "nope")]) == 1
+    assert "no such LMDB" in capsys.readouterr().err
+    assert cli_main(["compute-image-mean", "-backend=leveldb", str(golden / "train_lmdb")]) == 1
+    assert "not supported" in capsys.readouterr().err
