@@ -168,11 +168,13 @@ def expected_md5(name: str, md5: str | None) -> str | None:
     return known.md5 if known else None
 
 
-def _mismatch_message(name: str, want: str, got: str, where: Path, user_given: bool) -> str:
+def _mismatch_message(name: str, want: str, got: str, where: Path | None, user_given: bool
+                      ) -> str:
     hint = "" if user_given else (
         " (that is the official ILSVRC2012 md5; for another archive under this name pass its "
         "md5 with --md5 or --checksums)")
-    return f"md5 mismatch for {name}: expected {want}, got {got}{hint}; kept aside as {where}"
+    fate = f"kept aside as {where}" if where else "not used"
+    return f"md5 mismatch for {name}: expected {want}, got {got}{hint}; {fate}"
 
 
 def check_free_space(directory: Path, needed: int, what: str) -> None:
@@ -193,7 +195,7 @@ def _verify_local(path: Path, want: str | None, user_given: bool, progress: Prog
             os.replace(path, aside)
             raise ImagenetError(_mismatch_message(path.name, want, got, aside, user_given))
         # A user's own file is never moved: report it and use nothing.
-        raise ImagenetError(f"md5 mismatch for {path}: expected {want}, got {got}; not used")
+        raise ImagenetError(_mismatch_message(str(path), want, got, None, user_given))
     return DownloadResult(path=path, bytes=path.stat().st_size, md5=got, resumed=False,
                           seconds=time.monotonic() - start, reused_in_place=True,
                           md5_verified=want is not None)
