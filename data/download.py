@@ -115,6 +115,30 @@ class DownloadResult:
     attempts: int = 0  # HTTP requests made
 
 
+class _StreamHash:
+    """md5 of the .part file kept up to date while it is written, so a finished download needs
+    no second read (147 GB). After a resume the existing part is hashed once first."""
+
+    def __init__(self) -> None:
+        self.md5, self.bytes = hashlib.md5(), 0
+
+    def restart(self) -> None:
+        self.md5, self.bytes = hashlib.md5(), 0
+
+    def catch_up(self, part: Path, size: int) -> None:
+        """Make the hash cover exactly the first `size` bytes of `part`."""
+        if self.bytes == size:
+            return
+        self.restart()
+        with open(part, "rb") as f:
+            while self.bytes < size and (chunk := f.read(min(CHUNK_BYTES, size - self.bytes))):
+                self.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self.md5.update(chunk)
+        self.bytes += len(chunk)
+
+
 class _Transient(Exception):
     """A failure worth retrying; `retry_after` is the server's requested wait, if any."""
 
@@ -291,13 +315,15 @@ def download(
     part = dest_dir / (name + PART_SUFFIX)
     meta_path = dest_dir / (name + META_SUFFIX)
     resumed_any = False
+    hasher = _StreamHash()
     attempt = 0
     requests = 0
     while True:
         attempt += 1
         try:
             requests += 1
-            resumed = _fetch_once(source, masked, part, meta_path, credentials, timeout, progress)
+            resumed = _fetch_once(source, masked, part, meta_path, credentials, timeout,
+                                  progress, hasher)
             resumed_any = resumed_any or resumed
             break
         except _Transient as err:
@@ -311,8 +337,9 @@ def download(
             log.warning("%s: %s; retry %d/%d in %.1f s", masked, err, attempt, retries, wait)
             sleep(wait)
 
-    # Hashed after the fact (one extra read) so that resumed and fresh downloads verify alike.
-    got = md5_of(part)
+    size = part.stat().st_size
+    hasher.catch_up(part, size)
+    got = hasher.md5.hexdigest()
     if want and got != want:
         aside = dest_dir / (name + MISMATCH_SUFFIX)
         os.replace(part, aside)
@@ -330,7 +357,7 @@ def download(
 
 def _fetch_once(url: str, masked: str, part: Path, meta_path: Path,
                 credentials: Credentials | None, timeout: float,
-                progress: ProgressFn | None) -> bool:
+                progress: ProgressFn | None, hasher: _StreamHash) -> bool:
     """One HTTP request that appends to `part`; returns whether it resumed. Raises _Transient
     for what is worth retrying and ImagenetError for what is not."""
     have = part.stat().st_size if part.exists() else 0
@@ -386,9 +413,11 @@ def _fetch_once(url: str, masked: str, part: Path, meta_path: Path,
                 raise _Transient(f"server resumed at the wrong offset "
                                  f"({headers.get('Content-Range')!r}, wanted {have})")
             mode, resumed, offset = "ab", True, have
+            hasher.catch_up(part, have)
             total = _content_range_total(headers.get("Content-Range"))
         else:  # 200: a fresh start (no partial, or the server ignored/refused the Range)
             mode, resumed, offset = "wb", False, 0
+            hasher.restart()
             total = length
             meta = {"etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified"),
                     "total": total}
@@ -406,6 +435,7 @@ def _fetch_once(url: str, masked: str, part: Path, meta_path: Path,
                     if not chunk:
                         break
                     out.write(chunk)
+                    hasher.update(chunk)
                     done += len(chunk)
                     if progress is not None:
                         progress(done, total)

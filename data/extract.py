@@ -76,9 +76,11 @@ def safe_member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath | Non
     return None if member.isdir() else PurePosixPath(*parts)
 
 
-def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None) -> int:
-    """Stream `src` into `dst_path` via a temporary name + rename; returns bytes written."""
-    tmp = dst_path.with_name(f".{dst_path.name}.part-extract")
+def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None,
+          *, atomic: bool = True) -> int:
+    """Stream `src` into `dst_path` (via a temporary name + rename when `atomic`); returns the
+    bytes written. Inside a synset's work folder the folder itself is the temporary."""
+    tmp = dst_path.with_name(f".{dst_path.name}.part-extract") if atomic else dst_path
     written = 0
     with open(tmp, "wb") as out:
         while chunk := src.read(COPY_CHUNK):
@@ -86,7 +88,8 @@ def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None
             written += len(chunk)
             if on_bytes is not None:
                 on_bytes(len(chunk))
-    os.replace(tmp, dst_path)
+    if atomic:
+        os.replace(tmp, dst_path)
     return written
 
 
@@ -217,8 +220,9 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
                     if rel is None:
                         continue
                     final = tmp / rel
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    nbytes += _copy(inner.extractfile(im), final, counter.add)
+                    if len(rel.parts) > 1:
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                    nbytes += _copy(inner.extractfile(im), final, counter.add, atomic=False)
                     files += 1
             except tarfile.TarError as err:
                 raise ImagenetError(f"{where}: corrupt synset tar ({err})") from None
