@@ -68,8 +68,8 @@ class _Reader:
         typ, n, start, nxt = self.tag(pos)
         if typ not in _MI_DTYPES:
             raise _fail(self.path, f"numeric data of type {typ} at byte {pos}")
-        arr = np.frombuffer(self.data, dtype=np.dtype(self.e + _MI_DTYPES[typ]), count=n // np.dtype(_MI_DTYPES[typ]).itemsize,
-                            offset=start)
+        dtype = np.dtype(self.e + _MI_DTYPES[typ])
+        arr = np.frombuffer(self.data, dtype=dtype, count=n // dtype.itemsize, offset=start)
         return arr, nxt
 
     def chars(self, pos: int) -> tuple[str, int]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,8 +12,14 @@ from data.matfile import loadmat, savemat
 
 # Written by scipy.io.savemat 1.17 (do_compression=True): an independent writer, with chars as
 # miUTF8 and a 3x1 struct array like meta.mat's 'synsets' (IDs deliberately not in WNID order).
-SCIPY_META = base64.b64decode("".join(textwrap.wrap(
-    "TUFUTEFCIDUuMCBNQVQtZmlsZSBQbGF0Zm9ybTogcG9zaXgsIENyZWF0ZWQgb246IEZyaSBOb3YgMjcgMjE6NTc6NDMgMjAyNgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABSU0PAAAADQEAAHic42NgYGhgYWBgA9IcQMzEAAGsUD4zEDNCMTsQF1fmFaeWFAPlWRj4oOJuQOzpExwW5GxkYGgU7+nCEO4HJOCgPL8opRjOyyvNjU/OyMxJKUrNY2BAsCAAZKYFA8I9bGjuYUTCIMAJFYcCB5B+ByT9LFj0cyLpF4Dy8wwMTUyMTY3NkdwRQMAcaTRzQPz0/JyUtMziDB0F58SixOLizNJihcTSosSS0mJq+A+s34CAfgY0/ZTb+8GeonA1MDczQXKHBwFzhNDMAfFLUvOSgYEakpmXnKhQAiKp4a+BCk8OCtIpEBiamxjgcAc2c9jQzAHxU/NKMksqqZ/fsOlnQtMvANf+wR5mDgCqazg6")))
+SCIPY_META = base64.b64decode(
+    "TUFUTEFCIDUuMCBNQVQtZmlsZSBQbGF0Zm9ybTogcG9zaXgsIENyZWF0ZWQgb246IEZyaSBOb3YgMjcgMjE6NTc6"
+    "NDMgMjAyNgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABSU0PAAAA"
+    "DQEAAHic42NgYGhgYWBgA9IcQMzEAAGsUD4zEDNCMTsQF1fmFaeWFAPlWRj4oOJuQOzpExwW5GxkYGgU7+nCEO4H"
+    "JOCgPL8opRjOyyvNjU/OyMxJKUrNY2BAsCAAZKYFA8I9bGjuYUTCIMAJFYcCB5B+ByT9LFj0cyLpF4Dy8wwMTUyM"
+    "TY3NkdwRQMAcaTRzQPz0/JyUtMziDB0F58SixOLizNJihcTSosSS0mJq+A+s34CAfgY0/ZTb+8GeonA1MDczQXKH"
+    "BwFzhNDMAfFLUvOSgYEakpmXnKhQAiKp4a+BCk8OCtIpEBiamxjgcAc2c9jQzAHxU/NKMksqqZ/fsOlnQtMvANf+"
+    "wR5mDgCqazg6")
 
 
 def test_reads_a_struct_array_written_by_scipy():
