@@ -1,6 +1,7 @@
 """`imagenet fetch` / `download` / `extract` end to end on the tiny mini mirror over HTTP."""
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from pathlib import Path
 
@@ -101,3 +102,29 @@ def test_download_and_extract_commands(mirror, mini_tiny, tmp_path, capsys):
     assert cli(["extract", str(mini_tiny.train_tar), "--to", str(tmp_path / "r"),
                 "--kind", "zip"]) == 1
     assert "valid: auto, train, val, archive" in capsys.readouterr().err
+
+
+def test_fetch_with_a_val_archive_sorted_into_class_folders(mini_tiny, tmp_path, capsys):
+    """Some re-packaged val tars are sorted into <wnid>/ folders: they label themselves, and
+    the tree is flattened so that val.txt is Caffe's."""
+    labels = dict(ilsvrc12.parse_listing(
+        aux_listings(mini_tiny.aux_tar)["val.txt"].decode().splitlines(), "val.txt"))
+    sorted_val = tmp_path / "sorted" / ilsvrc12.VAL_ARCHIVE
+    sorted_val.parent.mkdir()
+    with tarfile.open(mini_tiny.val_tar) as src, tarfile.open(sorted_val, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m)
+            m.name = f"{mini_tiny.synsets[labels[m.name]]}/{m.name}"
+            dst.addfile(m, data)
+    root = tmp_path / "root"
+    md5 = ilsvrc12.parse_md5sums(mini_tiny.md5sums.read_text(), "x")[ilsvrc12.TRAIN_ARCHIVE]
+    sums = tmp_path / "MD5SUMS"
+    sums.write_text(f"{md5}  {ilsvrc12.TRAIN_ARCHIVE}\n"
+                    f"{hashlib.md5(sorted_val.read_bytes()).hexdigest()}  {sorted_val.name}\n")
+    assert cli(["fetch", "--train", str(mini_tiny.train_tar), "--val", str(sorted_val),
+                "--synset-words", str(mini_tiny.synset_mapping), "--checksums", str(sums),
+                "--data-root", str(root)]) == 0, capsys.readouterr().err
+    for name, data in aux_listings(mini_tiny.aux_tar).items():
+        assert (root / name).read_bytes() == data, name
+    assert image_tree(root) == expected_tree(mini_tiny)
+    assert "listings from val-tree" in capsys.readouterr().out
