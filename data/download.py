@@ -16,7 +16,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import fcntl
 import hashlib
 import http.client
 import json
@@ -34,7 +36,7 @@ import urllib.request
 from base64 import b64encode
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from data import ilsvrc12
 from data.errors import ImagenetError
@@ -47,6 +49,7 @@ CHUNK_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 5
 PART_SUFFIX = ".part"
+LOCK_SUFFIX = ".part.lock"
 META_SUFFIX = ".part.json"
 MISMATCH_SUFFIX = ".md5-mismatch"
 # HTTP statuses worth retrying: request timeout, rate limit, and every server error.
@@ -302,8 +305,9 @@ def download(
         source = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     credentials = credentials or Credentials.from_env()
     name = filename or os.path.basename(urllib.parse.unquote(parts.path)) or None
-    if not name or name in (".", ".."):
-        raise ImagenetError(f"{masked}: cannot tell a file name from the URL; pass filename=")
+    if not name or name in (".", "..") or os.path.basename(name) != name:
+        raise ImagenetError(f"{masked}: cannot tell a plain file name from the URL "
+                            f"(got {name!r}); pass filename=")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / name
@@ -314,6 +318,40 @@ def download(
 
     part = dest_dir / (name + PART_SUFFIX)
     meta_path = dest_dir / (name + META_SUFFIX)
+    with _exclusive(dest_dir / (name + LOCK_SUFFIX), name):
+        return _download_http(source, masked, name, final, part, meta_path, want, bool(md5),
+                              retries, backoff, progress, credentials, timeout, sleep, start)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, name: str) -> Iterator[None]:
+    """One download per file at a time: two writers appending to one .part corrupt it. The
+    lock file is removed afterwards; a process that locked a file just unlinked by its holder
+    sees the inode changed and backs off like one that found it locked."""
+    busy = ImagenetError(f"another process is downloading {name} into {lock_path.parent} "
+                         f"(it holds {lock_path})")
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        try:
+            same = lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
+            if not same:
+                raise busy
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _download_http(source: str, masked: str, name: str, final: Path, part: Path,
+                   meta_path: Path, want: str | None, user_md5: bool, retries: int,
+                   backoff: Backoff, progress: ProgressFn | None,
+                   credentials: Credentials | None, timeout: float,
+                   sleep: Callable[[float], None], start: float) -> DownloadResult:
+    """The retry loop of download() for http(s) URLs (under the per-file lock)."""
+    dest_dir = final.parent
     resumed_any = False
     hasher = _StreamHash()
     attempt = 0
@@ -344,7 +382,7 @@ def download(
         aside = dest_dir / (name + MISMATCH_SUFFIX)
         os.replace(part, aside)
         meta_path.unlink(missing_ok=True)
-        raise ImagenetError(_mismatch_message(name, want, got, aside, bool(md5)))
+        raise ImagenetError(_mismatch_message(name, want, got, aside, user_md5))
     os.replace(part, final)
     meta_path.unlink(missing_ok=True)
     size = final.stat().st_size

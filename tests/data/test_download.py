@@ -156,3 +156,14 @@ def test_credentials_are_sent_but_never_shown(mirror, sums, tmp_path, caplog, mo
 
 def test_mask_url():
     assert mask_url("https://u:p@host:8080/a.tar?sig=abc&x=1") == "https://***@host:8080/a.tar?sig=***&x=1"
+
+
+def test_one_download_per_file_at_a_time(mirror, sums, tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / (VAL + ".part.lock"), "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ImagenetError, match="another process is downloading"):
+            download(mirror.url(VAL), tmp_path, md5=sums[VAL])
+        assert mirror.requests_for(VAL) == []
