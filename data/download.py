@@ -301,7 +301,7 @@ def download(
     if parts.username is not None:  # user:pass@ in the URL: use it, but never send it as-is
         credentials = credentials or Credentials(urllib.parse.unquote(parts.username),
                                                  urllib.parse.unquote(parts.password or ""))
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        netloc = parts.netloc.rsplit("@", 1)[1]
         source = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     credentials = credentials or Credentials.from_env()
     name = filename or os.path.basename(urllib.parse.unquote(parts.path)) or None
@@ -336,7 +336,8 @@ def _exclusive(lock_path: Path, name: str) -> Iterator[None]:
         except BlockingIOError:
             raise busy from None
         try:
-            same = lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
+            ours = os.fstat(lock.fileno()).st_ino
+            same = lock_path.exists() and os.stat(lock_path).st_ino == ours
             if not same:
                 raise busy
             yield
