@@ -477,14 +477,14 @@ class Net:
         """Random inputs of the right shapes for every fed top (for `imagenet time` and
         smoke tests): gaussian images, integer labels in [0, num_classes)."""
         batch: dict[str, Any] = {}
+        gen = fillers.generator(rng)  # numpy: eager jax.random compiles per shape
         for spec in self.inputs:
             for k, (top, shape) in enumerate(zip(spec.tops, spec.shapes)):
-                key = jax.random.fold_in(rng, len(batch))
                 if k > 0 and spec.type in DATABASE_INPUT_TYPES:
-                    hi = num_classes or 1
-                    batch[top] = jax.random.randint(key, shape, 0, hi).astype(jnp.float32)
+                    labels = gen.integers(0, num_classes or 1, size=shape)
+                    batch[top] = jnp.asarray(labels.astype("float32"))
                 else:
-                    batch[top] = jax.random.normal(key, shape, jnp.float32)
+                    batch[top] = jnp.asarray(gen.standard_normal(shape, dtype="float32"))
         return batch
 
 
