@@ -50,7 +50,7 @@ def make_photo(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     for cells in OCTAVES:
         small = rng.uniform(0, 255, (max(2, cells * height // width), cells, 3)).astype(np.float32)
         img += cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC) / len(OCTAVES)
-    img += rng.normal(0, NOISE_SIGMA, img.shape)
+    img += NOISE_SIGMA * rng.standard_normal(img.shape, dtype=np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -124,6 +124,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per figure (best is kept)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="'all cores' worker count")
+    parser.add_argument("--pool", default="process", choices=["process", "thread"],
+                        help="how convert_imageset runs its workers")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert_"))
@@ -155,8 +157,8 @@ def main() -> int:
         for workers in sorted({1, args.workers}):
             t = best_time(lambda: convert_imageset(
                 root, listfile, db, resize_height=args.resize, resize_width=args.resize,
-                workers=workers, show_progress=False), args.repeat, clean)
-            print(f"convert  imagenet, --workers={workers}:       {n / t:8.1f} img/s   "
+                workers=workers, pool=args.pool, show_progress=False), args.repeat, clean)
+            print(f"convert  imagenet, --workers={workers} ({args.pool}): {n / t:8.1f} img/s   "
                   f"{base / t:.2f}x")
 
         record_bytes = 3 * args.resize * args.resize

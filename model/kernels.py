@@ -32,6 +32,9 @@ import numpy as np
 from jax import lax
 
 Pair = tuple[int, int]
+# Full float32 GEMMs on every backend (TF32 on a GPU would break "equal within float32
+# rounding"); on CPU this is what XLA does anyway.
+GEMM_PRECISION = lax.Precision.HIGHEST
 
 # How the input gradient of a convolution is computed: "lax" = XLA's own transposed
 # convolution (fast enough on CPU: it is a forward-like convolution), "col2im" = the GEMM
@@ -106,6 +109,7 @@ def _lax_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pai
     return lax.conv_general_dilated(
         x, w, window_strides=stride, padding=[(pad[0], pad[0]), (pad[1], pad[1])],
         rhs_dilation=dilation, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        precision=GEMM_PRECISION,
     )
 
 
@@ -116,7 +120,8 @@ def _gemm_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pa
     ho, wo = conv_output_hw((h, wd), kernel, stride, pad, dilation)
     cols = _im2col(x, kernel, stride, pad, dilation)  # (N, K, P)
     # (O, K) x (N, K, P) -> (O, N, P): one GEMM over the whole batch (M=O, K, N*P).
-    y = lax.dot_general(w.reshape(o, -1), cols, (((1,), (1,)), ((), ())))
+    y = lax.dot_general(w.reshape(o, -1), cols, (((1,), (1,)), ((), ())),
+                        precision=GEMM_PRECISION)
     return jnp.transpose(y, (1, 0, 2)).reshape(n, o, ho, wo)
 
 
@@ -141,10 +146,12 @@ def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
     dy_m = dy.reshape(n, o, -1)  # (N, O, P)
     cols = _im2col(x, kernel, stride, pad, dilation)  # (N, K, P), recomputed: saves memory
     # dW[o, k] = sum_n sum_p dY[n, o, p] * cols[n, k, p]: a single GEMM with K' = N*P.
-    dw = lax.dot_general(dy_m, cols, (((0, 2), (0, 2)), ((), ()))).reshape(w.shape)
+    dw = lax.dot_general(dy_m, cols, (((0, 2), (0, 2)), ((), ())),
+                         precision=GEMM_PRECISION).reshape(w.shape)
     if plan.input_grad == "col2im":
         # dcols = W^T dY, then col2im (the transpose of im2col: strided pads summed).
-        dcols = lax.dot_general(w.reshape(o, -1), dy_m, (((0,), (1,)), ((), ())))  # (K, N, P)
+        dcols = lax.dot_general(w.reshape(o, -1), dy_m, (((0,), (1,)), ((), ())),
+                                precision=GEMM_PRECISION)  # (K, N, P)
         dcols = jnp.transpose(dcols, (1, 0, 2))
         _, im2col_vjp = jax.vjp(lambda a: _im2col(a, kernel, stride, pad, dilation), x)
         (dx,) = im2col_vjp(dcols.astype(x.dtype))
@@ -230,36 +237,44 @@ def pool_output_hw(hw: Pair, kernel: Pair, stride: Pair, pad: Pair) -> Pair:
     return out[0], out[1]
 
 
-def _pool_windows(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair) -> tuple[list[jax.Array], Pair]:
-    """The kh*kw strided views of x (padded with -inf so clipped windows ignore the
-    padding, as Caffe's hstart/hend clipping does): window element (i, j) of every output."""
+def _window_pads(hw: Pair, kernel: Pair, stride: Pair, pad: Pair) -> tuple[Pair, Pair]:
+    """(low, high) padding per axis that makes Caffe's ceil-mode windows fit exactly; high may
+    be negative (the last rows are in no window) or exceed pad (the last window is clipped)."""
+    out = pool_output_hw(hw, kernel, stride, pad)
+    return tuple(  # type: ignore[return-value]
+        (p, (o - 1) * s + k - size - p) for size, o, k, s, p in zip(hw, out, kernel, stride, pad)
+    )
+
+
+def _pool_windows(x: jax.Array, kernel: Pair, stride: Pair, pads: tuple[Pair, Pair]
+                  ) -> list[jax.Array]:
+    """The kh*kw strided views of x padded with -inf (so windows clipped to the image, as in
+    Caffe's hstart/hend clipping, ignore the padding): window element (i, j) of every output."""
     n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
-    ho, wo = pool_output_hw((h, w), kernel, stride, pad)
-    # Right/bottom padding: enough for the last (ceil-mode) window to be fully indexable.
-    ph_hi = max(0, (ho - 1) * sh + kh - h - ph)
-    pw_hi = max(0, (wo - 1) * sw + kw - w - pw)
+    (kh, kw), (sh, sw) = kernel, stride
+    (plh, phh), (plw, phw) = pads
+    ho, wo = (h + plh + phh - kh) // sh + 1, (w + plw + phw - kw) // sw + 1
     neg = jnp.array(-jnp.inf, x.dtype)
-    xp = lax.pad(x, neg, ((0, 0, 0), (0, 0, 0), (ph, ph_hi, 0), (pw, pw_hi, 0)))
-    views = [
+    # lax.pad takes negative high padding as a crop of the rows no window reaches.
+    xp = lax.pad(x, neg, ((0, 0, 0), (0, 0, 0), (plh, phh, 0), (plw, phw, 0)))
+    return [
         lax.slice(xp, (0, 0, i, j), (n, c, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
                   (1, 1, sh, sw))
         for i in range(kh) for j in range(kw)
     ]
-    return views, (ph_hi, pw_hi)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair) -> jax.Array:
-    views, _ = _pool_windows(x, kernel, stride, pad)
+def _max_pool(x: jax.Array, kernel: Pair, stride: Pair, pads: tuple[Pair, Pair]) -> jax.Array:
+    views = _pool_windows(x, kernel, stride, pads)
     y = views[0]
     for v in views[1:]:
         y = jnp.maximum(y, v)
     return y
 
 
-def _max_pool_fwd(x, kernel, stride, pad):
-    views, _ = _pool_windows(x, kernel, stride, pad)
+def _max_pool_fwd(x, kernel, stride, pads):
+    views = _pool_windows(x, kernel, stride, pads)
     y = views[0]
     idx = jnp.zeros(y.shape, jnp.int8 if len(views) < 128 else jnp.int32)
     # Caffe scans the window row-major and replaces only on a strictly greater value, so the
@@ -271,19 +286,20 @@ def _max_pool_fwd(x, kernel, stride, pad):
     return y, (idx, x.shape)
 
 
-def _max_pool_bwd(kernel, stride, pad, res, dy):
+def _max_pool_bwd(kernel, stride, pads, res, dy):
     idx, x_shape = res
     n, c, h, w = x_shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    (kh, kw), (sh, sw) = kernel, stride
+    (plh, phh), (plw, phw) = pads
     ho, wo = dy.shape[2], dy.shape[3]
-    hp = max(h + ph, (ho - 1) * sh + kh)  # padded extent, as in _pool_windows
-    wp = max(w + pw, (wo - 1) * sw + kw)
+    hp, wp = h + plh + phh, w + plw + phw  # the padded extent of _pool_windows
     zero = jnp.array(0, dy.dtype)
     dxp = None
     for k in range(kh * kw):
         i, j = divmod(k, kw)
         contrib = jnp.where(idx == k, dy, zero)
-        # Place output (ho, wo) at padded position (i + sh*ho, j + sw*wo): an interior pad.
+        # Output (oh, ow) read padded position (i + sh*oh, j + sw*ow): an interior pad puts
+        # its gradient back there.
         placed = lax.pad(
             contrib, zero,
             ((0, 0, 0), (0, 0, 0),
@@ -291,10 +307,24 @@ def _max_pool_bwd(kernel, stride, pad, res, dy):
              (j, wp - j - ((wo - 1) * sw + 1), sw - 1)),
         )
         dxp = placed if dxp is None else dxp + placed
-    return (lax.slice(dxp, (0, 0, ph, pw), (n, c, ph + h, pw + w)),)
+    # Undo the padding (negative high padding re-grows the cropped rows with zeros).
+    return (lax.pad(dxp, zero, ((0, 0, 0), (0, 0, 0), (-plh, -phh, 0), (-plw, -phw, 0))),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool2d_windows(
+    x: jax.Array, kernel: Pair, stride: Pair, pads: Sequence[tuple[int, int]]
+) -> jax.Array:
+    """MAX pooling with explicit window padding ((low, high) per axis, high possibly negative
+    or beyond pad, as model.layers.vision.max_pool2d takes it; covers ceil and floor modes).
+    Forward: max of the kh*kw strided views; gradient to each window's first maximum."""
+    (plh, phh), (plw, phw) = (tuple(int(v) for v in p) for p in pads)
+    kernel_, stride_ = _pair(kernel, "kernel"), _pair(stride, "stride")
+    if min(plh, plw) < 0 or plh >= kernel_[0] or plw >= kernel_[1]:
+        raise ValueError(f"max_pool2d: low padding {(plh, plw)} must be in [0, kernel {kernel_})")
+    return _max_pool(x, kernel_, stride_, ((plh, phh), (plw, phw)))
 
 
 def max_pool2d(
@@ -308,7 +338,8 @@ def max_pool2d(
     if pad_[0] >= kernel_[0] or pad_[1] >= kernel_[1]:
         # pooling_layer.cpp CHECK_LT(pad_h_, kernel_h_): a window inside the padding only.
         raise ValueError(f"max_pool2d: pad {pad_} must be smaller than kernel {kernel_}")
-    return _max_pool(x, kernel_, stride_, pad_)
+    pads = _window_pads((x.shape[2], x.shape[3]), kernel_, stride_, pad_)
+    return _max_pool(x, kernel_, stride_, pads)
 
 
 def max_pool2d_reference(
@@ -337,5 +368,6 @@ __all__ = [
     "conv_output_hw",
     "max_pool2d",
     "max_pool2d_reference",
+    "max_pool2d_windows",
     "pool_output_hw",
 ]

@@ -148,3 +148,18 @@ def test_max_pool_gradient_matches_select_and_scatter_without_ties():
 def test_max_pool_rejects_pad_not_below_kernel():
     with pytest.raises(ValueError, match="pad"):
         kernels.max_pool2d(jnp.zeros((1, 1, 4, 4)), 2, 2, 2)
+
+
+def test_max_pool_windows_with_cropping_high_padding_matches_cropped_input():
+    # FLOOR-mode style: high padding -1 means the last row/column is in no window.
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 3, size=(1, 2, 8, 8)).astype(np.float32)
+    pads = ((0, -1), (0, -1))
+    got = kernels.max_pool2d_windows(x, (3, 3), (2, 2), pads)
+    want = kernels.max_pool2d(x[:, :, :7, :7], 3, 2)
+    np.testing.assert_array_equal(got, want)
+    dy = rng.standard_normal(want.shape).astype(np.float32)
+    dx = jax.grad(lambda a: jnp.sum(kernels.max_pool2d_windows(a, (3, 3), (2, 2), pads) * dy))(x)
+    dx_crop = jax.grad(lambda a: jnp.sum(kernels.max_pool2d(a, 3, 2) * dy))(x[:, :, :7, :7])
+    np.testing.assert_array_equal(dx[:, :, :7, :7], dx_crop)
+    assert not np.any(dx[:, :, 7, :]) and not np.any(dx[:, :, :, 7])

@@ -1,0 +1,257 @@
+"""Training throughput of bvlc_alexnet: this project's trainer against PyTorch, same run.
+
+Usage: python benchmarks/train.py --device cpu --batch-size 32
+       [--precision float32|bf16] [--iterations 8] [--warmup 2] [--workers 2]
+       [--allocator auto|jemalloc|system] [--no-torch] [--records N] [--json out.json]
+
+Ours is the real thing: model/zoo/bvlc_alexnet/train_val.prototxt and solver.prototxt, the
+Net, the Caffe SGD solver (model/solver.py), model/train.py's jitted `make_train_step` with
+donated state and data-parallel shardings over all local devices of --device, fed by
+data/pipeline.py's Prefetcher from a real LMDB of random 256x256 images built in a temp dir
+(crop 227 + mirror + mean file: the uint8 crop on the host, the float work in the step).
+PyTorch (benchmarks/torch_alexnet.py, when importable) trains the same net from the same
+prefetched uint8 batches in the same process, after ours.
+
+Reported per framework: img/s over the timed iterations, median ms/iter (min-max), model
+FLOP/s from 4.35 GFLOP per image (forward + backward), MFU against the device's float32 (or
+bf16) matmul rate measured in this run, and compile / first-step time separately. The LAST
+line is `train img/s: ours X, pytorch Y, ratio Z` (Z = X/Y; `pytorch n/a` without torch).
+
+With --allocator auto (default) the process re-executes itself under jemalloc when Debian's
+libjemalloc2 is installed: both frameworks then run with it (benchmarks/common.py says why).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py; also puts the repo on sys.path)
+
+PRECISIONS = {"float32": "fp32", "bf16": "bf16"}  # CLI name -> model/train.py name
+DEVICES = ("cpu", "gpu")
+# Records in the benchmark LMDB, in batches: enough that no batch repeats within a short run
+# on a GPU, small enough to build in seconds on the CPU (196 KB per record).
+RECORD_BATCHES = 4
+PREFETCH_DEPTH = 3
+
+
+@dataclass
+class Result:
+    name: str
+    img_per_s: float = 0.0
+    ms_median: float = 0.0
+    ms_range: str = ""
+    tflops: float = 0.0
+    mfu: float = 0.0
+    compile_s: float = 0.0
+    first_step_s: float = 0.0
+    config: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (f"{self.name:8} {self.img_per_s:9.2f} img/s  {self.ms_median:9.1f} ms/iter "
+                f"({self.ms_range})  {self.tflops * 1e3:8.1f} GFLOP/s  MFU {self.mfu * 100:5.1f}%  "
+                f"compile {self.compile_s:.1f} s, first step {self.first_step_s:.1f} s  "
+                f"[{self.config}]")
+
+
+def _finish(res: Result, timing: common.Timing, peak_flops: float) -> Result:
+    res.img_per_s = timing.img_per_s
+    res.ms_median = timing.median * 1e3
+    res.ms_range = timing.range_ms()
+    res.tflops = res.img_per_s * common.ALEXNET_TRAIN_GFLOP_PER_IMAGE * 1e9 / 1e12
+    res.mfu = res.tflops * 1e12 / peak_flops if peak_flops else 0.0
+    return res
+
+
+def jax_devices(kind: str) -> list[Any]:
+    import jax
+
+    try:
+        devs = jax.devices(kind)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {kind}: JAX has no {kind} backend here ({err})") from None
+    return list(devs)
+
+
+def matmul_peak(devices: list[Any], precision: str) -> float:
+    """FLOP/s of a large square matmul on one device, times the device count: the roofline
+    MFU is quoted against (on CPU ~110 GFLOP/s for 2 cores, docs/MACHINE_NOTES.md)."""
+    import jax
+    import jax.numpy as jnp
+
+    dev = devices[0]
+    n = 2048 if dev.platform == "cpu" else 8192
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    a = jax.device_put(jnp.ones((n, n), dtype), dev)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best * len(devices)
+
+
+def run_ours(data: common.BenchData, args: argparse.Namespace, devices: list[Any],
+             peak: float) -> Result:
+    """The project's trainer: the same objects model.train.train() builds, timed per step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from data.pipeline import Prefetcher
+    from model import train as T
+    from model.solver import build_solver
+
+    n_dev = len(devices)
+    if args.batch_size % n_dev:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of "
+                         f"{args.device} devices ({n_dev})")
+    net_param = common.alexnet_train_net(data, args.batch_size // n_dev)
+    fed = T.build_fed_net(net_param, "TRAIN", root=common.REPO, seed=0, stream=T.TRAIN_STREAM,
+                          n_devices=n_dev)
+    net = fed.net
+    sp = common.alexnet_solver()
+    solver = build_solver(sp, [r.lr_mult for r in net.learnable_params],
+                          [r.decay_mult for r in net.learnable_params])
+    mesh = Mesh(np.array(devices), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(None, "data"))
+    params = jax.jit(net.init, out_shardings=replicated)(jax.random.PRNGKey(0))
+    flat = T.flatten_params(net, params)
+    state = T.TrainState(flat, solver.init(flat), jnp.asarray(0, jnp.int32),
+                         jax.random.PRNGKey(0))
+    state = jax.device_put(state, replicated)
+    step_fn = jax.jit(T.make_train_step(fed, solver, params, precision=PRECISIONS[args.precision]),
+                      out_shardings=(replicated, replicated), donate_argnums=(0,))
+    (src,) = fed.sources.values()
+    pf = Prefetcher(src, 0, depth=PREFETCH_DEPTH, workers=args.workers)
+    it, current_step = 0, 0
+    times: list[float] = []
+    res = Result("ours")
+    try:
+        def one_step() -> float:
+            nonlocal state, it, current_step
+            arrays = jax.device_put(T.stack_batches(fed, [{src.name: next(pf)}]), sharded)
+            hyper, current_step = solver.step_hyper(it, current_step)
+            state, m = step_fn(state, arrays, hyper)
+            it += 1
+            return float(jax.device_get(m["loss"]))  # the trainer reads the loss every step
+
+        arrays = jax.device_put(T.stack_batches(fed, [{src.name: src.batch(0)}]), sharded)
+        hyper, _ = solver.step_hyper(0, 0)
+        t0 = time.perf_counter()
+        step_fn.lower(state, arrays, hyper).compile()
+        res.compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loss0 = one_step()  # jit's own cache compiles again only if the lowering differs
+        res.first_step_s = time.perf_counter() - t0
+        for _ in range(max(0, args.warmup - 1)):
+            one_step()
+        for _ in range(args.iterations):
+            t0 = time.perf_counter()
+            loss = one_step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        pf.close()
+        src.close()
+    if not np.isfinite(loss):
+        raise SystemExit(f"ours: loss {loss} after {it} iterations (first {loss0})")
+    res.config = (f"jax {jax.__version__}, {n_dev} x {devices[0].device_kind}, {args.precision}, "
+                  f"loss {loss0:.3f} -> {loss:.3f}")
+    return _finish(res, common.Timing(times, args.batch_size), peak)
+
+
+def run_torch(data: common.BenchData, args: argparse.Namespace, peak: float) -> Result:
+    import torch_alexnet
+
+    from data.pipeline import DataSource, Prefetcher
+    from model.prototxt import filter_net
+
+    net_param = filter_net(common.alexnet_train_net(data, args.batch_size), "TRAIN")
+    (lp,) = [lp for lp in net_param.layer if lp.type == "Data"]
+    src = DataSource(lp, train=True, seed=0, root=common.REPO)
+    mean = src.mean(3)
+    off = (mean.shape[1] - torch_alexnet.CROP) // 2
+    mean = mean[:, off:off + torch_alexnet.CROP, off:off + torch_alexnet.CROP]
+    pf = Prefetcher(src, 0, depth=PREFETCH_DEPTH, workers=args.workers)
+    try:
+        tr = torch_alexnet.train_throughput(
+            pf, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
+            mean=mean, device=args.device, precision=args.precision,
+            threads=os.cpu_count() if args.device == "cpu" else None)
+    finally:
+        pf.close()
+        src.close()
+    res = Result("pytorch", first_step_s=tr.first_step_seconds, config=tr.config)
+    return _finish(res, common.Timing(tr.iteration_seconds, args.batch_size), peak)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="float32")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--iterations", type=int, default=8, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations (incl. the first)")
+    p.add_argument("--workers", type=int, default=2, help="input pipeline threads")
+    p.add_argument("--records", type=int, default=0,
+                   help=f"LMDB records (default {RECORD_BATCHES} batches)")
+    p.add_argument("--allocator", choices=common.ALLOCATORS, default="auto")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.iterations < 1 or args.warmup < 1:
+        p.error("--batch-size, --iterations and --warmup must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.reexec_with_allocator(args.allocator)
+    devices = jax_devices(args.device)
+    peak = matmul_peak(devices, args.precision)
+    records = args.records or RECORD_BATCHES * args.batch_size
+    print(f"# bvlc_alexnet training, batch {args.batch_size}, {args.precision}, "
+          f"{len(devices)} {args.device} device(s), allocator {common.allocator_in_use()}, "
+          f"{os.cpu_count()} CPUs, matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        t0 = time.perf_counter()
+        data = common.build_lmdb(Path(tmp), records)
+        print(f"# LMDB: {records} random 256x256 raw Datums built in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        ours = run_ours(data, args, devices, peak)
+        print(ours.line(), flush=True)
+        theirs: Result | None = None
+        import torch_alexnet
+
+        if not args.no_torch and torch_alexnet.available():
+            theirs = run_torch(data, args, peak)
+            print(theirs.line(), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "allocator": common.allocator_in_use(),
+                                         "ours": asdict(ours),
+                                         "pytorch": asdict(theirs) if theirs else None},
+                                        indent=1))
+    if theirs is None:
+        print(f"train img/s: ours {ours.img_per_s:.2f}, pytorch n/a, ratio n/a")
+    else:
+        print(f"train img/s: ours {ours.img_per_s:.2f}, pytorch {theirs.img_per_s:.2f}, "
+              f"ratio {ours.img_per_s / theirs.img_per_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
