@@ -10,8 +10,9 @@ Conventions
   `net_->learnable_params()`); its state holds the history blobs in exactly the order Caffe's
   `history_` vector holds them (AdaDelta and Adam: N first-moment blobs, then N second-moment
   blobs), so `.solverstate` history round-trips one to one.
-- The learning rate is computed on the host each iteration, in double from the float32 proto
-  values, then cast to float32, as Caffe's `Dtype rate = ...` does; it enters the jitted update as
+- The learning rate is computed on the host each iteration in double from the float32 proto
+  values; each blob's local rate = float(rate * lr_mult) (README section 9 of the goldens: Caffe's
+  rate at iter 10 is the double 0.000999999992549419). The local rates enter the jitted update as
   an argument (`hyper`), so one compiled step serves every iteration.
 - Updates follow optax's sign convention: `optax.apply_updates(w, u)` gives `w - diff` where
   `diff` is what Caffe's `Net::Update()` subtracts (negation is exact, so this is bit-identical).
@@ -36,11 +37,6 @@ Params = tuple  # tuple of jax arrays in learnable_params order
 # --------------------------------------------------------------------------------------------
 # Learning-rate policies (sgd_solver.cpp, SGDSolver::GetLearningRate)
 # --------------------------------------------------------------------------------------------
-
-def _f32(x: float) -> float:
-    """Round a double to float32 and back: Caffe stores `rate` in a Dtype (float) variable."""
-    return float(np.float32(x))
-
 
 def _lr_fixed(p: caffe_pb2.SolverParameter, it: int, step: int) -> tuple[float, int]:
     # fixed: base_lr
@@ -101,9 +97,9 @@ LR_POLICIES: dict[str, Callable[[caffe_pb2.SolverParameter, int, int], tuple[flo
 
 def learning_rate(param: caffe_pb2.SolverParameter, iteration: int,
                   current_step: int = 0) -> tuple[float, int]:
-    """Caffe's rate at `iteration` as a float32 value, and the new current_step.
+    """Caffe's rate at `iteration` (a double), and the new current_step.
 
-    Computed in double from the float32 proto fields and rounded to float32 once, like Caffe.
+    Computed in double from the float32 proto fields, like Caffe.
     `current_step` is the SolverState field: only 'step' and 'multistep' change it.
     """
     policy = param.lr_policy
@@ -111,7 +107,7 @@ def learning_rate(param: caffe_pb2.SolverParameter, iteration: int,
         raise ImagenetError(
             f"unknown lr_policy {policy!r} in the solver; valid: {', '.join(sorted(LR_POLICIES))}")
     rate, step = LR_POLICIES[policy](param, int(iteration), int(current_step))
-    return _f32(rate), step
+    return rate, step
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,15 +216,11 @@ def regularize(weight_decay: float, decay_mult: Sequence[float],
     return optax.GradientTransformation(init, update)
 
 
-def _rates(lr_mult: Sequence[float], rate: jax.Array) -> list[jax.Array]:
-    # local_rate = rate * net_params_lr[param_id], a float product in Caffe
-    return [rate * jnp.float32(m) for m in lr_mult]
-
-
 def caffe_update(kind: str, param: caffe_pb2.SolverParameter,
                  lr_mult: Sequence[float]) -> optax.GradientTransformationExtraArgs:
-    """ComputeUpdateValue of solver `kind`; `update(..., hyper=...)` needs hyper['lr'] (f32)
-    and, for Adam, hyper['adam_correction'] (see `step_hyper`). Returns -diff."""
+    """ComputeUpdateValue of solver `kind`; `update(..., hyper=...)` needs
+    hyper['local_rates'] (float32, one per blob) and, for Adam, hyper['adam_correction'] (see
+    `CaffeSolver.step_hyper`). Returns -diff."""
     momentum = jnp.float32(param.momentum)
     delta = jnp.float32(param.delta)
     rms_decay = jnp.float32(param.rms_decay)
@@ -238,7 +230,7 @@ def caffe_update(kind: str, param: caffe_pb2.SolverParameter,
     def update(grads: Params, state: CaffeState, params: Params | None = None, *,
                hyper: dict[str, jax.Array], **_: Any) -> tuple[Params, CaffeState]:
         n = len(grads)
-        rates = _rates(lr_mult, hyper["lr"])
+        rates = [hyper["local_rates"][i] for i in range(len(grads))]
         hist = list(state.history)
         diffs = []
         for i, (g, r) in enumerate(zip(grads, rates)):
@@ -303,9 +295,14 @@ class CaffeSolver:
         return HISTORY_PER_PARAM[self.kind]
 
     def step_hyper(self, iteration: int, current_step: int) -> tuple[dict[str, np.ndarray], int]:
-        """Per-iteration scalars for the jitted update, and the new current_step."""
+        """Per-iteration scalars for the jitted update, and the new current_step.
+
+        hyper['lr'] is the double rate (for logs); hyper['local_rates'] the float32
+        rate * lr_mult of each blob, rounded once from double."""
         rate, step = learning_rate(self.param, iteration, current_step)
-        hyper = {"lr": np.float32(rate), "adam_correction": np.float32(1)}
+        hyper = {"lr": np.float64(rate),
+                 "local_rates": np.asarray([rate * m for m in self.mults.lr_mult], np.float32),
+                 "adam_correction": np.float32(1)}
         if self.kind == "Adam":
             t = iteration + 1  # adam_solver.cpp: const int t = this->iter_ + 1
             b1, b2 = float(np.float32(self.param.momentum)), float(np.float32(self.param.momentum2))

@@ -701,7 +701,8 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
                 train_cursor += iter_size
                 arrays = put_batch(stack_batches(fed, passes))
                 hyper, current_step = solver.step_hyper(it, current_step)
-                state, m = step_fn(state, arrays, hyper)
+                # the double rate stays on the host (logs); the step takes the float32 values
+                state, m = step_fn(state, arrays, {k: v for k, v in hyper.items() if k != "lr"})
                 loss = np.float32(jax.device_get(m["loss"]))
                 if not np.isfinite(loss):
                     where = (f"; the last good snapshot is {last_snapshot[1]}" if last_snapshot
