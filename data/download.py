@@ -467,20 +467,29 @@ def _fetch_once(url: str, masked: str, part: Path, meta_path: Path,
             check_free_space(part.parent, total - offset, part.name)
         done = offset
         try:
-            with open(part, mode) as out:
-                while True:
+            out = open(part, mode)
+        except OSError as err:
+            raise ImagenetError(f"cannot write {part}: {err.strerror or err}") from None
+        with out:
+            while True:
+                try:
                     # read1: whatever has arrived, so a stall or drop keeps every byte received.
                     chunk = response.read1(CHUNK_BYTES)
-                    if not chunk:
-                        break
+                except (OSError, http.client.HTTPException) as err:
+                    # socket.timeout, ConnectionResetError, IncompleteRead: keep what arrived.
+                    raise _Transient(f"connection lost at byte {done:,}: "
+                                     f"{type(err).__name__}") from None
+                if not chunk:
+                    break
+                try:
                     out.write(chunk)
-                    hasher.update(chunk)
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, total)
-        except (OSError, http.client.HTTPException) as err:
-            # socket.timeout, ConnectionResetError, IncompleteRead: keep what arrived.
-            raise _Transient(f"connection lost at byte {done:,}: {type(err).__name__}") from None
+                except OSError as err:  # a full disk is not a network problem: no retry
+                    raise ImagenetError(f"cannot write {part} at byte {done:,}: "
+                                        f"{err.strerror or err}") from None
+                hasher.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
         if total is not None and done != total:
             raise _Transient(f"connection closed at byte {done:,} of {total:,}")
         if total is None and meta.get("total") is None and length is None:

@@ -82,14 +82,17 @@ def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None
     bytes written. Inside a synset's work folder the folder itself is the temporary."""
     tmp = dst_path.with_name(f".{dst_path.name}.part-extract") if atomic else dst_path
     written = 0
-    with open(tmp, "wb") as out:
-        while chunk := src.read(COPY_CHUNK):
-            out.write(chunk)
-            written += len(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    if atomic:
-        os.replace(tmp, dst_path)
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := src.read(COPY_CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+        if atomic:
+            os.replace(tmp, dst_path)
+    except OSError as err:  # disk full, permissions: one line naming the file
+        raise ImagenetError(f"cannot write {dst_path}: {err.strerror or err}") from None
     return written
 
 

@@ -167,3 +167,35 @@ def test_one_download_per_file_at_a_time(mirror, sums, tmp_path):
         with pytest.raises(ImagenetError, match="another process is downloading"):
             download(mirror.url(VAL), tmp_path, md5=sums[VAL])
         assert mirror.requests_for(VAL) == []
+
+
+def test_a_failing_disk_is_not_retried_as_a_network_error(mirror, sums, tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullDisk(f) if str(path).endswith(".part") and "b" in mode and "r" not in mode \
+            else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    with pytest.raises(ImagenetError, match="cannot write .*No space left on device"):
+        download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=5, backoff=FAST)
+    assert len(mirror.requests_for(VAL)) == 1
