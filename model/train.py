@@ -532,8 +532,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
     clog("Solver scaffolding done.", "solver.cpp:57")
 
     # 3. parameters: fillers from the seed, then --weights or the snapshot's learned_net
-    # one compiled init instead of op-by-op dispatch (each filler op would compile on its own)
-    params = jax.jit(net.init)(jax.random.PRNGKey(seed))
+    params = net.init(jax.random.PRNGKey(seed))
     test_inits = [_test_init(t.net, params, seed) for t in tests]
     if weights:
         sources = _load_weights(weights, root)
@@ -796,7 +795,7 @@ def _test_init(tnet: Net, train_params: Params, seed: int) -> Params:
     """Initial test-net params: the train net's blobs where layer names match (they are shared
     anyway), fillers only when the test net has layers of its own."""
     own = [r for r in tnet.learnable_params if r.layer not in train_params]
-    base = jax.jit(tnet.init)(jax.random.PRNGKey(seed)) if own else {}
+    base = tnet.init(jax.random.PRNGKey(seed)) if own else {}
     out: Params = {}
     for layer in tnet.layers:
         if layer.blobs:
@@ -832,7 +831,7 @@ def evaluate(model_prototxt: str | os.PathLike, weights: str | Sequence[str], it
         path = root / path
     fed = build_fed_net(read_net_parameter(path), "TEST", root=root, seed=0, stream=TEST_STREAM,
                         n_devices=1, source_name=str(path))
-    params = jax.jit(fed.net.init)(jax.random.PRNGKey(0))
+    params = fed.net.init(jax.random.PRNGKey(0))
     params = copy_layers(fed.net, params, _load_weights(weights, root),
                          log=lambda m: clog(m, "net.cpp:746"))
     mesh = Mesh(np.array(devs), ("data",))

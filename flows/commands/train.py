@@ -1,0 +1,62 @@
+"""`imagenet train --solver=S [--snapshot=X.solverstate | --weights=A.caffemodel[,B...]]
+[--gpu=all|0,1|-1] [--iterations=N]`: Caffe's `caffe train` (tools/caffe.cpp train()).
+
+Flags keep Caffe's spellings (--solver, -solver, --gpu ...). --snapshot resumes exactly when the
+snapshot has our side file (<prefix>_iter_N.resume.json) and with Caffe's semantics (data from
+the first record) when it was written by real Caffe. --snapshot with --weights is refused, as in
+Caffe. --iterations N stops at iteration N (snapshotting there) instead of max_iter. The logic
+lives in model.train.
+"""
+from __future__ import annotations
+
+import argparse
+
+from data.errors import ImagenetError
+from flows.flags import add_flag
+from model.train import PRECISIONS, train
+
+
+def parse_gpu(text: str | None) -> str | list[int] | None:
+    """--gpu: "all", a comma-separated list of ids, or -1 for the CPU (Caffe's spelling)."""
+    if text is None or text == "":
+        return None
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ImagenetError(f"--gpu={text!r}: expected 'all', a list like 0,1, or -1") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "solver", help="the solver definition protocol buffer text file")
+    add_flag(parser, "snapshot", help="optional; the snapshot solver state to resume training")
+    add_flag(parser, "weights", help="optional; comma-separated caffemodels to finetune from; "
+             "cannot be set with --snapshot")
+    add_flag(parser, "gpu", help="optional; run in data-parallel mode on these devices: 'all', "
+             "'0,1', or -1 for the CPU (default: the solver's first device)")
+    add_flag(parser, "iterations", type=int, default=None,
+             help="optional; stop (and snapshot) at this iteration instead of max_iter")
+    add_flag(parser, "precision", default="fp32",
+             help=f"compute precision: {', '.join(PRECISIONS)} (bf16 keeps float32 weights)")
+    add_flag(parser, "sigint_effect", default="stop",
+             help="accepted for Caffe compatibility; SIGINT/SIGTERM always snapshot, then stop")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.solver:
+        raise ImagenetError("Need a solver definition to train (--solver=solver.prototxt)")
+    if args.snapshot and args.weights:
+        raise ImagenetError("Give a snapshot to resume training or weights to finetune but "
+                            "not both.")
+    if args.sigint_effect not in ("stop", "snapshot", "none"):
+        raise ImagenetError(f"--sigint_effect={args.sigint_effect!r}; valid: stop, snapshot, "
+                            "none")
+    result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
+                   devices=parse_gpu(args.gpu), stop_at_iter=args.iterations,
+                   precision=args.precision)
+    print(f"final iteration {result.final_iter}; "
+          f"last snapshot {result.last_snapshot[0] if result.last_snapshot else 'none'}; "
+          f"metrics {result.metrics_path}; plot {result.plot_path}; "
+          f"{result.images_per_second:.1f} images/s")
+    return 0
