@@ -233,8 +233,10 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
             if final_dir.exists():  # a folder without a marker: incomplete or not ours
                 shutil.rmtree(final_dir)
             os.replace(tmp, final_dir)
+            # Guards against kills (the page cache survives those), not power loss: no fsync.
             ilsvrc12.atomic_write_text(_marker(state, wnid),
-                                       json.dumps({"files": files, "bytes": nbytes}) + "\n")
+                                       json.dumps({"files": files, "bytes": nbytes}) + "\n",
+                                       durable=False)
             counter.done = base + member.size  # headers and padding count as done too
             counter.add(0)
             result.files += files

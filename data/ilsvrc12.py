@@ -94,14 +94,16 @@ def sort_synsets(wnids: Iterable[str]) -> list[str]:
     return sorted(set(wnids))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp name + rename, so a kill never leaves half a file."""
+def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
+    """Write `text` to `path` via a temp name + rename, so a kill never leaves half a file;
+    `durable` also fsyncs it (pointless for a marker whose data files are not fsynced)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
