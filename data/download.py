@@ -228,6 +228,25 @@ def _verify_local(path: Path, want: str | None, user_given: bool, progress: Prog
                           md5_verified=want is not None)
 
 
+class _SameOriginAuthRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, carrying Authorization only to the same scheme, host and port (urllib
+    drops unredirected headers on every redirect; sending them elsewhere would leak them, e.g.
+    to the storage service a mirror redirects to)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth is not None:
+            old_parts, new_parts = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(
+                new.full_url)
+            if (old_parts.scheme, old_parts.netloc) == (new_parts.scheme, new_parts.netloc):
+                new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginAuthRedirect)
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -405,8 +424,7 @@ def _fetch_once(url: str, masked: str, part: Path, meta_path: Path,
                                                    "Accept-Encoding": "identity"})
     auth = credentials.header() if credentials else None
     if auth:
-        # Unredirected: urllib does not forward it when following a redirect, so credentials
-        # never leave the mirror's host (e.g. for a redirect to a signed storage URL).
+        # Unredirected: only _SameOriginAuthRedirect forwards it, and only to the same origin.
         request.add_unredirected_header("Authorization", auth)
     if have:
         request.add_header("Range", f"bytes={have}-")
@@ -416,7 +434,7 @@ def _fetch_once(url: str, masked: str, part: Path, meta_path: Path,
         if validator:
             request.add_header("If-Range", validator)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = _OPENER.open(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         retry_after = _parse_retry_after(err.headers.get("Retry-After") if err.headers else None)
         err.close()

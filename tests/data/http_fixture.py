@@ -7,7 +7,8 @@ file name and consumed one per request:
   ("status", code[, retry_after])  answer with that status instead of the file;
   ("drop", nbytes)                 send the headers of the full answer, then nbytes of body, then
                                    close the connection (a dropped download);
-  ("stall", seconds)               send the headers and half the body, then go quiet.
+  ("stall", seconds)               send the headers and half the body, then go quiet;
+  ("redirect", url)                answer 302 with Location: url.
 The server runs in daemon threads and shuts itself down after `max_lifetime` seconds even if a
 test forgets to, so it can never outlive the test run.
 """
@@ -84,6 +85,12 @@ class MirrorServer:
             self.requests.append((path, {k.lower(): v for k, v in h.headers.items()}))
             queue = self.faults.get(path.lstrip("/"))
             fault = queue.popleft() if queue else None
+        if fault and fault[0] == "redirect":
+            h.send_response(302)
+            h.send_header("Location", fault[1])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if fault and fault[0] == "status":
             h.send_response(fault[1])
             if len(fault) > 2:

@@ -199,3 +199,17 @@ def test_a_failing_disk_is_not_retried_as_a_network_error(mirror, sums, tmp_path
     with pytest.raises(ImagenetError, match="cannot write .*No space left on device"):
         download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=5, backoff=FAST)
     assert len(mirror.requests_for(VAL)) == 1
+
+
+def test_credentials_follow_redirects_only_to_the_same_origin(mirror, sums, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGENET_TOKEN", "tok-456")
+    # Same origin: the token goes along.
+    mirror.fail("alias.tar", ("redirect", mirror.url(VAL)))
+    download(mirror.url("alias.tar"), tmp_path / "a", md5=sums[VAL], filename=VAL)
+    assert mirror.requests_for(VAL)[-1]["authorization"] == "Bearer tok-456"
+    # Another origin (same server, named differently): it does not.
+    other = mirror.url(VAL).replace("127.0.0.1", "localhost")
+    mirror.fail("alias.tar", ("redirect", other))
+    download(mirror.url("alias.tar"), tmp_path / "b", md5=sums[VAL], filename=VAL)
+    assert "authorization" not in mirror.requests_for(VAL)[-1]
+    assert mirror.requests_for("alias.tar")[-1]["authorization"] == "Bearer tok-456"
