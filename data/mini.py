@@ -115,7 +115,11 @@ DRAW_DOWNSCALE = 4
 JPEG_QUALITY = 85
 TRAIN_ID_RANGE = (1, 15_000)  # real train ids go up to ~15k (n01440764_10026.JPEG)
 ARCHIVE_MTIME = 1_336_003_200  # 2012-05-03, fixed so archive bytes (and md5s) are reproducible
-NOISE_SIGMA = 14.0
+NOISE_SIGMA = 14.0  # per-pixel noise (at draw resolution, so it becomes texture)
+COLOR_JITTER = 12.0  # per-image shift of the class colours (std, 0-255 scale)
+OBJECT_SCALE = (0.22, 0.42)  # object half-size as a fraction of the shorter side
+MAX_ROTATION = 0.35  # radians either way
+GRADIENT_STRENGTH = 40.0  # std of the background's linear brightness ramp across the image
 _SIZE_PROBS = np.array([p for _, p in IMAGE_SIZES]) / sum(p for _, p in IMAGE_SIZES)
 SHAPES = ("circle", "square", "triangle", "hstripes", "vstripes", "diagonal", "checker", "ring",
           "cross", "dots")
@@ -195,18 +199,18 @@ def render_image(class_index: int, rng: np.random.Generator) -> tuple[Image.Imag
     width, height = IMAGE_SIZES[rng.choice(len(IMAGE_SIZES), p=_SIZE_PROBS)][0]
     w, h = width // DRAW_DOWNSCALE, height // DRAW_DOWNSCALE
     shape, fg, bg = _class_style(class_index)
-    fg = np.clip(fg + rng.normal(0, 12, 3), 0, 255).astype(np.float32)
-    bg = np.clip(bg + rng.normal(0, 12, 3), 0, 255).astype(np.float32)
+    fg = np.clip(fg + rng.normal(0, COLOR_JITTER, 3), 0, 255).astype(np.float32)
+    bg = np.clip(bg + rng.normal(0, COLOR_JITTER, 3), 0, 255).astype(np.float32)
     yy, xx = _grid(w, h)
-    size = rng.uniform(0.22, 0.42) * min(w, h)
+    size = rng.uniform(*OBJECT_SCALE) * min(w, h)
     cx = rng.uniform(size, w - size)
     cy = rng.uniform(size, h - size)
-    angle = rng.uniform(-0.35, 0.35)
+    angle = rng.uniform(-MAX_ROTATION, MAX_ROTATION)
     c, s = np.float32(np.cos(angle) / size), np.float32(np.sin(angle) / size)
     dx, dy = xx - np.float32(cx), yy - np.float32(cy)
     mask = _mask(shape, c * dx + s * dy, c * dy - s * dx)[..., None]
     # Background: the class colour with a random linear gradient, so position cues vary.
-    gx, gy = rng.normal(0, 40.0, 2).astype(np.float32)
+    gx, gy = rng.normal(0, GRADIENT_STRENGTH, 2).astype(np.float32)
     grad = (gx / w) * xx + (gy / h) * yy - np.float32((gx + gy) / 2)
     img = np.where(mask, fg, bg + grad[..., None])
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(NOISE_SIGMA)
