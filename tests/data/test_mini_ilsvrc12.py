@@ -118,3 +118,10 @@ def test_command_line(tmp_path, capsys):
     assert "2 classes" in out and (tmp_path / "MD5SUMS").is_file()
     assert cli(["make-mini-ilsvrc12", str(tmp_path), "--classes", "99"]) == 1
     assert "between 1 and 50" in capsys.readouterr().err
+
+
+def test_real_wnids_match_the_golden_classes(golden):
+    """The golden's five classes are ILSVRC2012's first five synsets: so are the mini's."""
+    assert [w for w, _ in REAL_SYNSETS[:5]] == sorted(p.name for p in (golden / "train").iterdir())
+    wnids = [w for w, _ in REAL_SYNSETS]
+    assert wnids == sorted(wnids) and len(set(wnids)) == len(wnids) == 50
