@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import multiprocessing
 import os
 import random
 import time
@@ -98,6 +99,14 @@ class _Outcome:
     reason: str = ""
     truncated: bool = False
     data_size: int = -1  # raw records: len(Datum.data), for --check_size
+
+
+def available_cores() -> int:
+    """Cores this process may run on (taskset, cgroups' cpusets), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
@@ -212,9 +221,22 @@ def _ordered_parallel(pool: Pool, chunks: Iterable[list], in_flight: int
         yield from outcomes
 
 
-# How workers run: separate processes (true parallel decode; the default) or threads of this
-# process (OpenCV releases the GIL while decoding; no start-up cost, handy inside servers).
-POOLS: dict[str, type[Pool]] = {"process": Pool, "thread": ThreadPool}
+def _process_pool(workers: int, opts: ConvertOptions) -> Pool:
+    # forkserver, not fork: forking a process whose OpenCV thread pool is running (any earlier
+    # cv2.resize) can leave the child waiting forever on a lock copied while held.
+    context = multiprocessing.get_context("forkserver")
+    return context.Pool(workers, initializer=_init_worker, initargs=(opts,))
+
+
+def _thread_pool(workers: int, opts: ConvertOptions) -> Pool:
+    _init_worker(opts)  # also limits OpenCV to one thread in this process, until restored
+    return ThreadPool(workers)
+
+
+# How workers run: separate processes (true parallel decode and serialization) or threads of
+# this process (OpenCV releases the GIL while decoding; no start-up cost).
+POOLS: dict[str, Callable[[int, ConvertOptions], Pool]] = {
+    "process": _process_pool, "thread": _thread_pool}
 
 
 def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], workers: int,
@@ -226,11 +248,7 @@ def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], worke
     if pool_kind not in POOLS:
         raise ImagenetError(f"unknown worker pool {pool_kind!r}; valid: {sorted(POOLS)}")
     cv_threads = cv2.getNumThreads()
-    if pool_kind == "thread":
-        _init_worker(opts)  # also limits OpenCV to one thread in this process, until finally:
-        pool = ThreadPool(workers)
-    else:
-        pool = POOLS[pool_kind](workers, initializer=_init_worker, initargs=(opts,))
+    pool = POOLS[pool_kind](workers, opts)
     try:
         yield from _ordered_parallel(pool, _chunks(items, CHUNK_SIZE),
                                      workers * CHUNKS_IN_FLIGHT_PER_WORKER)
@@ -273,7 +291,7 @@ def convert_imageset(
                             f"width {resize_width}")
     if max_skipped is not None and max_skipped < 0:
         raise ImagenetError(f"max_skipped must be >= 0, got {max_skipped}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = available_cores() if workers is None else workers
     if workers < 1:
         raise ImagenetError(f"workers must be >= 1, got {workers}")
     root = os.fspath(root_folder)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from data.convert import available_cores
 from data.datum import decode_datum_bytes, parse_datum_header, write_blobproto
 from data.errors import ImagenetError
 from data.lmdb_io import LmdbReader
@@ -92,7 +93,7 @@ def compute_image_mean(
 ) -> MeanResult:
     """Mean image of an LMDB of Datums; written to `output_file` (atomically) when given."""
     started = time.monotonic()
-    threads = (os.cpu_count() or 1) if threads is None else threads
+    threads = available_cores() if threads is None else threads
     if threads < 1:
         raise ImagenetError(f"threads must be >= 1, got {threads}")
     with LmdbReader(db_path) as reader:
