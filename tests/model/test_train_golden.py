@@ -33,7 +33,7 @@ COPY = ["net.prototxt", "net_deterministic.prototxt", "net_finetune.prototxt",
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory) -> Path:
     """A persistent compilation cache: the same nets compile once across these tests."""
-    d = tmp_path_factory.mktemp("jax_cache")
+    d = tmp_path_factory.getbasetemp() / "jax_cache"  # shared by this session's tests
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return d
