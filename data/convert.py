@@ -34,7 +34,7 @@ import cv2
 from data import images
 from data.datum import encode_datum_bytes, encoded_datum_bytes
 from data.errors import ImagenetError
-from data.lmdb_io import COMMIT_EVERY_DEFAULT, LmdbWriter, lmdb_content_digest
+from data.lmdb_io import COMMIT_EVERY_DEFAULT, LmdbWriter
 from data.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -233,8 +233,10 @@ def _thread_pool(workers: int, opts: ConvertOptions) -> Pool:
     return ThreadPool(workers)
 
 
-# How workers run: separate processes (true parallel decode and serialization) or threads of
-# this process (OpenCV releases the GIL while decoding; no start-up cost).
+# How workers run: threads of this process (the default: OpenCV, numpy, hashlib and LMDB
+# release the GIL, so decoding scales with no start-up cost and no copies between processes),
+# or separate processes (start-up and pickling cost more; for pipelines where Python-level
+# work per image would make the GIL the limit).
 POOLS: dict[str, Callable[[int, ConvertOptions], Pool]] = {
     "process": _process_pool, "thread": _thread_pool}
 
@@ -245,8 +247,6 @@ def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], worke
         for index, entry in items:
             yield convert_one(opts, index, entry)
         return
-    if pool_kind not in POOLS:
-        raise ImagenetError(f"unknown worker pool {pool_kind!r}; valid: {sorted(POOLS)}")
     cv_threads = cv2.getNumThreads()
     pool = POOLS[pool_kind](workers, opts)
     try:
@@ -276,11 +276,15 @@ def convert_imageset(
     max_skipped: int | None = None,
     max_pixels: int = images.MAX_PIXELS_DEFAULT,
     commit_every: int = COMMIT_EVERY_DEFAULT,
-    pool: str = "process",
+    pool: str = "thread",
     progress: Callable[[int, int | None], None] | None = None,
     show_progress: bool | None = None,
+    digest: bool = True,
 ) -> ConvertResult:
     """Convert the images named in `listfile` (relative to `root_folder`) into a new LMDB.
+
+    `digest` fills ConvertResult.digest (lmdb_content_digest, hashed while writing); the
+    command line turns it off, as it does not print it. `pool` picks how workers run (POOLS).
 
     Raises ImagenetError (and leaves nothing at `db_path`) on a malformed listing, an existing
     DB without overwrite, a size mismatch under check_size, or more than max_skipped skips.
@@ -294,6 +298,8 @@ def convert_imageset(
     workers = available_cores() if workers is None else workers
     if workers < 1:
         raise ImagenetError(f"workers must be >= 1, got {workers}")
+    if pool not in POOLS:
+        raise ImagenetError(f"unknown worker pool {pool!r}; valid: {sorted(POOLS)}")
     root = os.fspath(root_folder)
     if not Path(root).is_dir():
         raise ImagenetError(f"{root}: root folder is not a directory")
@@ -310,7 +316,7 @@ def convert_imageset(
     expected_size = -1
     with ExitStack() as stack:
         writer = stack.enter_context(
-            LmdbWriter(db_path, overwrite=overwrite, commit_every=commit_every))
+            LmdbWriter(db_path, overwrite=overwrite, commit_every=commit_every, digest=digest))
         bar = stack.enter_context(Progress(len(entries), desc="convert_imageset", unit="img",
                                            enabled=show_progress, on_update=progress))
         outcomes = stack.enter_context(closing(_outcomes(opts, items, workers, pool)))
@@ -342,6 +348,6 @@ def convert_imageset(
                         f"{expected_size}; no DB written at {db_path}")
             writer.put(outcome.key, outcome.value)
         result.count = writer.puts
-    result.digest = lmdb_content_digest(db_path)
+    result.digest = writer.content_digest() if digest else ""
     result.seconds = time.monotonic() - started
     return result

@@ -101,15 +101,28 @@ class LmdbReader:
         self.close()
 
 
+class RecordDigest:
+    """The running hash behind lmdb_content_digest: feed it records in key order."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(_DIGEST_VERSION)
+
+    def update(self, key: bytes | memoryview, value: bytes | memoryview) -> None:
+        self._hash.update(_DIGEST_FRAME.pack(len(key), len(value)))
+        self._hash.update(key)
+        self._hash.update(value)  # hashlib releases the GIL for large buffers
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 def lmdb_content_digest(path: str | os.PathLike) -> str:
     """sha256 over the records (key and value, in key order): the same records give the same
     digest even when data.mdb differs (page layout, map size, free pages)."""
-    digest = hashlib.sha256(_DIGEST_VERSION)
+    digest = RecordDigest()
     with LmdbReader(path) as reader:
         for key, value in reader.iter_buffers():
-            digest.update(_DIGEST_FRAME.pack(len(key), len(value)))
-            digest.update(key)
-            digest.update(value)  # hashlib releases the GIL and reads the map in place
+            digest.update(key, value)  # read in place from the map, no copies
     return digest.hexdigest()
 
 
@@ -149,6 +162,10 @@ class LmdbWriter:
     Records are committed every `commit_every` puts; a full map is doubled and the commit
     retried, so MDB_MAP_FULL never reaches the caller. `path` must not exist unless
     overwrite=True (then it is replaced only once the new DB is complete).
+
+    With digest=True the writer hashes records as they are put, so `content_digest()` after
+    the build needs no second pass over the DB when keys were put in increasing order (as
+    convert_imageset puts them); otherwise it falls back to lmdb_content_digest.
     """
 
     def __init__(
@@ -158,6 +175,7 @@ class LmdbWriter:
         overwrite: bool = False,
         commit_every: int = COMMIT_EVERY_DEFAULT,
         map_size: int = INITIAL_MAP_SIZE,
+        digest: bool = False,
     ) -> None:
         if commit_every < 1:
             raise ImagenetError(f"commit_every must be >= 1, got {commit_every}")
@@ -183,12 +201,21 @@ class LmdbWriter:
         self.puts = 0  # records put (committed or pending)
         self._pending: list[tuple[bytes, bytes]] = []
         self._closed = False
+        self._digest = RecordDigest() if digest else None
+        self._last_key: bytes | None = None
+        self._keys_increasing = True
 
     def put(self, key: bytes, value: bytes) -> None:
         if self._closed:
             raise ImagenetError(f"{self.path}: put() after the writer was closed")
         self._pending.append((key, value))
         self.puts += 1
+        if self._digest is not None and self._keys_increasing:
+            if self._last_key is not None and key <= self._last_key:
+                self._keys_increasing = False  # LMDB's key order is not put order any more
+            else:
+                self._digest.update(key, value)
+                self._last_key = key
         if len(self._pending) >= self.commit_every:
             self.commit()
 
@@ -229,6 +256,14 @@ class LmdbWriter:
         else:
             os.rename(self.tmp_path, self.path)
         return self.path
+
+    def content_digest(self) -> str:
+        """lmdb_content_digest of the finished DB (streamed when possible)."""
+        if not self._closed:
+            raise ImagenetError(f"{self.path}: content_digest() before the build finished")
+        if self._digest is not None and self._keys_increasing:
+            return self._digest.hexdigest()
+        return lmdb_content_digest(self.path)
 
     def abort(self) -> None:
         """Throw the partial build away."""

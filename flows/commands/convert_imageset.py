@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "seed", type=int, default=None,
              help="seed for --shuffle (default: random, and printed so it can be replayed)")
     add_flag(parser, "workers", type=int, default=None,
-             help="decode/resize processes (default: all cores); output is the same for any")
+             help="decode/resize threads (default: all cores); the DB is the same for any")
     add_flag(parser, "max_skipped", type=int, default=None,
              help="fail (and write no DB) if more than this many images cannot be converted")
     add_flag(parser, "overwrite", type=bool, default=False,
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         resize_height=args.resize_height, resize_width=args.resize_width,
         shuffle=args.shuffle, seed=args.seed, gray=args.gray, encoded=args.encoded,
         encode_type=args.encode_type, check_size=args.check_size, workers=args.workers,
-        overwrite=args.overwrite, max_skipped=args.max_skipped)
+        overwrite=args.overwrite, max_skipped=args.max_skipped, digest=False)
     if result.seed is not None and args.seed is None:
         print(f"Shuffled with --seed={result.seed} (pass it to reproduce this order).",
               file=sys.stderr)

@@ -169,3 +169,15 @@ def test_digest_of_golden_is_stable(golden: Path) -> None:
         golden / "val_64_lmdb")
     assert lmdb_content_digest(golden / "val_64_lmdb") != lmdb_content_digest(
         golden / "val_lmdb")
+
+
+def test_streamed_digest_matches_and_falls_back_when_keys_go_backwards(tmp_path: Path) -> None:
+    records = _records(30, size=500)
+    with LmdbWriter(tmp_path / "inorder", digest=True, commit_every=4) as writer:
+        for key, value in records:
+            writer.put(key, value)
+    assert writer.content_digest() == lmdb_content_digest(tmp_path / "inorder")
+    with LmdbWriter(tmp_path / "shuffled", digest=True) as writer:
+        for key, value in reversed(records):
+            writer.put(key, value)
+    assert writer.content_digest() == lmdb_content_digest(tmp_path / "inorder")
