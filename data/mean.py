@@ -1,16 +1,18 @@
 """compute_image_mean: the per-pixel mean over every Datum in an LMDB, as Caffe computes it.
 
-Reproduces tools/compute_image_mean.cpp: sum every record (encoded ones decoded natively),
-divide by the count, write a BlobProto with the legacy fields num=1, channels, height, width
-and float data (C x H x W, BGR), and log the per-channel means.
+Reproduces tools/compute_image_mean.cpp: sum every record (encoded ones decoded natively,
+float_data ones as floats), divide by the count, write a BlobProto with the legacy fields
+num=1, channels, height, width and float data (C x H x W, BGR), log the per-channel means.
 
-Caffe sums in float32, one record after the other. We sum the uint8 pixels exactly in integers
-(uint16 partial sums of at most 257 records, which cannot overflow, folded into uint64) and
-then divide in float32 like Caffe: float32(sum) / float32(N). That is bit for bit Caffe's
-result while every running sum is exactly representable in float32 (N * 255 < 2**24, i.e.
-N <= 65,793 records); beyond that Caffe's float32 sum starts rounding and ours stays exact.
-Integer sums do not depend on order, so batches of records are summed on several threads
-(numpy releases the GIL) while the reader parses the next records in place (no copies).
+Caffe adds each uint8 record into a float32 sum, one record after the other. Two ways to sum
+(ACCUMULATIONS):
+- "exact" (default): integer sums (uint16 partials of at most 257 records, which cannot
+  overflow, folded into uint64) computed on several threads while the reader walks the map in
+  place; then float32(sum) / float32(N) like Caffe. Bit for bit Caffe's result while Caffe's
+  float32 running sums are exact, i.e. N * 255 < 2**24 (N <= 65,793 records); beyond that
+  Caffe's sum starts rounding and this one stays exact.
+- "caffe": Caffe's own float32 running sum in key order, single-threaded: Caffe's file bit for
+  bit at any N (ImageNet's 1.28 M records included), rounding and all.
 """
 from __future__ import annotations
 
@@ -24,16 +26,21 @@ from typing import Callable
 import numpy as np
 
 from data.convert import available_cores
-from data.datum import decode_datum_bytes, parse_datum_header, write_blobproto
+from data.datum import decode_datum_bytes, parse_datum_header, raw_datum_prefix, write_blobproto
 from data.errors import ImagenetError
 from data.lmdb_io import LmdbReader
 from data.progress import Progress
 
+ACCUMULATIONS = {
+    "exact": "exact integer sums on threads; equals Caffe's float32 sums up to 65,793 records",
+    "caffe": "Caffe's float32 running sum in key order: Caffe's bits at any size, one thread",
+}
 # Records per uint16 partial sum: 257 * 255 = 65,535 is the most a uint16 can hold.
 RECORDS_PER_PARTIAL = 257
-# Partial sums in flight per thread: keeps the threads fed without holding many 2-byte/pixel
-# accumulators at once.
+# Partial sums in flight per thread: keeps the threads fed without holding many at once.
 PARTIALS_IN_FLIGHT_PER_THREAD = 2
+# What ends a raw record written by Caffe (or by us): label (field 5) ... encoded=false (7).
+_RAW_TAIL_START, _RAW_TAIL_END, _MAX_RAW_TAIL = b"\x28", b"\x38\x00", 13
 
 
 @dataclass
@@ -51,6 +58,19 @@ class MeanResult:
         return lines
 
 
+def _shape_error(key: bytes, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    return (f"record {bytes(key).decode('utf-8', 'replace')!r} has shape {list(got)} but the "
+            f"first record has {list(want)}: every record must have the same shape to average "
+            f"(convert with --resize_height/--resize_width)")
+
+
+def _decode_checked(key: bytes, value: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    arr, _ = decode_datum_bytes(value)
+    if arr.shape != shape:
+        raise ImagenetError(_shape_error(key, arr.shape, shape))
+    return arr.reshape(-1)
+
+
 def _sum_raw(views: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     partial = np.zeros(int(np.prod(shape)), dtype=np.uint16)
     for view in views:
@@ -58,21 +78,11 @@ def _sum_raw(views: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     return partial
 
 
-def _sum_encoded(values: list[tuple[bytes, memoryview]], shape: tuple[int, ...]
-                 ) -> np.ndarray:
-    partial = np.zeros(shape, dtype=np.uint16)
-    for key, value in values:
-        arr, _ = decode_datum_bytes(value)
-        if arr.shape != shape:
-            raise ImagenetError(_shape_error(key, arr.shape, shape))
-        np.add(partial, arr, out=partial)
-    return partial.reshape(-1)
-
-
-def _shape_error(key: bytes, got: tuple[int, ...], want: tuple[int, ...]) -> str:
-    return (f"record {key.decode('utf-8', 'replace')!r} has shape {list(got)} but the first "
-            f"record has {list(want)}: every record must have the same shape to average "
-            f"(convert with --resize_height/--resize_width)")
+def _sum_encoded(records: list[tuple[bytes, memoryview]], shape: tuple[int, ...]) -> np.ndarray:
+    partial = np.zeros(int(np.prod(shape)), dtype=np.uint16)
+    for key, value in records:
+        np.add(partial, _decode_checked(key, value, shape), out=partial)
+    return partial
 
 
 def _channel_means(mean: np.ndarray) -> list[float]:
@@ -83,16 +93,85 @@ def _channel_means(mean: np.ndarray) -> list[float]:
             for c in range(mean.shape[0])]
 
 
+class _Summer:
+    """Adds records one by one: uint8 pixels to an exact integer sum (batched onto threads)
+    or to Caffe's float32 running sum; float_data always to a float32 running sum."""
+
+    def __init__(self, shape: tuple[int, ...], accumulation: str, pool: ThreadPoolExecutor,
+                 in_flight: int) -> None:
+        self.shape = shape
+        self.size = int(np.prod(shape))
+        self.caffe = accumulation == "caffe"
+        self.pool = pool
+        self.in_flight = in_flight
+        self.int_sum = np.zeros(self.size, dtype=np.uint64)
+        self.float_sum = np.zeros(self.size, dtype=np.float32)
+        self.batch: list = []
+        self.batch_encoded = False
+        self.pending: list[Future] = []
+
+    def add_raw(self, view: np.ndarray) -> None:
+        if self.caffe:
+            np.add(self.float_sum, view, out=self.float_sum, casting="unsafe")
+        else:
+            self._queue(False, view)
+
+    def add_encoded(self, key: bytes, value: memoryview) -> None:
+        if self.caffe:
+            np.add(self.float_sum, _decode_checked(key, value, self.shape), out=self.float_sum,
+                   casting="unsafe")
+        else:
+            self._queue(True, (key, value))  # decoded and shape-checked on the threads
+
+    def add_float(self, arr: np.ndarray) -> None:
+        np.add(self.float_sum, arr.reshape(-1), out=self.float_sum)
+
+    def _queue(self, encoded: bool, item: object) -> None:
+        if encoded != self.batch_encoded:
+            self.flush()
+            self.batch_encoded = encoded
+        self.batch.append(item)
+        if len(self.batch) >= RECORDS_PER_PARTIAL:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            task = _sum_encoded if self.batch_encoded else _sum_raw
+            self.pending.append(self.pool.submit(task, list(self.batch), self.shape))
+            self.batch.clear()
+        while len(self.pending) >= self.in_flight:
+            self._fold(self.pending.pop(0))
+
+    def _fold(self, future: Future) -> None:
+        np.add(self.int_sum, future.result(), out=self.int_sum)
+
+    def finish(self) -> np.ndarray:
+        self.flush()
+        while self.pending:
+            self._fold(self.pending.pop(0))
+        if not self.int_sum.any():
+            return self.float_sum
+        return self.int_sum.astype(np.float32) + self.float_sum
+
+    def cancel(self) -> None:
+        for future in self.pending:
+            future.cancel()
+
+
 def compute_image_mean(
     db_path: str | os.PathLike,
     output_file: str | os.PathLike | None = None,
     *,
     progress: Callable[[int, int | None], None] | None = None,
     threads: int | None = None,
+    accumulation: str = "exact",
     show_progress: bool | None = None,
 ) -> MeanResult:
     """Mean image of an LMDB of Datums; written to `output_file` (atomically) when given."""
     started = time.monotonic()
+    if accumulation not in ACCUMULATIONS:
+        raise ImagenetError(f"unknown accumulation {accumulation!r}; valid: "
+                            f"{sorted(ACCUMULATIONS)}")
     threads = available_cores() if threads is None else threads
     if threads < 1:
         raise ImagenetError(f"threads must be >= 1, got {threads}")
@@ -102,74 +181,45 @@ def compute_image_mean(
         if first is None:
             raise ImagenetError(f"{db_path}: the LMDB holds no records, there is nothing to "
                                 f"average")
-        first_arr, _ = decode_datum_bytes(first[1])
-        shape = first_arr.shape
-        size = first_arr.size
-        float_records = first_arr.dtype != np.uint8
-        total_sum = np.zeros(size, dtype=np.float32 if float_records else np.uint64)
+        shape = decode_datum_bytes(first[1])[0].shape
+        size = int(np.prod(shape))
+        # Caffe's raw records all start with the same bytes (channels, height, width, data
+        # length): recognising them by that prefix skips the field walk for nearly every record.
+        prefix = raw_datum_prefix(shape)
+        plen = len(prefix)
         count = 0
-        pending: list[Future] = []
-        batch: list = []
-        in_flight = threads * PARTIALS_IN_FLIGHT_PER_THREAD
-
-        def fold(future: Future) -> None:
-            np.add(total_sum, future.result(), out=total_sum)
-
         # The read transaction spans the whole sum: the buffers handed to the threads point
         # into the map and stay valid only while it is open.
         with reader.env.begin(buffers=True) as txn, \
                 ThreadPoolExecutor(max_workers=threads) as pool, \
                 Progress(total, desc="compute_image_mean", unit="rec", enabled=show_progress,
                          on_update=progress) as bar:
-            batch_encoded = False
-
-            def flush() -> None:
-                if not batch:
-                    return
-                task = _sum_encoded if batch_encoded else _sum_raw
-                pending.append(pool.submit(task, list(batch), shape))
-                batch.clear()
-                while len(pending) >= in_flight:
-                    fold(pending.pop(0))
-
+            summer = _Summer(shape, accumulation, pool, threads * PARTIALS_IN_FLIGHT_PER_THREAD)
             try:
                 for key, value in txn.cursor().iternext(keys=True, values=True):
-                    head = parse_datum_header(value)
                     count += 1
                     bar.update()
-                    if head.has_float_data or float_records:
-                        # float_data records: summed in float32, in order, like Caffe.
-                        arr, _ = decode_datum_bytes(bytes(value))
-                        if arr.shape != shape or arr.dtype != np.float32:
-                            raise ImagenetError(_shape_error(bytes(key), arr.shape, shape))
-                        np.add(total_sum, arr.reshape(-1), out=total_sum)
+                    tail = len(value) - plen - size
+                    if (0 < tail <= _MAX_RAW_TAIL and value[:plen] == prefix
+                            and value[plen + size:plen + size + 1] == _RAW_TAIL_START
+                            and value[-2:] == _RAW_TAIL_END):
+                        summer.add_raw(np.frombuffer(value, np.uint8, size, plen))
                         continue
-                    if head.encoded != batch_encoded:
-                        flush()
-                        batch_encoded = head.encoded
-                    if head.encoded:
-                        # Decoded and shape-checked on the worker threads.
-                        batch.append((bytes(key), value))
+                    head = parse_datum_header(value)
+                    if head.has_float_data or (head.data_length == 0 and not head.encoded):
+                        summer.add_float(_decode_checked(key, bytes(value), shape))
+                    elif head.encoded:
+                        summer.add_encoded(bytes(key), value)
                     else:
                         rec_shape = (head.channels, head.height, head.width)
                         if rec_shape != shape or head.data_length != size:
-                            raise ImagenetError(_shape_error(bytes(key), rec_shape, shape))
-                        batch.append(np.frombuffer(value, dtype=np.uint8, count=size,
-                                                   offset=head.data_offset))
-                    if len(batch) >= RECORDS_PER_PARTIAL:
-                        flush()
-                flush()
-                while pending:
-                    fold(pending.pop(0))
+                            raise ImagenetError(_shape_error(key, rec_shape, shape))
+                        summer.add_raw(np.frombuffer(value, np.uint8, size, head.data_offset))
+                total_sum = summer.finish()
             finally:
-                # Never let a thread touch the map after the transaction closes.
-                for future in pending:
-                    future.cancel()
-                for future in pending:
-                    if not future.cancelled():
-                        future.exception()
+                summer.cancel()  # the pool's shutdown then waits for running ones
     # compute_image_mean.cpp: sum_blob.data(i) / count, in float.
-    mean = (total_sum.astype(np.float32) / np.float32(count)).reshape(shape)
+    mean = (total_sum / np.float32(count)).astype(np.float32).reshape(shape)
     out = None
     if output_file is not None:
         out = Path(output_file)

@@ -22,8 +22,10 @@ from flows.cli import main as cli_main
 def test_mean_of_caffes_lmdb_is_caffes_mean(golden: Path, tmp_path: Path, db: str,
                                             mean_file: str, logged: list[str]) -> None:
     out = tmp_path / "mean.binaryproto"
-    result = compute_image_mean(golden / db, out, threads=2)
     caffe_mean = read_blobproto(golden / mean_file)[0]
+    caffe_way = compute_image_mean(golden / db, accumulation="caffe")
+    assert np.array_equal(caffe_way.mean, caffe_mean)
+    result = compute_image_mean(golden / db, out, threads=2)
     assert result.count == 25 and result.mean.dtype == np.float32
     # The brief allows 1e-3; float32(sum of uint8) / float32(N) is Caffe's arithmetic exactly
     # (README section 4), so we hold ourselves to bit equality.
@@ -115,3 +117,22 @@ def test_cli_prints_channel_means_and_writes_file(golden: Path, tmp_path: Path,
     assert "no such LMDB" in capsys.readouterr().err
     assert cli_main(["compute-image-mean", "-backend=leveldb", str(golden / "train_lmdb")]) == 1
     assert "not supported" in capsys.readouterr().err
+
+
+def test_caffe_accumulation_reproduces_float32_rounding_past_2_to_24(tmp_path: Path) -> None:
+    # 66,000 records of 255: Caffe's float32 running sum passes 2**24 and starts rounding.
+    n, values = 66_000, np.array([255, 201], np.uint8).reshape(2, 1, 1)
+    value = encode_datum_bytes(values, 0)
+    with LmdbWriter(tmp_path / "db", commit_every=20_000) as writer:
+        for i in range(n):
+            writer.put(f"{i:08d}".encode(), value)
+    caffe = compute_image_mean(tmp_path / "db", accumulation="caffe")
+    exact = compute_image_mean(tmp_path / "db", accumulation="exact", threads=2)
+    running = np.cumsum(np.repeat(values.reshape(1, 2).astype(np.float32), n, axis=0), axis=0,
+                        dtype=np.float32)[-1]  # sequential float32 adds, as Caffe does them
+    assert np.array_equal(caffe.mean.ravel(), running / np.float32(n))
+    assert np.array_equal(exact.mean.ravel(), (values.ravel().astype(np.float64) * n).astype(
+        np.float32) / np.float32(n))
+    assert not np.array_equal(caffe.mean, exact.mean)  # the difference the modes exist for
+    with pytest.raises(ImagenetError, match=r"valid: \['caffe', 'exact'\]"):
+        compute_image_mean(tmp_path / "db", accumulation="double")
