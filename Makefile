@@ -5,12 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test proto demo clean help
+.PHONY: install test proto demo up down clean help
 
 help:
 	@echo "make install  create $(VENV) with the project, its 'imagenet' command and test tools"
 	@echo "make test     install, then run the whole test suite"
 	@echo "make demo     run the full pipeline on a mini ILSVRC12 built on the fly"
+	@echo "make up       start a local Prefect server + worker and deploy prefect.yaml (make down stops them)"
 	@echo "make proto    regenerate data/proto/caffe_pb2.py from data/proto/caffe.proto"
 
 install: $(STAMP)
@@ -27,8 +28,19 @@ test: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m data.proto.generate
 
+# The whole pipeline on a mini ILSVRC12 served from 127.0.0.1 (data under demo-data/, git-ignored);
+# a second run reuses every finished stage.
 demo: $(STAMP)
-	@echo "make demo: not yet available (the Prefect pipeline lands with issue 6)"
+	$(BIN)/python -m flows.demo
+
+# A local Prefect server (127.0.0.1:$(PREFECT_PORT)), the work pool, `prefect deploy --all` and a
+# worker; PIDs and logs in .run/. Then: prefect deployment run imagenet/full-pipeline --watch
+PREFECT_PORT ?= 4200
+up: $(STAMP)
+	$(BIN)/python -m flows.services up --port $(PREFECT_PORT) --run-dir .run
+
+down:
+	$(BIN)/python -m flows.services down --run-dir .run
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -126,7 +126,8 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
         waits = []
         for kind, src in sources.items():
             md5 = md5s.get(acquire.archive_name(src))
-            key = stage_key("download", code=acquire.DOWNLOAD_CODE, params={"source": src, "md5": md5})
+            key = stage_key("download", code=acquire.DOWNLOAD_CODE,
+                            params=acquire.download_identity(src, md5))
             waits.append(submit_stage(
                 acquire.download_archive, f"download-{kind}", results_root=root, cache_key=key,
                 outputs=[archives[kind]], force=r.forced("download"),
@@ -177,6 +178,7 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
 
     # 6. Training, one segment per snapshot interval, and 7. evaluation of the final weights.
     test_rows: list[dict[str, Any]] = []
+    loss_rows: list[dict[str, Any]] = []
     final: dict[str, Any] | None = None
     outputs: dict[str, str] = {"train LMDB": str(lmdbs["train"]), "val LMDB": str(lmdbs["val"]),
                                "mean": str(mean_file)}
@@ -198,6 +200,7 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
                          start_iter=start, end_iter=end, max_iter=plan.max_iter,
                          devices=p.devices)
             test_rows.extend(run.result.record.get("tests", []))
+            loss_rows.extend(run.result.record.get("losses", []))
             start = end
     if plan is not None:
         weights, _ = training.snapshot_files(plan.snapshot_prefix, plan.max_iter)
@@ -232,7 +235,7 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
                               description="test outputs per test interval")
     curve = None
     if plan is not None and test_rows:
-        curve = report.render_curve(test_rows, Path(plan.run_dir) / "curve.png")
+        curve = report.render_curve(test_rows + loss_rows, Path(plan.run_dir) / "curve.png")
     create_markdown_artifact(
         markdown=report.summary_markdown(r.runs, data_root=str(root), datasets=datasets,
                                          final=final, outputs=outputs, curve=curve),
@@ -245,5 +248,6 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
         "top5": final.get("top5") if final else None,
         "datasets": datasets,
         "test_rows": test_rows,
+        "records": {run.name: run.result.record for run in r.runs},
         "outputs": outputs,
     }

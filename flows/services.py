@@ -54,6 +54,9 @@ def service_env(port: int, prefect_home: Path | None = None) -> dict[str, str]:
         "PREFECT_WORKER_QUERY_SECONDS": WORKER_QUERY_SECONDS,
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": prefect_env.EPHEMERAL_STARTUP_TIMEOUT_S,
         "PYTHONUNBUFFERED": "1",
+        # prefect.yaml's pull step stores {{ $PWD }} at deploy time: make it the project root
+        # whatever folder `make up` (or a test) was started from.
+        "PWD": str(PROJECT_ROOT),
     })
     return env
 

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from prefect import task
 from prefect.logging import get_run_logger
 
+from data.errors import ImagenetError
 from data.ilsvrc12 import LISTING_FILES, TRAIN_DIR, VAL_DIR
 from tasks.cache import file_digest, write_manifest
 from tasks.stage import ProgressArtifact, RecordedKey, StageResult
@@ -44,6 +45,8 @@ def is_transient(exc: BaseException | None) -> bool:
     user error)."""
     if exc is None:
         return False
+    if isinstance(exc, TransientDownloadError):
+        return True
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in TRANSIENT_HTTP
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
@@ -57,6 +60,16 @@ def is_transient(exc: BaseException | None) -> bool:
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and is_transient(cause)
+
+
+class TransientDownloadError(RuntimeError):
+    """data.download gave up after its own retries on a transient failure (a dropped link, 5xx):
+    worth another Prefect retry later, which resumes the .part file."""
+
+
+# data.download reports "gave up after its retries" as an ImagenetError with this phrase (its
+# transient cause is suppressed); everything else it raises (4xx, checksum) is final.
+_GAVE_UP_PHRASE = "failed after"
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -77,6 +90,16 @@ def archive_name(source: str) -> str:
     return name
 
 
+def download_identity(source: str, md5: str | None) -> dict[str, str | None]:
+    """What a download's cache key is made of: the archive's name and md5 when a checksum is
+    known (the same bytes from another mirror or port are the same archive), else its URL."""
+    from data.download import expected_md5
+
+    name = archive_name(source)
+    want = expected_md5(name, md5)
+    return {"name": name, "md5": want} if want else {"source": source}
+
+
 def archive_path(data_root: Path | str, source: str) -> Path:
     return Path(data_root) / DOWNLOADS_DIR / archive_name(source)
 
@@ -93,7 +116,12 @@ def download_archive(cache_key: str, source: str, data_root: str, md5: str | Non
     dest.parent.mkdir(parents=True, exist_ok=True)
     progress = ProgressArtifact(f"download {dest.name} (bytes)")
     log.info("downloading %s -> %s", source, dest)
-    result = download(source, dest.parent, md5=md5, filename=dest.name, progress=progress)
+    try:
+        result = download(source, dest.parent, md5=md5, filename=dest.name, progress=progress)
+    except ImagenetError as err:
+        if _GAVE_UP_PHRASE in str(err):
+            raise TransientDownloadError(str(err)) from err
+        raise
     progress.finish()
     got = Path(result.path)
     if got.resolve() != dest.resolve():
@@ -121,12 +149,14 @@ def _extract(kind: str, cache_key: str, archive: str, data_root: str) -> StageRe
     out = Path(data_root) / (TRAIN_DIR if kind == "train" else VAL_DIR)
     fn = lib.extract_train if kind == "train" else lib.extract_val
     log.info("extracting %s -> %s", archive, out)
-    result = fn(Path(archive), Path(data_root))
+    progress = ProgressArtifact(f"extract {kind} (bytes of {Path(archive).name})")
+    result = fn(Path(archive), Path(data_root), progress=progress)
+    progress.finish()
     seconds = float(getattr(result, "seconds", time.monotonic() - start))
     record = {k: v for k, v in vars(result).items()
               if isinstance(v, (int, float, str, bool)) and k != "seconds"}
     nbytes = int(record.get("bytes", 0))
-    files = int(record.get("files", record.get("count", record.get("images", 0))))
+    files = int(record.get("files", 0)) + int(record.get("skipped_files", 0))
     mb_s = nbytes / MIB / seconds if seconds > 0 else 0.0
     # The tree's identity is the archive it came from plus what came out of it: hashing 1.28 M
     # files on every run would cost minutes for nothing.
@@ -161,7 +191,8 @@ def write_listings(cache_key: str, data_root: str, aux: str | None = None) -> St
     log = get_run_logger()
     start = time.monotonic()
     result = lib.write_listings(Path(data_root), aux=Path(aux) if aux else None)
-    record = {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str, bool))}
+    record = {"source": result.source, **{k: int(v) for k, v in result.counts.items()},
+              "notes": list(result.notes)}
     outputs = {}
     for name, path in listing_paths(data_root).items():
         write_manifest(path, stage="listings", key=cache_key, digest=file_digest(path))

@@ -119,6 +119,19 @@ def manifest_matches(output: Path | str, key: str | None = None) -> bool:
     return manifest.get("stat") == stat_fingerprint(output)
 
 
+def stale_reason(outputs: Iterable[Path | str], key: str) -> str:
+    """Why a stage's recorded outputs cannot be used with `key` ('' when they can)."""
+    for p in outputs:
+        manifest = read_manifest(p)
+        if manifest is None or manifest.get("version") != MANIFEST_VERSION:
+            return "no recorded outputs"
+        if manifest.get("stat") != stat_fingerprint(p):
+            return "outputs missing or changed"
+        if manifest.get("key") != key:
+            return "inputs, params or code changed"
+    return ""
+
+
 def outputs_valid(outputs: Iterable[Path | str], key: str) -> bool:
     """Whether every recorded output of a stage is present and produced by `key`. The flow
     passes refresh_cache=True to the stage when this is False."""

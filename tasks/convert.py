@@ -22,6 +22,10 @@ MEAN_FILE = "imagenet_mean.binaryproto"
 CONVERT_CODE = ("data.convert", "data.datum", "data.lmdb_io", "data.images")
 MEAN_CODE = ("data.mean", "data.datum", "data.lmdb_io")
 SKIPPED_EXAMPLES = 5
+# Threads, not processes: a forkserver pool started from inside a flow run (`python -m
+# flows.demo`) hung here with its workers idle; OpenCV's decode and resize release the GIL, so
+# threads keep the cores busy, and the records are the same for any pool (data.convert).
+CONVERT_POOL = "thread"
 
 
 def lmdb_path(data_root: Path | str, split: str) -> Path:
@@ -59,6 +63,7 @@ def convert_lmdb(
         resize_height=resize_height, resize_width=resize_width,
         shuffle=shuffle_seed is not None, seed=shuffle_seed or 0, gray=gray,
         encoded=encoded, workers=workers or None, overwrite=True, progress=progress,
+        pool=CONVERT_POOL,
     )
     progress.finish()
     digest = result.digest or lmdb_content_digest(db)

@@ -73,6 +73,7 @@ def stage_table_rows(runs: Sequence[StageRun]) -> list[dict[str, str]]:
         out.append({
             "stage": run.name,
             "status": run.status,
+            "why": run.why or "-",
             "this run (s)": f"{run.wall_seconds:.1f}",
             "work (s)": f"{r.seconds:.1f}",
             "throughput": r.throughput or "-",

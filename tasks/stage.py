@@ -22,7 +22,7 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 from pydantic import BaseModel, Field
 
-from tasks.cache import outputs_valid
+from tasks.cache import stale_reason
 
 # The result store lives in the data root (not $HOME): delete the data root, lose the cache.
 RESULTS_DIRNAME = ".prefect-results"
@@ -67,32 +67,41 @@ class StageRun:
 
     name: str
     result: StageResult
-    status: str  # "ran", "cached" or "forced"
+    status: str  # "ran" or "cached"
     wall_seconds: float
+    why: str = ""  # why it ran: "forced", "outputs missing or changed", "inputs, params or code changed", ...
 
     @property
     def ran(self) -> bool:
-        return self.status != "cached"
+        return self.status == "ran"
 
 
 def stage_options(
     data_root: Path | str, key: str, outputs: Iterable[Path | str], force: bool
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[dict[str, Any], str]:
     """Task options for one call: result storage under the data root, and refresh_cache=True
-    when forced or when the recorded outputs are missing or stale. Returns (options, refresh)."""
-    refresh = force or not outputs_valid(outputs, key)
+    when forced or when the recorded outputs are missing or stale. Returns (options, why) where
+    `why` says why the cache is bypassed ('' when it may be used)."""
+    stale = stale_reason(outputs, key)
+    refresh = force or bool(stale)
     options: dict[str, Any] = {
         "result_storage": results_dir(data_root),
         # None (not False) lets PREFECT_TASKS_REFRESH_CACHE apply when we are not forcing.
         "refresh_cache": True if refresh else None,
     }
-    return options, refresh
+    return options, ("forced" if force else stale) if refresh else ""
 
 
-def state_status(state: State, forced: bool) -> str:
+def state_status(state: State, bypass: str) -> tuple[str, str]:
+    """(status, why) of a finished stage call; `bypass` is stage_options' reason."""
     if state.name == CACHED_STATE:
-        return "cached"
-    return "forced" if forced else "ran"
+        return "cached", ""
+    return "ran", bypass or "no cache record"
+
+
+def _timed(state: State, bypass: str, start: float) -> tuple[str, float, str]:
+    status, why = state_status(state, bypass)
+    return status, time.monotonic() - start, why
 
 
 def call_stage(
@@ -106,13 +115,13 @@ def call_stage(
     **kwargs: Any,
 ) -> StageRun:
     """Run `task` now (in the flow's thread), deciding whether it may come from the cache."""
-    options, refresh = stage_options(results_root, cache_key, outputs, force)
+    options, bypass = stage_options(results_root, cache_key, outputs, force)
     start = time.monotonic()
     state = task.with_options(task_run_name=name, **options)(
         cache_key=cache_key, return_state=True, **kwargs
     )
     result = state.result()  # raises the stage's error when it failed
-    return StageRun(name, result, state_status(state, force), time.monotonic() - start)
+    return StageRun(name, result, *_timed(state, bypass, start))
 
 
 def submit_stage(
@@ -127,7 +136,7 @@ def submit_stage(
 ) -> Callable[[], StageRun]:
     """Submit `task` to the flow's task runner (concurrently with others); returns a function
     that waits for it and gives the StageRun."""
-    options, refresh = stage_options(results_root, cache_key, outputs, force)
+    options, bypass = stage_options(results_root, cache_key, outputs, force)
     start = time.monotonic()
     future = task.with_options(task_run_name=name, **options).submit(cache_key=cache_key, **kwargs)
 
@@ -135,7 +144,7 @@ def submit_stage(
         future.wait()
         state = future.state
         result = state.result()
-        return StageRun(name, result, state_status(state, force), time.monotonic() - start)
+        return StageRun(name, result, *_timed(state, bypass, start))
 
     return wait
 

@@ -42,6 +42,10 @@ TRAIN_RETRIES = 2
 TRAIN_RETRY_DELAY_S = 2
 # Tests (and chaos drills) set this to an iteration: the segment that reaches it fails once.
 INJECT_FAILURE_ENV = "IMAGENET_INJECT_TRAIN_FAILURE"
+TOP5 = 5
+TOP5_SUFFIX = "_top5"
+# Training losses kept per segment for the summary's curve (the metrics file has them all).
+LOSS_POINTS_PER_SEGMENT = 50
 _SNAP_RE = re.compile(r"_iter_(\d+)\.solverstate$")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +104,27 @@ def _phase_of(layer: caffe_pb2.LayerParameter) -> int | None:
     return None
 
 
+def _ensure_top5(net: caffe_pb2.NetParameter) -> None:
+    """The pipeline reports top-1 and top-5. A net with only a top-1 Accuracy layer in TEST
+    (bvlc_alexnet's train_val.prototxt, say) gets a top-5 twin, as bvlc_googlenet has
+    ("loss3/top-5"): the same bottoms with accuracy_param { top_k: 5 }."""
+    accuracy = [l for l in net.layer if l.type == "Accuracy" and _phase_of(l) in (None, caffe_pb2.TEST)]
+    if not accuracy or any(l.accuracy_param.top_k == TOP5 for l in accuracy):
+        return
+    # Caffe's AccuracyLayer requires top_k <= the number of classes: skip for tiny nets.
+    producers = {top: l for l in net.layer for top in l.top}
+    scores = producers.get(accuracy[0].bottom[0])
+    classes = scores.inner_product_param.num_output if scores is not None else 0
+    if classes < TOP5:
+        return
+    twin = net.layer.add()
+    twin.CopyFrom(accuracy[0])
+    twin.name = accuracy[0].name + TOP5_SUFFIX
+    del twin.top[:]
+    twin.top.append(accuracy[0].top[0] + TOP5_SUFFIX)
+    twin.accuracy_param.top_k = TOP5
+
+
 def prepare_training(
     data_root: Path | str,
     solver_src: str,
@@ -119,6 +144,7 @@ def prepare_training(
     net_path = _resolve(solver.net, solver_path.parent)
     net = _read(net_path, caffe_pb2.NetParameter())
 
+    _ensure_top5(net)
     top_k: dict[str, int] = {}
     test_batch = 0
     for layer in net.layer:
@@ -239,6 +265,7 @@ def train_segment(
     resume = newest_snapshot(snapshot_prefix, end_iter)
     caffemodel, solverstate = snapshot_files(snapshot_prefix, end_iter)
     rows: list[dict[str, Any]] = []
+    loss_rows: list[dict[str, Any]] = []
     seconds, images_per_second = 0.0, 0.0
     if resume == end_iter:
         log.info("snapshot at iteration %d already on disk (an earlier run got this far)", end_iter)
@@ -265,7 +292,11 @@ def train_segment(
                      ", ".join(f"{k} = {float(v):.4f}" for k, v in outputs.items()))
 
         result = train(solver, snapshot=snapshot, devices=devices, stop_at_iter=end_iter,
-                       on_progress=on_progress, on_test=on_test, workdir=str(run_dir))
+                       on_progress=on_progress, on_test=on_test, workdir=str(run_dir),
+                       log=lambda line: log.info("%s", line))
+        losses = sorted(result.losses.items())
+        step = max(1, len(losses) // LOSS_POINTS_PER_SEGMENT)
+        loss_rows = [{"iter": int(i), "train loss": float(v)} for i, v in losses[::step]]
         seconds = float(result.seconds)
         images_per_second = float(result.images_per_second or 0.0)
         if newest_snapshot(snapshot_prefix, end_iter) != end_iter:
@@ -280,7 +311,7 @@ def train_segment(
         outputs={"caffemodel": str(caffemodel), "solverstate": str(solverstate),
                  "run_dir": str(metrics)},
         record={"start_iter": start_iter, "end_iter": end_iter, "resumed_from": resume,
-                "tests": rows, "images_per_second": images_per_second},
+                "tests": rows, "losses": loss_rows, "images_per_second": images_per_second},
         seconds=seconds, throughput=f"{images_per_second:.1f} img/s" if images_per_second else "",
     )
 
