@@ -204,3 +204,41 @@ def test_batchnorm_masking_params_are_dropped_and_learnable_ones_refused():
     with pytest.raises(ImagenetError, match="BatchNorm"):
         parse_net_text('layer { name: "bn" type: "BatchNorm" param { lr_mult: 1 } '
                        'param { lr_mult: 0 } param { lr_mult: 0 } }')
+
+
+NET_ERRORS = """name: "broken"
+layer {
+  name: "in"
+  type: "Input"
+  top: "x"
+  input_param { shape { dim: 1 dim: 3 } }
+}
+layer {
+  name: "mystery"
+  type: "Frobnicate"
+  bottom: "x"
+  top: "y"
+}
+"""
+
+
+def test_net_errors_name_file_line_and_layer(tmp_path):
+    from model.net import Net
+
+    path = tmp_path / "broken.prototxt"
+    path.write_text(NET_ERRORS)
+    with pytest.raises(ImagenetError) as info:
+        Net.from_prototxt(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:9:") and "'mystery'" in msg
+    assert "Frobnicate" in msg and "Convolution" in msg  # lists the supported types
+    path.write_text(NET_ERRORS.replace('type: "Frobnicate"\n  bottom: "x"',
+                                       'type: "ReLU"\n  bottom: "z"'))
+    with pytest.raises(ImagenetError, match=r"broken.prototxt:9: layer 'mystery': unknown "
+                                            r"bottom blob 'z'"):
+        Net.from_prototxt(path)
+    path.write_text(NET_ERRORS.replace('type: "Frobnicate"\n  bottom: "x"\n  top: "y"',
+                                       'type: "Input"\n  top: "x"\n'
+                                       '  input_param { shape { dim: 1 } }'))
+    with pytest.raises(ImagenetError, match="multiple sources"):
+        Net.from_prototxt(path)
