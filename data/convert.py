@@ -223,8 +223,11 @@ def _ordered_parallel(pool: Pool, chunks: Iterable[list], in_flight: int
 
 def _process_pool(workers: int, opts: ConvertOptions) -> Pool:
     # forkserver, not fork: forking a process whose OpenCV thread pool is running (any earlier
-    # cv2.resize) can leave the child waiting forever on a lock copied while held.
+    # cv2.resize) can leave the child waiting forever on a lock copied while held. The server
+    # preloads this module, not the caller's __main__ (the default, which re-imports whatever
+    # script or `python -m` module started us), so workers start with OpenCV already loaded.
     context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     return context.Pool(workers, initializer=_init_worker, initargs=(opts,))
 
 
