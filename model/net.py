@@ -168,6 +168,11 @@ class Net:
                 self.blob_shapes[top] = tuple(layer.top_shapes[j])
                 consumed_after.pop(top, None)
             self.layers.append(layer)
+        fed_tops = {top for spec in self.inputs for top in spec.tops}
+        unknown = sorted(set(overrides) - fed_tops)
+        if unknown:
+            raise ImagenetError(f"input_shapes names {unknown}, which are not tops of the "
+                                f"{self.phase} net's Data/Input layers ({sorted(fed_tops)})")
         # Net::Init: blobs nobody consumes after they were last written are the outputs.
         self.output_names: list[str] = [b for b in self.blob_shapes if b not in consumed_after]
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}

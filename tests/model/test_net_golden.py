@@ -151,3 +151,10 @@ def test_train_phase_dropout_is_deterministic_per_rng(golden):
     assert not np.array_equal(np.asarray(a["fc7"]), np.asarray(c["fc7"]))
     dropped = np.asarray(a["fc7"]) == 0
     assert 0.3 < dropped.mean() < 0.9  # dropout 0.5 after a ReLU
+
+
+def test_input_shapes_must_name_fed_tops(golden, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImagenetError, match="'images'"):
+        Net.from_prototxt(golden / "net.prototxt", "TEST",
+                          input_shapes={"data": (2, 3, 57, 57), "images": (2, 3)})
