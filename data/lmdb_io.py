@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import struct
+import threading
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +28,10 @@ from data.errors import ImagenetError
 INITIAL_MAP_SIZE = 1 << 30
 # Caffe commits every 1000 records (convert_imageset.cpp).
 COMMIT_EVERY_DEFAULT = 1000
+# ... and we also commit once this many bytes are pending: it bounds the memory held by
+# pending records (1000 raw 256x256 records are 196 MB) and hands the disk work out in slices
+# that the background flusher writes while conversion goes on.
+COMMIT_BYTES_DEFAULT = 32 << 20
 # Prefix of the temporary build directory; the pid after it tells whether its owner still runs.
 _PARTIAL_MARK = ".partial-"
 _DATA_FILE = "data.mdb"
@@ -47,7 +52,7 @@ def _open_readonly(path: Path) -> lmdb.Environment:
         raise ImagenetError(
             f"{path}: not an LMDB (expected a directory holding {_DATA_FILE}, as Caffe writes)")
     try:
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False,
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=True,
                          max_readers=2048, subdir=True)
     except lmdb.Error as err:
         raise ImagenetError(f"{path}: not a readable LMDB ({err})") from None
@@ -155,6 +160,38 @@ def clean_stale_partials(target: Path) -> list[Path]:
     return removed
 
 
+class _BackgroundFlusher:
+    """fdatasync()s the data file on its own thread after each commit, so the disk writes
+    overlap the work that produces the next records instead of piling up for one long sync
+    at the end (fsyncing 200 MB takes about as long as decoding 1000 JPEGs)."""
+
+    def __init__(self, data_file: Path) -> None:
+        self._fd = os.open(data_file, os.O_RDONLY)
+        self._wanted = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="lmdb-flusher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stop:
+                return
+            os.fdatasync(self._fd)
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def close(self) -> None:
+        if self._stop:
+            return
+        self._stop = True
+        self._wanted.set()
+        self._thread.join()
+        os.close(self._fd)
+
+
 class LmdbWriter:
     """Build a new LMDB at `path`: put() records, and on a clean exit of the `with` block the
     finished DB is renamed into place. An exception (or a kill) leaves `path` untouched.
@@ -176,6 +213,7 @@ class LmdbWriter:
         commit_every: int = COMMIT_EVERY_DEFAULT,
         map_size: int = INITIAL_MAP_SIZE,
         digest: bool = False,
+        commit_bytes: int = COMMIT_BYTES_DEFAULT,
     ) -> None:
         if commit_every < 1:
             raise ImagenetError(f"commit_every must be >= 1, got {commit_every}")
@@ -199,8 +237,11 @@ class LmdbWriter:
         self.map_size = map_size
         self.count = 0  # records committed
         self.puts = 0  # records put (committed or pending)
+        self.commit_bytes = commit_bytes
         self._pending: list[tuple[bytes, bytes]] = []
+        self._pending_bytes = 0
         self._closed = False
+        self._flusher = _BackgroundFlusher(self.tmp_path / _DATA_FILE)
         self._digest = RecordDigest() if digest else None
         self._last_key: bytes | None = None
         self._keys_increasing = True
@@ -209,6 +250,7 @@ class LmdbWriter:
         if self._closed:
             raise ImagenetError(f"{self.path}: put() after the writer was closed")
         self._pending.append((key, value))
+        self._pending_bytes += len(key) + len(value)
         self.puts += 1
         if self._digest is not None and self._keys_increasing:
             if self._last_key is not None and key <= self._last_key:
@@ -216,7 +258,7 @@ class LmdbWriter:
             else:
                 self._digest.update(key, value)
                 self._last_key = key
-        if len(self._pending) >= self.commit_every:
+        if len(self._pending) >= self.commit_every or self._pending_bytes >= self.commit_bytes:
             self.commit()
 
     def commit(self) -> None:
@@ -235,17 +277,20 @@ class LmdbWriter:
                 self.env.set_mapsize(self.map_size)
         self.count += len(self._pending)
         self._pending.clear()
+        self._pending_bytes = 0
+        self._flusher.request()
 
     def finish(self) -> Path:
         """Commit, flush to disk and move the DB into place; returns its path."""
         self.commit()
-        self.env.sync(True)
+        self._flusher.close()
+        self.env.sync(True)  # what the flusher has not written yet, and the meta pages
         self.env.close()
         self._closed = True
         if self.path.exists():
             if not self.overwrite:
-                raise ImagenetError(f"{self.path} appeared while building; left the new DB at "
-                                    f"{self.tmp_path}")
+                raise ImagenetError(f"{self.path} appeared while the new DB was being built; "
+                                    f"not replacing it (pass overwrite to replace)")
             trash = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, trash)
             os.rename(self.tmp_path, self.path)
@@ -267,6 +312,7 @@ class LmdbWriter:
 
     def abort(self) -> None:
         """Throw the partial build away."""
+        self._flusher.close()
         if not self._closed:
             self.env.close()
             self._closed = True
@@ -277,7 +323,11 @@ class LmdbWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.finish()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.finish()
+        except BaseException:
+            self.abort()  # the new DB never reached `path`: drop it
+            raise
