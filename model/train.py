@@ -95,13 +95,16 @@ def fmt(x: float) -> str:
 
 # ----------------------------------------------------------------------------- devices
 
-def select_devices(devices: str | Sequence[int] | None, solver_mode: int | None = None
-                   ) -> list[jax.Device]:
+def select_devices(devices: str | Sequence[int] | None, solver_mode: int | None = None,
+                   device_id: int = 0) -> list[jax.Device]:
     """--gpu semantics on jax.devices(): "all", a list of indices, [-1] (CPU), or None (the
     solver_mode default: the first device)."""
     avail = jax.devices()
     if devices is None:
-        return [avail[0]]
+        # caffe.cpp: without --gpu the solver's solver_mode decides (GPU: device_id)
+        if solver_mode == SOLVER_MODE_CPU:
+            return [jax.devices("cpu")[0]]
+        return [avail[device_id] if 0 <= device_id < len(avail) else avail[0]]
     if isinstance(devices, str):
         if devices == "all":
             return list(avail)
@@ -157,13 +160,18 @@ def _net_param(solver: caffe_pb2.SolverParameter, root: Path, which: str, k: int
 
 
 def num_test_nets(solver: caffe_pb2.SolverParameter) -> int:
-    """Solver::InitTestNets: specific test nets plus generic ones (one per extra test_iter)."""
+    """Solver::InitTestNets: specific test nets (test_net_param, test_net) plus, with a generic
+    net or net_param, one generic instance per remaining test_iter entry."""
     specific = len(solver.test_net_param) + len(solver.test_net)
     generic = solver.HasField("net") or solver.HasField("net_param")
-    n = len(solver.test_iter) if generic else specific
-    if len(solver.test_iter) != n or (n and solver.test_interval <= 0 and False):
+    n_iter = len(solver.test_iter)
+    if (n_iter < specific) if generic else (n_iter != specific):
         raise ImagenetError(f"test_iter must be specified for each test network: "
-                            f"{len(solver.test_iter)} test_iter for {n} test nets")
+                            f"{n_iter} test_iter for {specific} test_net/test_net_param")
+    n = n_iter if generic else specific
+    if len(solver.test_state) and len(solver.test_state) != n:
+        raise ImagenetError(f"test_state must be unspecified or specified once per test net: "
+                            f"{len(solver.test_state)} test_state for {n} test nets")
     return n
 
 
@@ -479,7 +487,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
         raise ImagenetError("Give a snapshot to resume training or weights to finetune but "
                             "not both.")
     sp = read_solver(str(solver_path))
-    devs = select_devices(devices, int(sp.solver_mode))
+    devs = select_devices(devices, int(sp.solver_mode), int(sp.device_id))
     n_dev = len(devs)
     clog("Use CPU." if devs[0].platform == "cpu" else f"Using devices {devs}", "caffe.cpp:197")
 
@@ -699,7 +707,11 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
                           for _ in range(iter_size)]
                 train_cursor += iter_size
                 arrays = put_batch(stack_batches(fed, passes))
+                before_step = current_step
                 hyper, current_step = solver.step_hyper(it, current_step)
+                if sp.lr_policy == "multistep" and current_step != before_step:
+                    clog(f"MultiStep Status: Iteration {it}, step = {current_step}",
+                         "sgd_solver.cpp:53")
                 # the double rate stays on the host (logs); the step takes the float32 values
                 state, m = step_fn(state, arrays, {k: v for k, v in hyper.items() if k != "lr"})
                 loss = np.float32(jax.device_get(m["loss"]))
@@ -709,7 +721,10 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
                     raise ImagenetError(f"loss is {loss} at iteration {it} (lr {hyper['lr']}): "
                                         f"training diverged, stopping{where}")
                 loss_log[it] = float(loss)
-                images += iter_size * fed_batch_size(fed)
+                if it == it0:  # the first step includes compilation: time from its end
+                    t_loop = time.time()
+                else:
+                    images += iter_size * fed_batch_size(fed)
                 # Solver::UpdateSmoothedLoss
                 if len(losses) < average_loss:
                     losses.append(float(loss))
@@ -739,6 +754,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
                     on_progress(it, max_iter)
                 if (sp.snapshot and it % sp.snapshot == 0) or stop.requested:
                     do_snapshot()
+                    metrics.plot()
                 if stop.requested:
                     clog(f"Received {stop.requested}: stopping after the snapshot",
                          "solver.cpp:305")
@@ -777,7 +793,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
         clog("Optimization Done.", "solver.cpp:332")
     else:
         clog("Optimization stopped early.", "solver.cpp:319")
-    if tests and metrics.records:
+    if metrics.records:
         metrics.plot()
     for t in [fed, *tests]:
         for s in t.sources.values():
