@@ -7,9 +7,9 @@ num=1, channels, height, width and float data (C x H x W, BGR), log the per-chan
 Caffe adds each uint8 record into a float32 sum, one record after the other. Two ways to sum
 (ACCUMULATIONS):
 - "exact" (default): exact integer sums, computed on several threads while the reader walks
-  the map in place: partial sums of RECORDS_PER_PARTIAL records in float32 (exact: they stay
-  far below 2**24) folded into float64 (exact below 2**53); then float32(sum) / float32(N)
-  like Caffe. Bit for bit Caffe's result while Caffe's
+  the map in place: each thread adds into its own float32 sum (exact below 2**24, so folded
+  into float64 every RECORDS_PER_FLOAT32_SUM records); then float32(sum) / float32(N) like
+  Caffe. Bit for bit Caffe's result while Caffe's
   float32 running sums are exact, i.e. N * 255 < 2**24 (N <= 65,793 records); beyond that
   Caffe's sum starts rounding and this one stays exact.
 - "caffe": Caffe's own float32 running sum in key order, single-threaded: Caffe's file bit for
@@ -18,6 +18,7 @@ Caffe adds each uint8 record into a float32 sum, one record after the other. Two
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,9 +38,12 @@ ACCUMULATIONS = {
     "exact": "exact integer sums on threads; equals Caffe's float32 sums up to 65,793 records",
     "caffe": "Caffe's float32 running sum in key order: Caffe's bits at any size, one thread",
 }
-# Records per partial sum handed to a thread: small enough to spread the work over the threads
-# and keep the sums exact in float32 (257 * 255 < 2**24 with a wide margin).
-RECORDS_PER_PARTIAL = 257
+# Records per task handed to a thread: small enough to keep every thread busy from the start
+# and to balance the end.
+RECORDS_PER_PARTIAL = 64
+# Records a float32 running sum takes before it is folded into float64: the sum stays exact
+# while it is below 2**24, i.e. up to 65,793 records of 255.
+RECORDS_PER_FLOAT32_SUM = 65_536
 # Partial sums in flight per thread: keeps the threads fed without holding many at once.
 PARTIALS_IN_FLIGHT_PER_THREAD = 2
 # What ends a raw record written by Caffe (or by us): label (field 5) ... encoded=false (7).
@@ -80,18 +84,50 @@ def _accumulate(total: np.ndarray, pixels: np.ndarray) -> None:
     cv2.accumulate(pixels.reshape(1, -1), total)
 
 
-def _sum_raw(views: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    partial = np.zeros((1, int(np.prod(shape))), dtype=np.float32)
-    for view in views:
-        _accumulate(partial, view)
-    return partial
+class _ThreadSums:
+    """One float32 accumulator per worker thread, so tasks add without allocating, folding or
+    locking; each is folded into an exact float64 total before it could start rounding."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._local = threading.local()
+        self._all: list[list] = []  # [float32 running sum, records in it, float64 total]
+        self._lock = threading.Lock()
+
+    def _mine(self) -> list:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = [np.zeros((1, self.size), np.float32), 0, np.zeros((1, self.size))]
+            self._local.state = state
+            with self._lock:
+                self._all.append(state)
+        return state
+
+    def add(self, pixels: list[np.ndarray]) -> None:
+        state = self._mine()
+        if state[1] + len(pixels) > RECORDS_PER_FLOAT32_SUM:
+            np.add(state[2], state[0], out=state[2])
+            state[0][:] = 0
+            state[1] = 0
+        for arr in pixels:
+            _accumulate(state[0], arr)
+        state[1] += len(pixels)
+
+    def total(self) -> np.ndarray:
+        out = np.zeros((1, self.size))
+        for running, _, folded in self._all:
+            out += folded
+            out += running
+        return out
 
 
-def _sum_encoded(records: list[tuple[bytes, memoryview]], shape: tuple[int, ...]) -> np.ndarray:
-    partial = np.zeros((1, int(np.prod(shape))), dtype=np.float32)
-    for key, value in records:
-        _accumulate(partial, _decode_checked(key, value, shape))
-    return partial
+def _sum_raw(sums: _ThreadSums, views: list[np.ndarray], shape: tuple[int, ...]) -> None:
+    sums.add(views)
+
+
+def _sum_encoded(sums: _ThreadSums, records: list[tuple[bytes, memoryview]],
+                 shape: tuple[int, ...]) -> None:
+    sums.add([_decode_checked(key, value, shape) for key, value in records])
 
 
 def _channel_means(mean: np.ndarray) -> list[float]:
@@ -113,7 +149,7 @@ class _Summer:
         self.caffe = accumulation == "caffe"
         self.pool = pool
         self.in_flight = in_flight
-        self.exact_sum = np.zeros((1, self.size), dtype=np.float64)  # exact integers
+        self.thread_sums = _ThreadSums(self.size)
         self.float_sum = np.zeros((1, self.size), dtype=np.float32)
         self.batch: list = []
         self.batch_encoded = False
@@ -145,21 +181,23 @@ class _Summer:
     def flush(self) -> None:
         if self.batch:
             task = _sum_encoded if self.batch_encoded else _sum_raw
-            self.pending.append(self.pool.submit(task, list(self.batch), self.shape))
+            self.pending.append(self.pool.submit(task, self.thread_sums, list(self.batch),
+                                                 self.shape))
             self.batch.clear()
         while len(self.pending) >= self.in_flight:
             self._fold(self.pending.pop(0))
 
     def _fold(self, future: Future) -> None:
-        np.add(self.exact_sum, future.result(), out=self.exact_sum)
+        future.result()  # raises what the task raised (a shape error, say)
 
     def finish(self) -> np.ndarray:
         self.flush()
         while self.pending:
             self._fold(self.pending.pop(0))
-        if not self.exact_sum.any():
+        exact = self.thread_sums.total()
+        if not exact.any():
             return self.float_sum
-        return self.exact_sum.astype(np.float32) + self.float_sum
+        return exact.astype(np.float32) + self.float_sum
 
     def cancel(self) -> None:
         for future in self.pending:

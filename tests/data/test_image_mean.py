@@ -10,6 +10,7 @@ import pytest
 from data.datum import decode_datum_bytes, encode_datum_bytes, encoded_datum_bytes, read_blobproto
 from data.errors import ImagenetError
 from data.lmdb_io import LmdbReader, LmdbWriter
+import data.mean as mean_module
 from data.mean import RECORDS_PER_PARTIAL, compute_image_mean
 from data.proto import caffe_pb2
 from flows.cli import main as cli_main
@@ -65,9 +66,12 @@ def test_raw_shape_mismatch_and_empty_db(tmp_path: Path) -> None:
         compute_image_mean(tmp_path / "empty")
 
 
-def test_exact_sum_across_many_partials_and_threads(tmp_path: Path) -> None:
-    # More records than one uint16 partial holds, all 255: overflow would show at once.
-    n = 2 * RECORDS_PER_PARTIAL + 5
+def test_exact_sum_across_many_tasks_threads_and_folds(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fold the per-thread float32 sums every 70 records (instead of 65,536) so that folding
+    # happens here; the many 255s would expose any lost or doubled record.
+    monkeypatch.setattr(mean_module, "RECORDS_PER_FLOAT32_SUM", 70)
+    n = 5 * RECORDS_PER_PARTIAL + 5
     rng = np.random.default_rng(1)
     recs = rng.integers(0, 256, (n, 2, 3, 3), dtype=np.uint8)
     recs[:RECORDS_PER_PARTIAL + 3] = 255
