@@ -116,9 +116,11 @@ def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
         text = listfile.read_text(encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         raise ImagenetError(f"{listfile}: listing file not found") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # blank lines at the end are no entries (a blank line inside is an error)
     entries = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        line = line.rstrip("\r")
+    for line_no, line in enumerate(lines, start=1):
         path, sep, label_text = line.rpartition(" ")
         if not sep or not path:
             raise ImagenetError(

@@ -34,6 +34,8 @@ COMMIT_EVERY_DEFAULT = 1000
 COMMIT_BYTES_DEFAULT = 32 << 20
 # Prefix of the temporary build directory; the pid after it tells whether its owner still runs.
 _PARTIAL_MARK = ".partial-"
+# Where an overwrite moves the previous DB for the instant between the two renames.
+_OLD_MARK = ".old-"
 _DATA_FILE = "data.mdb"
 # Framing of each record in lmdb_content_digest: key length and value length as little-endian
 # uint64, so concatenations cannot collide (("ab","c") vs ("a","bc")).
@@ -142,13 +144,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_partials(target: Path) -> list[Path]:
-    """Remove temporary build directories of `target` left by builds that no longer run."""
-    removed = []
-    prefix = f".{target.name}{_PARTIAL_MARK}"
+    """Remove what builds of `target` that no longer run left beside it: temporary build
+    directories, and the old DB an overwrite had moved aside when it was killed."""
+    removed: list[Path] = []
+    prefixes = [f".{target.name}{mark}" for mark in (_PARTIAL_MARK, _OLD_MARK)]
     if not target.parent.is_dir():
         return removed
     for entry in target.parent.iterdir():
-        if not entry.name.startswith(prefix):
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
             continue
         try:
             pid = int(entry.name[len(prefix):].split("-", 1)[0])
@@ -291,7 +295,8 @@ class LmdbWriter:
             if not self.overwrite:
                 raise ImagenetError(f"{self.path} appeared while the new DB was being built; "
                                     f"not replacing it (pass overwrite to replace)")
-            trash = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            trash = self.path.parent / (
+                f".{self.path.name}{_OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.rename(self.path, trash)
             os.rename(self.tmp_path, self.path)
             if trash.is_dir():

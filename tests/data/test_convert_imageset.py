@@ -119,6 +119,11 @@ def test_malformed_listing_names_file_and_line(golden: Path, tmp_path: Path) -> 
     with pytest.raises(ImagenetError, match=r"list.txt:2: label 'zero' is not an integer"):
         convert_imageset(golden / "bad", listing, tmp_path / "db")
     assert not (tmp_path / "db").exists()
+    listing.write_text("good_0001.JPEG 0\n\ngood_0001.JPEG 1\n")
+    with pytest.raises(ImagenetError, match=r"list.txt:2: expected '<path> <label>'"):
+        convert_imageset(golden / "bad", listing, tmp_path / "db")
+    listing.write_text("good_0001.JPEG 0\n\n \n")  # blank lines at the end: no entries
+    assert [(e.line_no, e.label) for e in read_listing(listing)] == [(1, 0)]
     # Split at the LAST space: paths may contain spaces.
     listing.write_text("dir with space/a b.JPEG 4\n")
     assert read_listing(listing)[0].path == "dir with space/a b.JPEG"

@@ -116,8 +116,11 @@ def test_stale_partial_builds_are_removed(tmp_path: Path) -> None:
     mine.mkdir()
     other = tmp_path / ".other.partial-1-x"
     other.mkdir()
-    assert clean_stale_partials(db) == [stale]
-    assert not stale.exists() and mine.exists() and other.exists()
+    moved_aside = tmp_path / f".db.old-{dead_pid}-abcd1234"  # an overwrite killed mid-rename
+    moved_aside.mkdir()
+    assert sorted(clean_stale_partials(db)) == sorted([stale, moved_aside])
+    assert not stale.exists() and not moved_aside.exists()
+    assert mine.exists() and other.exists()
 
 
 def test_reader_rejects_what_is_not_an_lmdb(tmp_path: Path) -> None:
