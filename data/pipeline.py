@@ -182,6 +182,12 @@ class DataSource:
     def mean(self, channels: int) -> np.ndarray | None:
         return self.plan.mean_array(channels)
 
+    def __enter__(self) -> "DataSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         # Transactions of other threads die with the environment when its last user releases it.
         txn = getattr(self._local, "txn", None)

@@ -197,12 +197,17 @@ def build_fed_net(net_param: caffe_pb2.NetParameter, phase: str, *, root: Path, 
                 shapes[lp.top[1]] = (src.batch_size,)
         elif lp.type in ("Input",) and n_devices > 1:
             raise ImagenetError(f"layer {lp.name!r}: Input layers cannot be fed in training")
-    net = Net(net_param, phase, stages=stages, level=level, input_shapes=shapes,
-              source=source_name)
-    for spec in net.inputs:
-        if spec.layer_name not in sources:
-            raise ImagenetError(f"layer {spec.layer_name!r} ({spec.type}): only Data layers "
-                                "can feed a training or test net")
+    try:
+        net = Net(net_param, phase, stages=stages, level=level, input_shapes=shapes,
+                  source=source_name)
+        for spec in net.inputs:
+            if spec.layer_name not in sources:
+                raise ImagenetError(f"layer {spec.layer_name!r} ({spec.type}): only Data "
+                                    "layers can feed a training or test net")
+    except BaseException:
+        for src in sources.values():
+            src.close()
+        raise
     means = {name: s.mean(shapes[s.tops[0]][1]) for name, s in sources.items()}
     loss_weight: dict[str, float] = {}
     for layer in net.layers:
@@ -476,7 +481,29 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
     Relative paths in the solver and nets (net, sources, mean files, snapshot_prefix) resolve
     against `workdir` (default: the current directory, as in Caffe). `stop_at_iter` trains up to
     that iteration, snapshots there and returns (one snapshot interval per pipeline task).
+    `precision="bf16"` computes in bfloat16 with float32 master weights and optimizer state.
     """
+    opened: list[FedNet] = []
+    try:
+        return _train(solver_path, snapshot=snapshot, weights=weights, devices=devices,
+                      stop_at_iter=stop_at_iter, log=log, on_progress=on_progress,
+                      on_test=on_test, workdir=workdir, precision=precision,
+                      prefetch=prefetch, opened=opened)
+    finally:
+        # the databases close on every path out (errors included): py-lmdb allows one open
+        # environment per path and process
+        for f in opened:
+            for src in f.sources.values():
+                src.close()
+
+
+def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None,
+           weights: str | Sequence[str] | None, devices: str | Sequence[int] | None,
+           stop_at_iter: int | None, log: LogFn | logging.Logger | None,
+           on_progress: Callable[[int, int], None] | None,
+           on_test: Callable[[int, dict[str, float]], None] | None,
+           workdir: str | os.PathLike | None, precision: str, prefetch: int,
+           opened: list[FedNet]) -> TrainResult:
     t_start = time.time()
     clog = CaffeLog(log)
     root = Path(workdir) if workdir is not None else Path.cwd()
@@ -525,6 +552,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
     fed = build_fed_net(train_param, "TRAIN", root=root, seed=seed, stream=TRAIN_STREAM,
                         n_devices=n_dev, state=train_state, source_name=str(root / train_src)
                         if not train_src.endswith("param") else None)
+    opened.append(fed)
     net = fed.net
     tests: list[FedNet] = []
     for k in range(num_test_nets(sp)):
@@ -535,6 +563,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
         # replicated, not split over the devices
         tests.append(build_fed_net(tparam, "TEST", root=root, seed=seed, stream=TEST_STREAM + k,
                                    n_devices=1, state=tstate))
+        opened.append(tests[-1])
     solver = build_solver(sp, [r.lr_mult for r in net.learnable_params],
                           [r.decay_mult for r in net.learnable_params])
     clog("Solver scaffolding done.", "solver.cpp:57")
@@ -795,9 +824,6 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
         clog("Optimization stopped early.", "solver.cpp:319")
     if metrics.records:
         metrics.plot()
-    for t in [fed, *tests]:
-        for s in t.sources.values():
-            s.close()
     done = it - it0
     return TrainResult(
         final_iter=it, last_snapshot=last_snapshot, metrics_path=str(metrics.path),

@@ -93,8 +93,8 @@ def test_missing_source_names_the_path(tmp_path) -> None:
 
 def test_golden_train_lmdb_batches_like_caffe(golden) -> None:
     """batch i = records (i*8 .. i*8+7) mod 25 of train_64_lmdb (README section 6)."""
-    src = DataSource(layer("train_64_lmdb", 8), train=True, seed=0, root=golden)
-    assert len(src) == 25
-    assert src.record_indices(3).tolist() == [24, 0, 1, 2, 3, 4, 5, 6]
-    ref = np.load(golden / "sgd_step_batch.npz")
-    assert np.array_equal(src.batch(0).labels, ref["label"].astype(np.float32))
+    with DataSource(layer("train_64_lmdb", 8), train=True, seed=0, root=golden) as src:
+        assert len(src) == 25
+        assert src.record_indices(3).tolist() == [24, 0, 1, 2, 3, 4, 5, 6]
+        ref = np.load(golden / "sgd_step_batch.npz")
+        assert np.array_equal(src.batch(0).labels, ref["label"].astype(np.float32))
