@@ -150,7 +150,10 @@ def _encoding_for(opts: ConvertOptions, rel: str) -> str:
         return opts.encode_type
     if opts.encoded:
         dot = rel.rfind(".")
-        return rel[dot + 1:].lower() if dot >= 0 else ""
+        if dot < 0:
+            raise images.ImageSkip("--encoded without --encode_type guesses the format from "
+                                   "the file extension, and this name has none")
+        return rel[dot + 1:].lower()
     return ""
 
 

@@ -193,7 +193,10 @@ def to_chw(pixels: np.ndarray) -> np.ndarray:
 def encode_image(pixels: np.ndarray, encode_type: str) -> bytes:
     """cv::imencode("." + encode_type, img) with OpenCV's defaults (JPEG quality 95), as Caffe's
     ReadImageToDatum re-encodes."""
-    ok, buf = cv2.imencode("." + encode_type, pixels)
+    try:
+        ok, buf = cv2.imencode("." + encode_type, pixels)
+    except cv2.error:  # an extension OpenCV has no encoder for
+        ok = False
     if not ok:
         raise ImageSkip(f"OpenCV could not encode it as {encode_type!r}")
     return buf.tobytes()

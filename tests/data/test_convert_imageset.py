@@ -156,6 +156,28 @@ def test_refuses_existing_db_unless_overwrite(golden: Path, tmp_path: Path) -> N
     assert again.digest == first.digest
 
 
+def test_encoded_variants(golden: Path, tmp_path: Path) -> None:
+    # --encode_type=png re-encodes every image (the extension never matches), losslessly.
+    png = convert_imageset(golden / "val", golden / "val.txt", tmp_path / "png",
+                           encode_type="png", resize_height=32, resize_width=32, workers=1)
+    raw = convert_imageset(golden / "val", golden / "val.txt", tmp_path / "raw",
+                           resize_height=32, resize_width=32, workers=1)
+    assert png.count == raw.count == 8
+    with LmdbReader(tmp_path / "png") as p, LmdbReader(tmp_path / "raw") as r:
+        for (_, pv), (_, rv) in zip(p, r):
+            assert parse_datum_header(pv).encoded
+            assert np.array_equal(decode_datum_bytes(pv)[0], decode_datum_bytes(rv)[0])
+    # An encoder OpenCV lacks, or no extension to guess from: skipped with the reason.
+    bad = convert_imageset(golden / "val", golden / "val.txt", tmp_path / "xyz",
+                           encode_type="xyz", workers=1)
+    assert bad.count == 0 and "could not encode it as 'xyz'" in bad.skipped[0][2]
+    (tmp_path / "noext").write_bytes((golden / "bad" / "good_0001.JPEG").read_bytes())
+    (tmp_path / "list.txt").write_text("noext 0\n")
+    guess = convert_imageset(tmp_path, tmp_path / "list.txt", tmp_path / "g", encoded=True,
+                             workers=1)
+    assert guess.count == 0 and "extension" in guess.skipped[0][2]
+
+
 def test_progress_observer_sees_the_end(golden: Path, tmp_path: Path) -> None:
     calls: list[tuple[int, int | None]] = []
     _build(golden, "bad_lmdb", tmp_path / "db", workers=1,
