@@ -17,7 +17,6 @@ claims live here, never in timed unit tests.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile

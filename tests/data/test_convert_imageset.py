@@ -1,4 +1,4 @@
-"""convert_imageset: Caffe's LMDBs rebuilt record for record, workers, shuffle, bad input, kills, CLI."""
+"""convert_imageset: Caffe's LMDBs rebuilt exactly; workers, shuffle, bad input, kills, CLI."""
 from __future__ import annotations
 
 import hashlib

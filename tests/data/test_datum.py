@@ -1,4 +1,4 @@
-"""data.datum: Datum and BlobProto <-> numpy, fast paths equal to caffe_pb2, Caffe's files read exactly."""
+"""data.datum: Datum, BlobProto <-> numpy; fast paths equal caffe_pb2; Caffe files read exactly."""
 from __future__ import annotations
 
 import json
