@@ -266,6 +266,12 @@ def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], worke
         cv2.setNumThreads(cv_threads)
 
 
+def _clear_bar(bar: Progress) -> None:
+    # A warning line would otherwise be glued to the end of the progress bar's line.
+    if bar.enabled:
+        bar.stream.write("\r\x1b[K")
+
+
 def convert_imageset(
     root_folder: str | os.PathLike,
     listfile: str | os.PathLike,
@@ -333,6 +339,7 @@ def convert_imageset(
             bar.update()
             if outcome.value is None:
                 result.skipped.append((entry.line_no, entry.path, outcome.reason))
+                _clear_bar(bar)
                 log.warning("skipped %s (listing line %d): %s",
                             _resolve(root, entry.path), entry.line_no, outcome.reason)
                 if max_skipped is not None and len(result.skipped) > max_skipped:
@@ -343,6 +350,7 @@ def convert_imageset(
                 continue
             if outcome.truncated:
                 result.truncated.append((entry.line_no, entry.path))
+                _clear_bar(bar)
                 log.warning("truncated JPEG %s (listing line %d): written with the missing rows "
                             "gray (128), as Caffe does", _resolve(root, entry.path), entry.line_no)
             if check_size and outcome.data_size >= 0:
