@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from data.datum import decode_datum_bytes
 from data.errors import ImagenetError
-from data.lmdb_io import LmdbReader
 from data.proto import caffe_pb2
 import model.layers  # noqa: F401  (importing the package registers every layer type)
 from model import fillers, prototxt
@@ -85,6 +84,10 @@ class _Slot:
 def _first_record_chw(param: caffe_pb2.LayerParameter) -> tuple[int, int, int]:
     """(C, H, W) of the first record (key order) of a Data layer's LMDB, as
     DataTransformer::InferBlobShape sees it (encoded records decoded)."""
+    # Imported here: nets without Data layers (deploy, tests) need no lmdb module, which the
+    # lent GPU machines lack (docs/MACHINE_NOTES.md).
+    from data.lmdb_io import LmdbReader
+
     dp = param.data_param
     source = Path(dp.source)
     if not source.exists():
