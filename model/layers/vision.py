@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from data.proto import caffe_pb2
+from model import kernels
 from model.layers.base import BlobSpec, Layer, Shape, register
 
 # Full float32 accuracy on every backend (TF32 on GPUs would break "match Caffe within float32
@@ -39,7 +40,10 @@ def conv2d(
 
     Grouped convolutions run as one convolution per group + concat: bit-identical to
     feature_group_count and several times faster on XLA CPU (MACHINE_NOTES.md).
+    On CPU the GEMM kernel of model/kernels.py replaces XLA's slow weight gradients.
     """
+    if jax.default_backend() == "cpu":
+        return kernels.conv2d(x, w, b, stride, pad, dilation, groups)
     padding = [(pad[0], pad[0]), (pad[1], pad[1])]
 
     def one(xg: jax.Array, wg: jax.Array) -> jax.Array:
@@ -84,7 +88,10 @@ def max_pool2d(
     select, which keeps the FIRST maximum of a window in row-major (h, then w) order: the same
     element Caffe's `bottom > top` scan picks (pooling_layer.cpp), so ties route the gradient
     identically (tests/model/test_layers_vision.py checks it on tied inputs).
+    On CPU model/kernels.py's first-max index kernel replaces select_and_scatter (same routing).
     """
+    if jax.default_backend() == "cpu":
+        return kernels.max_pool2d_windows(x, kernel, stride, pads)
     x, pads = _crop_for_negative_padding(x, pads)
     return lax.reduce_window(
         x, np.array(-np.inf, x.dtype), lax.max, (1, 1) + tuple(kernel), (1, 1) + tuple(stride),
