@@ -151,7 +151,8 @@ def lrn_across_channels(x: jax.Array, size: int, alpha: float, beta: float, k: f
     # Caffe computes alpha_over_size in the blob's precision.
     alpha_over_size = np.float32(alpha) / np.float32(size)
     scale = np.float32(k) + alpha_over_size * window_sum
-    return x * _pow_neg_beta(scale, beta)
+    # numpy float32 constants are not weakly typed: keep a bfloat16 blob bfloat16.
+    return (x * _pow_neg_beta(scale, beta)).astype(x.dtype)
 
 
 def lrn_within_channel(x: jax.Array, size: int, alpha: float, beta: float) -> jax.Array:
@@ -162,7 +163,7 @@ def lrn_within_channel(x: jax.Array, size: int, alpha: float, beta: float) -> ja
     h, w = x.shape[2], x.shape[3]
     divisor = caffe_ave_divisor((h, w), (h, w), (size, size), (1, 1), (pre, pre))
     pooled = ave_pool2d(x * x, (size, size), (1, 1), [(pre, pre), (pre, pre)], divisor)
-    return x * _pow_neg_beta(1.0 + np.float32(alpha) * pooled, beta)
+    return (x * _pow_neg_beta(1.0 + np.float32(alpha) * pooled, beta)).astype(x.dtype)
 
 
 # -- parameter parsing ----------------------------------------------------------------------
