@@ -136,6 +136,7 @@ def deterministic_run(golden, tmp_path_factory, jax_cache):
     return wd, result, lines
 
 
+@pytest.mark.slow
 def test_ten_deterministic_iterations_reproduce_caffe(golden, deterministic_run) -> None:
     wd, result, lines = deterministic_run
     want = json.loads((golden / "deterministic_losses.json").read_text())["losses"]
@@ -181,6 +182,7 @@ def test_snapshot_has_every_field_caffe_writes(golden, deterministic_run) -> Non
     assert ours_dict == mref["full_message_without_blob_data"]
 
 
+@pytest.mark.slow
 def test_resume_from_caffe_solverstate_uses_caffe_semantics(golden, tmp_path, jax_cache) -> None:
     wd = workdir_from(golden, tmp_path)
     lines: list[str] = []
@@ -201,6 +203,7 @@ def test_resume_from_caffe_solverstate_uses_caffe_semantics(golden, tmp_path, ja
     assert side["train_batches"] == 10  # Caffe's reader restarted at the first record
 
 
+@pytest.mark.slow
 def test_finetune_copies_by_layer_name(golden, tmp_path, jax_cache) -> None:
     wd = workdir_from(golden, tmp_path)
     lines: list[str] = []

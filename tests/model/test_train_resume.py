@@ -104,6 +104,7 @@ def smoothed_lines(log: str, first: int) -> list[str]:
     return rows
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_is_bitwise_identical(golden, tmp_path, tmp_path_factory) -> None:
     cache = tmp_path_factory.getbasetemp() / "jax_cache"  # shared by this session's tests
     full = make_run_dir(golden, tmp_path / "full")

@@ -87,6 +87,7 @@ print(json.dumps({"one": one.losses, "four": four.losses}))
 """
 
 
+@pytest.mark.slow
 def test_four_host_devices_match_one(tmp_path, tmp_path_factory) -> None:
     """Global batch 8 as 4 devices x 2 (Caffe's per-device batch_size) vs 1 device x 8: same
     records, crops, mirrors and dropout masks, so the same losses up to reduction order."""
