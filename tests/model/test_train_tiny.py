@@ -169,3 +169,21 @@ def test_cli_train_then_test(tmp_path, monkeypatch, capsys) -> None:
     assert main(["train", "--solver=solver.prototxt", "--snapshot=tiny_iter_3.solverstate",
                  "--weights=tiny_iter_3.caffemodel"]) == 1
     assert "not both" in capsys.readouterr().err
+
+
+def test_bf16_compute_trains_with_float32_master_weights(tmp_path) -> None:
+    from model.caffemodel import load_caffemodel
+    from model.train import train
+    solver = SOLVER.replace("max_iter: 10", "max_iter: 3")
+    a = train("solver.prototxt", workdir=make_tiny(tmp_path / "f32", solver=solver),
+              log=lambda l: None)
+    b = train("solver.prototxt", workdir=make_tiny(tmp_path / "bf16", solver=solver),
+              log=lambda l: None, precision="bf16")
+    # bfloat16 keeps 8 bits of mantissa: the losses agree to about 1e-2
+    for it in range(4):
+        assert b.losses[it] == pytest.approx(a.losses[it], rel=3e-2), it
+    w = load_caffemodel(tmp_path / "bf16" / "tiny_iter_3.caffemodel")["fc1"][0]
+    assert w.dtype == np.float32  # the snapshot holds the float32 master weights
+    assert not np.array_equal(w.astype(np.dtype("float32")), w.astype(np.float16).astype(np.float32))
+    with pytest.raises(ImagenetError, match="valid: fp32, bf16"):
+        train("solver.prototxt", workdir=tmp_path / "f32", log=lambda l: None, precision="fp8")
