@@ -734,6 +734,8 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
                 display = bool(sp.display) and it % sp.display == 0
                 passes = [{name: next(p) for name, p in train_pf.items()}
                           for _ in range(iter_size)]
+                if any(b.wrapped for p in passes for b in p.values()):
+                    clog("Restarting data prefetching from start.", "data_layer.cpp:73")
                 train_cursor += iter_size
                 arrays = put_batch(stack_batches(fed, passes))
                 before_step = current_step
