@@ -143,6 +143,31 @@ def _read_pid(run_dir: Path, name: str) -> int | None:
         return None
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is still running. Zombies do not count: a leader we
+    started ourselves (a test calling up() then down()) stays a zombie until reaped, and
+    killpg(pgid, 0) would report it alive."""
+    try:
+        os.waitpid(pgid, os.WNOHANG)  # reap the leader if it is our child
+    except ChildProcessError:
+        pass
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: fall back on the signal probe
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            return True
+    return False
+
+
 def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM the process group (the process and its children, e.g. a worker's flow run), then
     SIGKILL what is left after `timeout`."""
@@ -153,9 +178,7 @@ def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
+            if not _group_alive(pid):
                 return
             time.sleep(POLL_S)
 

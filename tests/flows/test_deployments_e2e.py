@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -60,13 +61,20 @@ def test_server_deploy_worker_full_pipeline_then_convert_lmdb(tmp_path, make_par
     run_dir, home = tmp_path / "run", tmp_path / "prefect-home"
     env = services.service_env(port, home)
     params = json.loads(make_params(tmp_path / "root").model_dump_json())
+    t0 = time.monotonic()
+
+    def mark(what: str) -> None:  # reported with -s, never asserted
+        print(f"[e2e] {time.monotonic() - t0:6.1f} s  {what}")
+
     try:
         services.up(port=port, run_dir=run_dir, prefect_home=home)
+        mark("server up, pool, deploy --all, worker started")
         ui = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
         assert "<html" in ui.lower()
 
         full = _run_deployment("imagenet/full-pipeline", params, env)
         assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+        mark("imagenet/full-pipeline finished")
         first = _latest_flow_run(port, "full-pipeline")
         states = _task_states(port, first["id"])
         assert {"download-train", "convert-train", "mean", "train-0-2", "evaluate"} <= set(states)
@@ -84,9 +92,11 @@ def test_server_deploy_worker_full_pipeline_then_convert_lmdb(tmp_path, make_par
         assert preset == {"stages": ["convert"], "force": ["convert"]}
         conv = _run_deployment("imagenet/convert-lmdb", {**params, **preset}, env)
         assert conv.returncode == 0, conv.stdout[-3000:] + conv.stderr[-3000:]
+        mark("imagenet/convert-lmdb finished")
         second = _latest_flow_run(port, "convert-lmdb")
         assert _task_states(port, second["id"]) == {"convert-train": "Completed",
                                                      "convert-val": "Completed"}
     finally:
         services.down(run_dir)
+        mark("make down's stop finished")
     assert not (run_dir / "server.pid").exists()
