@@ -725,11 +725,58 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
     stopped_early = False
     t_loop = time.time()
     timer, iters_last = time.time(), it
+
+    def finish_step(p: dict[str, Any]) -> None:
+        """Read back iteration p["it"]'s loss (one step behind the dispatch, so the host
+        prepares the next batch while the device computes): NaN check, smoothing, display."""
+        nonlocal smoothed, images, t_loop, timer, iters_last
+        i, hyper = p["it"], p["hyper"]
+        loss = np.float32(jax.device_get(p["metrics"]["loss"]))
+        if not np.isfinite(loss):
+            where = f"; the last good snapshot is {last_snapshot[1]}" if last_snapshot else ""
+            raise ImagenetError(f"loss is {loss} at iteration {i} (lr {fmt(hyper['lr'])}): "
+                                f"training diverged, stopping{where}")
+        loss_log[i] = float(loss)
+        if i == it0:  # the first step includes compilation: time from its end
+            t_loop = time.time()
+        else:
+            images += iter_size * fed_batch_size(fed)
+        # Solver::UpdateSmoothedLoss
+        if len(losses) < average_loss:
+            losses.append(float(loss))
+            smoothed = np.float32((smoothed * np.float32(len(losses) - 1) + loss)
+                                  / np.float32(len(losses)))
+        else:
+            idx = (i - start_iter) % average_loss
+            smoothed = np.float32(smoothed + (loss - np.float32(losses[idx]))
+                                  / np.float32(average_loss))
+            losses[idx] = float(loss)
+        rows: list[tuple[str, float, float]] = []
+        if p["display"]:
+            lapse = time.time() - timer
+            per_s = (i - iters_last) / (lapse if lapse else 1)
+            clog(f"Iteration {i} ({fmt(per_s)} iter/s, {fmt(lapse)}s/{sp.display} "
+                 f"iters), loss = {fmt(smoothed)}", "solver.cpp:239")
+            rows = _output_lines(jax.device_get(p["metrics"]["outputs"]), fed.loss_weight)
+            for j, (name, v, w) in enumerate(rows):
+                clog(_out_msg("Train", j, name, v, w), "solver.cpp:258")
+        if p["multistep"]:  # printed by GetLearningRate, inside ApplyUpdate
+            clog(p["multistep"], "sgd_solver.cpp:53")
+        if p["display"]:
+            clog(f"Iteration {i}, lr = {fmt(hyper['lr'])}", "sgd_solver.cpp:112")
+            metrics.add({"kind": "train", "iter": i, "loss": float(smoothed),
+                         "lr": float(hyper["lr"]), "outputs": {n: v for n, v, _ in rows}})
+            timer, iters_last = time.time(), i
+
+    pending: dict[str, Any] | None = None
     try:
         with _StopRequest() as stop:
             while it < stop_iter:
                 if sp.test_interval and it % sp.test_interval == 0 and (
                         it > 0 or sp.test_initialization) and tests:
+                    if pending is not None:
+                        finish_step(pending)
+                        pending = None
                     run_tests()
                 display = bool(sp.display) and it % sp.display == 0
                 passes = [{name: next(p) for name, p in train_pf.items()}
@@ -740,50 +787,22 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
                 arrays = put_batch(stack_batches(fed, passes))
                 before_step = current_step
                 hyper, current_step = solver.step_hyper(it, current_step)
-                if sp.lr_policy == "multistep" and current_step != before_step:
-                    clog(f"MultiStep Status: Iteration {it}, step = {current_step}",
-                         "sgd_solver.cpp:53")
+                multistep = (f"MultiStep Status: Iteration {it}, step = {current_step}"
+                             if sp.lr_policy == "multistep" and current_step != before_step
+                             else "")
                 # the double rate stays on the host (logs); the step takes the float32 values
                 state, m = step_fn(state, arrays, {k: v for k, v in hyper.items() if k != "lr"})
-                loss = np.float32(jax.device_get(m["loss"]))
-                if not np.isfinite(loss):
-                    where = (f"; the last good snapshot is {last_snapshot[1]}" if last_snapshot
-                             else "")
-                    raise ImagenetError(f"loss is {loss} at iteration {it} (lr {hyper['lr']}): "
-                                        f"training diverged, stopping{where}")
-                loss_log[it] = float(loss)
-                if it == it0:  # the first step includes compilation: time from its end
-                    t_loop = time.time()
-                else:
-                    images += iter_size * fed_batch_size(fed)
-                # Solver::UpdateSmoothedLoss
-                if len(losses) < average_loss:
-                    losses.append(float(loss))
-                    smoothed = np.float32((smoothed * np.float32(len(losses) - 1) + loss)
-                                          / np.float32(len(losses)))
-                else:
-                    idx = (it - start_iter) % average_loss
-                    smoothed = np.float32(smoothed + (loss - np.float32(losses[idx]))
-                                          / np.float32(average_loss))
-                    losses[idx] = float(loss)
-                if display:
-                    lapse = time.time() - timer
-                    per_s = (it - iters_last) / (lapse if lapse else 1)
-                    clog(f"Iteration {it} ({fmt(per_s)} iter/s, {fmt(lapse)}s/{sp.display} "
-                         f"iters), loss = {fmt(smoothed)}", "solver.cpp:239")
-                    outs = jax.device_get(m["outputs"])
-                    rows = _output_lines(outs, fed.loss_weight)
-                    for j, (name, v, w) in enumerate(rows):
-                        clog(_out_msg("Train", j, name, v, w), "solver.cpp:258")
-                    clog(f"Iteration {it}, lr = {fmt(hyper['lr'])}", "sgd_solver.cpp:112")
-                    metrics.add({"kind": "train", "iter": it, "loss": float(smoothed),
-                                 "lr": float(hyper["lr"]),
-                                 "outputs": {n: v for n, v, _ in rows}})
-                    timer, iters_last = time.time(), it
+                if pending is not None:
+                    finish_step(pending)
+                pending = {"it": it, "metrics": m, "hyper": hyper, "display": display,
+                           "multistep": multistep}
                 it += 1
                 if on_progress is not None:
                     on_progress(it, max_iter)
                 if (sp.snapshot and it % sp.snapshot == 0) or stop.requested:
+                    # never snapshot weights whose loss was not checked
+                    finish_step(pending)
+                    pending = None
                     do_snapshot()
                     metrics.plot()
                 if stop.requested:
@@ -791,6 +810,9 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
                          "solver.cpp:305")
                     stopped_early = True
                     break
+            if pending is not None:
+                finish_step(pending)
+                pending = None
     finally:
         for p in train_pf.values():
             p.close()
