@@ -1,0 +1,118 @@
+"""tasks/ helpers with no Prefect run: which download failures are retried, how a solver is
+rewritten for a data root and cut into segments, which snapshot a segment resumes from, and the
+report's table and curve."""
+from __future__ import annotations
+
+import errno
+import urllib.error
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+
+from data.errors import ImagenetError
+from data.proto import caffe_pb2
+from tasks import acquire, report, train
+from tasks.cache import write_manifest
+
+NET = """
+name: "T"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { mean_file: "old_mean" } data_param { source: "old_train" batch_size: 4 } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { mean_file: "old_mean" } data_param { source: "old_val" batch_size: 3 } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: %d } }
+layer { name: "accuracy" type: "Accuracy" bottom: "fc" bottom: "label" top: "accuracy" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+SOLVER = 'net: "net.prototxt"\nmax_iter: 10\nsnapshot: 4\nsnapshot_prefix: "x"\nbase_lr: 0.1\n'
+
+
+def test_only_transient_download_errors_are_retried():
+    assert acquire.is_transient(acquire.TransientDownloadError("gave up"))
+    assert acquire.is_transient(urllib.error.HTTPError("u", 503, "busy", {}, None))
+    assert acquire.is_transient(urllib.error.HTTPError("u", 429, "slow down", {}, None))
+    assert not acquire.is_transient(urllib.error.HTTPError("u", 404, "gone", {}, None))
+    assert acquire.is_transient(ConnectionResetError(errno.ECONNRESET, "reset"))
+    assert acquire.is_transient(TimeoutError())
+    assert not acquire.is_transient(ImagenetError("md5 mismatch for x"))
+    assert not acquire.is_transient(ValueError("bad"))
+
+
+def test_download_identity_is_the_checksum_not_the_mirror():
+    a = acquire.download_identity("http://127.0.0.1:1/ILSVRC2012_img_val.tar", None)
+    b = acquire.download_identity("http://127.0.0.1:2/ILSVRC2012_img_val.tar", None)
+    assert a == b == {"name": "ILSVRC2012_img_val.tar", "md5": "29b22e2961454d5413ddabcf34fc5622"}
+    assert acquire.download_identity("http://h/unknown.tar", None) == {"source": "http://h/unknown.tar"}
+    assert acquire.archive_path("/d", "/mnt/x/ILSVRC2012_img_train.tar") == \
+        Path("/d/downloads/ILSVRC2012_img_train.tar")
+
+
+def _data(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name in ("train_lmdb", "val_lmdb", "mean"):
+        p = tmp_path / name
+        p.write_bytes(name.encode())
+        write_manifest(p, stage="test", key="k", digest=name)
+        out[name] = p
+    return out
+
+
+def _prepare(tmp_path: Path, classes: int, **kw) -> train.TrainingPlan:
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "net.prototxt").write_text(NET % classes)
+    (src / "solver.prototxt").write_text(SOLVER)
+    d = _data(tmp_path)
+    return train.prepare_training(tmp_path / "root", str(src / "solver.prototxt"),
+                                  train_lmdb=d["train_lmdb"], val_lmdb=d["val_lmdb"],
+                                  mean_file=d["mean"], **kw)
+
+
+def test_prepare_training_points_the_net_at_this_data_root(tmp_path):
+    plan = _prepare(tmp_path, classes=10)
+    assert plan.segment_ends == [4, 8, 10]
+    assert plan.test_batch_size == 3
+    assert plan.accuracy_top_k == {"accuracy": 1, "accuracy_top5": 5}
+    net = text_format.Parse(Path(plan.net).read_text(), caffe_pb2.NetParameter())
+    sources = [l.data_param.source for l in net.layer if l.type == "Data"]
+    assert sources == [str((tmp_path / "train_lmdb").resolve()), str((tmp_path / "val_lmdb").resolve())]
+    assert {l.transform_param.mean_file for l in net.layer if l.type == "Data"} == \
+        {str((tmp_path / "mean").resolve())}
+    solver = text_format.Parse(Path(plan.solver).read_text(), caffe_pb2.SolverParameter())
+    assert solver.snapshot_prefix == plan.snapshot_prefix and solver.net == plan.net
+    again = _prepare(tmp_path, classes=10, max_iter=6, snapshot_interval=3)
+    assert again.segment_ends == [3, 6] and again.run_dir != plan.run_dir
+
+
+def test_no_top5_twin_for_fewer_than_five_classes(tmp_path):
+    assert _prepare(tmp_path, classes=3).accuracy_top_k == {"accuracy": 1}
+
+
+def test_newest_snapshot_needs_both_files(tmp_path):
+    prefix = str(tmp_path / "snap")
+    for it in (2, 4, 6):
+        for path in train.snapshot_files(prefix, it):
+            path.write_bytes(b"x")
+    train.snapshot_files(prefix, 6)[0].unlink()  # half-written: no caffemodel
+    assert train.newest_snapshot(prefix, 10) == 4
+    assert train.newest_snapshot(prefix, 3) == 2
+    assert train.newest_snapshot(prefix, 1) is None
+
+
+def test_user_errors_are_not_retried():
+    from prefect.states import Failed
+
+    assert not train.retry_unless_user_error(None, None, Failed(data=ImagenetError("bad prototxt")))
+    assert train.retry_unless_user_error(None, None, Failed(data=RuntimeError("node lost")))
+
+
+def test_report_table_and_curve(tmp_path):
+    rows = [{"iter": 0, "accuracy": 0.1}, {"iter": 100, "accuracy": 0.5}, {"iter": 50, "train loss": 2.0}]
+    png = report.render_curve(rows, tmp_path / "curve.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.png_data_url(png).startswith("data:image/png;base64,iVBOR")
+    assert report.render_curve([], tmp_path / "none.png") is None
+    text = report.format_text_table([{"stage": "mean", "status": "cached"}])
+    assert text.splitlines()[0].split() == ["stage", "status"]
+    assert text.splitlines()[2].split() == ["mean", "cached"]
