@@ -339,7 +339,7 @@ class TrainResult:
     last_snapshot: tuple[str, str] | None  # (caffemodel, solverstate)
     metrics_path: str
     plot_path: str
-    final_test_outputs: dict[str, float]
+    final_test_outputs: dict[str, float]  # net 0 by output name, net k as "net<k>/name"
     seconds: float
     images_per_second: float
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss of its forward
@@ -672,6 +672,7 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
 
     def run_tests() -> None:
         nonlocal final_test
+        merged: dict[str, float] = {}
         for k, t in enumerate(tests):
             clog(f"Iteration {it}, Testing net (#{k})", "solver.cpp:347")
             n_iter = int(sp.test_iter[k])
@@ -698,18 +699,19 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
             result: dict[str, float] = {}
             j = 0
             for name, total in scores.items():
-                for v in total:
+                for e, v in enumerate(total):
                     mean = np.float32(v) / np.float32(n_iter)
                     clog(_out_msg("Test", j, name, float(mean), t.loss_weight.get(name, 0.0)),
                          "solver.cpp:414")
-                    key = name if total.size == 1 else f"{name}[{j}]"
+                    key = name if total.size == 1 else f"{name}[{e}]"
                     result[key] = float(mean)
                     j += 1
             metrics.add({"kind": "test", "iter": it, "net": k, "outputs": result})
-            if k == 0:
-                final_test = result
-            if on_test is not None:
-                on_test(it, result)
+            # one dict per test point: net 0's outputs by name, further nets' as "net<k>/name"
+            merged.update(result if k == 0 else {f"net{k}/{n}": v for n, v in result.items()})
+        final_test = merged
+        if on_test is not None and tests:
+            on_test(it, dict(merged))
         if tests:
             metrics.plot()
 

@@ -187,3 +187,27 @@ def test_bf16_compute_trains_with_float32_master_weights(tmp_path) -> None:
     assert not np.array_equal(w.astype(np.dtype("float32")), w.astype(np.float16).astype(np.float32))
     with pytest.raises(ImagenetError, match="valid: fp32, bf16"):
         train("solver.prototxt", workdir=tmp_path / "f32", log=lambda l: None, precision="fp8")
+
+
+def test_two_test_nets_are_run_and_averaged(tmp_path) -> None:
+    """A generic net with two test_iter entries gives two TEST instances (Solver::InitTestNets),
+    each averaging its outputs over its own test_iter batches and keeping its own cursor."""
+    from model.train import train
+    solver = (SOLVER.replace("max_iter: 10", "max_iter: 2")
+              + "test_iter: 2\ntest_iter: 5\ntest_interval: 2\n")
+    lines: list[str] = []
+    seen: list[tuple[int, dict]] = []
+    res = train("solver.prototxt", workdir=make_tiny(tmp_path / "t2", solver=solver),
+                log=lines.append, on_test=lambda it, out: seen.append((it, out)))
+    msgs = [l.split("] ", 1)[1] for l in lines]
+    assert msgs.count("Iteration 0, Testing net (#0)") == 1
+    assert msgs.count("Iteration 2, Testing net (#1)") == 1
+    assert [it for it, _ in seen] == [0, 2]
+    for _, out in seen:
+        assert set(out) == {"accuracy", "loss", "net1/accuracy", "net1/loss"}
+        # 4 images per batch: a mean over 2 (5) batches is a multiple of 1/8 (1/20)
+        assert (out["accuracy"] * 8) == pytest.approx(round(out["accuracy"] * 8))
+        assert (out["net1/accuracy"] * 20) == pytest.approx(round(out["net1/accuracy"] * 20))
+    side = json.loads((tmp_path / "t2" / "tiny_iter_2.resume.json").read_text())
+    assert side["test_batches"] == [2, 5]  # the snapshot at 2 precedes the test at 2
+    assert res.final_test_outputs == seen[-1][1]
