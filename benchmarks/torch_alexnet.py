@@ -10,9 +10,7 @@ autocast bfloat16 for --precision bf16. torch is imported lazily: the project ne
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -72,19 +70,11 @@ def _build_model(torch: Any, lrn_impl: str) -> Any:
     return model
 
 
-@dataclass
-class TorchResult:
-    iteration_seconds: list[float]
-    first_step_seconds: float
-    config: str
-
-
-def train_throughput(batches: Iterator[Any], *, batch_size: int, iterations: int, warmup: int,
-                     mean: np.ndarray, device: str = "cpu", precision: str = "float32",
-                     lrn_impl: str = "shiftsum", channels_last: bool | None = None,
-                     threads: int | None = None) -> TorchResult:
-    """Train bvlc_alexnet for warmup + iterations steps on `batches` (HostBatch-like objects
-    with uint8 .images (N,3,227,227), .mirror (N,), .labels (N,)); seconds per timed step.
+def make_trainer(*, mean: np.ndarray, device: str = "cpu", precision: str = "float32",
+                 lrn_impl: str = "shiftsum", channels_last: bool = True,
+                 threads: int | None = None) -> tuple[Callable[[Any], float], str]:
+    """(step, description): step(hb) trains bvlc_alexnet one iteration on a HostBatch-like
+    object (uint8 .images (N,3,227,227), .mirror (N,), .labels (N,)) and returns the loss.
 
     `mean` is the (3, 227, 227) float32 centre crop of the mean file."""
     import torch
@@ -92,8 +82,6 @@ def train_throughput(batches: Iterator[Any], *, batch_size: int, iterations: int
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device("cuda" if device == "gpu" else "cpu")
-    if channels_last is None:
-        channels_last = True
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -112,6 +100,7 @@ def train_throughput(batches: Iterator[Any], *, batch_size: int, iterations: int
     mean_t = torch.from_numpy(np.ascontiguousarray(mean, np.float32)).to(dev)
     loss_fn = torch.nn.CrossEntropyLoss()
     amp = precision == "bf16"
+    model.train()
 
     def step(hb: Any) -> float:
         x = torch.from_numpy(hb.images).to(dev, non_blocking=True).float() - mean_t
@@ -126,20 +115,9 @@ def train_throughput(batches: Iterator[Any], *, batch_size: int, iterations: int
         opt.step()
         return float(loss.detach())  # one host sync per step, as our trainer's loss read
 
-    model.train()
-    t0 = time.perf_counter()
-    step(next(batches))
-    first = time.perf_counter() - t0
-    for _ in range(max(0, warmup - 1)):
-        step(next(batches))
-    times = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        step(next(batches))
-        times.append(time.perf_counter() - t0)
     cfg = (f"torch {torch.__version__}, {dev.type}, {precision}, LRN {lrn_impl}, "
            f"{'channels_last' if channels_last else 'NCHW'}, threads {torch.get_num_threads()}")
-    return TorchResult(times, first, cfg)
+    return step, cfg
 
 
 def available() -> bool:
@@ -149,5 +127,3 @@ def available() -> bool:
         return False
     return True
 
-
-Loader = Callable[[], Iterator[Any]]

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py; also puts the repo on sys.path)
@@ -102,9 +103,19 @@ def matmul_peak(devices: list[Any], precision: str) -> float:
     return 2.0 * n ** 3 / best * len(devices)
 
 
-def run_ours(data: common.BenchData, args: argparse.Namespace, devices: list[Any],
-             peak: float) -> Result:
-    """The project's trainer: the same objects model.train.train() builds, timed per step."""
+@dataclass
+class Contender:
+    """A framework ready to train: `step()` runs one iteration (next batch included) and
+    returns its loss, synchronised with the host; compile and first step already done."""
+
+    result: Result
+    step: Callable[[], float]
+    close: Callable[[], None]
+    losses: list[float] = field(default_factory=list)
+
+
+def setup_ours(data: common.BenchData, args: argparse.Namespace, devices: list[Any]) -> Contender:
+    """The project's trainer: the same objects model.train.train() builds."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -136,44 +147,35 @@ def run_ours(data: common.BenchData, args: argparse.Namespace, devices: list[Any
     step_fn = jax.jit(T.make_train_step(fed, solver, params, precision=PRECISIONS[args.precision]),
                       out_shardings=(replicated, replicated), donate_argnums=(0,))
     (src,) = fed.sources.values()
+    res = Result("ours", config=f"jax {jax.__version__}, {n_dev} x {devices[0].device_kind}, "
+                                f"{args.precision}")
+    arrays = jax.device_put(T.stack_batches(fed, [{src.name: src.batch(0)}]), sharded)
+    hyper, _ = solver.step_hyper(0, 0)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, arrays, hyper).compile()
+    res.compile_s = time.perf_counter() - t0
     pf = Prefetcher(src, 0, depth=PREFETCH_DEPTH, workers=args.workers)
     it, current_step = 0, 0
-    times: list[float] = []
-    res = Result("ours")
-    try:
-        def one_step() -> float:
-            nonlocal state, it, current_step
-            arrays = jax.device_put(T.stack_batches(fed, [{src.name: next(pf)}]), sharded)
-            hyper, current_step = solver.step_hyper(it, current_step)
-            state, m = compiled(state, arrays, hyper)
-            it += 1
-            return float(jax.device_get(m["loss"]))  # the trainer reads the loss every step
 
-        arrays = jax.device_put(T.stack_batches(fed, [{src.name: src.batch(0)}]), sharded)
-        hyper, _ = solver.step_hyper(0, 0)
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(state, arrays, hyper).compile()
-        res.compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        loss0 = one_step()
-        res.first_step_s = time.perf_counter() - t0
-        for _ in range(max(0, args.warmup - 1)):
-            one_step()
-        for _ in range(args.iterations):
-            t0 = time.perf_counter()
-            loss = one_step()
-            times.append(time.perf_counter() - t0)
-    finally:
+    def one_step() -> float:
+        nonlocal state, it, current_step
+        arrays = jax.device_put(T.stack_batches(fed, [{src.name: next(pf)}]), sharded)
+        hyper, current_step = solver.step_hyper(it, current_step)
+        state, m = compiled(state, arrays, hyper)
+        it += 1
+        return float(jax.device_get(m["loss"]))  # the trainer reads the loss every step
+
+    def close() -> None:
         pf.close()
         src.close()
-    if not np.isfinite(loss):
-        raise SystemExit(f"ours: loss {loss} after {it} iterations (first {loss0})")
-    res.config = (f"jax {jax.__version__}, {n_dev} x {devices[0].device_kind}, {args.precision}, "
-                  f"loss {loss0:.3f} -> {loss:.3f}")
-    return _finish(res, common.Timing(times, args.batch_size), peak)
+
+    t0 = time.perf_counter()
+    first = one_step()
+    res.first_step_s = time.perf_counter() - t0
+    return Contender(res, one_step, close, [first])
 
 
-def run_torch(data: common.BenchData, args: argparse.Namespace, peak: float) -> Result:
+def setup_torch(data: common.BenchData, args: argparse.Namespace) -> Contender:
     import torch_alexnet
 
     from data.pipeline import DataSource, Prefetcher
@@ -185,17 +187,43 @@ def run_torch(data: common.BenchData, args: argparse.Namespace, peak: float) -> 
     mean = src.mean(3)
     off = (mean.shape[1] - torch_alexnet.CROP) // 2
     mean = mean[:, off:off + torch_alexnet.CROP, off:off + torch_alexnet.CROP]
+    step, cfg = torch_alexnet.make_trainer(
+        mean=mean, device=args.device, precision=args.precision,
+        threads=os.cpu_count() if args.device == "cpu" else None,
+        channels_last=(args.torch_layout == "channels_last"
+                       or (args.torch_layout == "auto" and args.device == "gpu")))
     pf = Prefetcher(src, 0, depth=PREFETCH_DEPTH, workers=args.workers)
-    try:
-        tr = torch_alexnet.train_throughput(
-            pf, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
-            mean=mean, device=args.device, precision=args.precision,
-            threads=os.cpu_count() if args.device == "cpu" else None)
-    finally:
+
+    def close() -> None:
         pf.close()
         src.close()
-    res = Result("pytorch", first_step_s=tr.first_step_seconds, config=tr.config)
-    return _finish(res, common.Timing(tr.iteration_seconds, args.batch_size), peak)
+
+    res = Result("pytorch", config=cfg)
+    t0 = time.perf_counter()
+    first = step(next(pf))
+    res.first_step_s = time.perf_counter() - t0
+    return Contender(res, lambda: step(next(pf)), close, [first])
+
+
+def measure(contenders: list[Contender], args: argparse.Namespace, peak: float) -> None:
+    """Warm-up, then the timed iterations; interleaved (one step of each in turn) unless
+    --sequential, so that both frameworks see the same load on a shared machine."""
+    for c in contenders:
+        for _ in range(max(0, args.warmup - 1)):
+            c.losses.append(c.step())
+    times: dict[str, list[float]] = {c.result.name: [] for c in contenders}
+    order = ([contenders] * args.iterations if not args.sequential
+             else [[c] for c in contenders for _ in range(args.iterations)])
+    for group in order:
+        for c in group:
+            t0 = time.perf_counter()
+            c.losses.append(c.step())
+            times[c.result.name].append(time.perf_counter() - t0)
+    for c in contenders:
+        if not all(map(math.isfinite, c.losses)):
+            raise SystemExit(f"{c.result.name}: non-finite loss {c.losses}")
+        c.result.config += f", loss {c.losses[0]:.3f} -> {c.losses[-1]:.3f}"
+        _finish(c.result, common.Timing(times[c.result.name], args.batch_size), peak)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,6 +238,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"LMDB records (default {RECORD_BATCHES} batches)")
     p.add_argument("--allocator", choices=common.ALLOCATORS, default="auto")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--torch-only", action="store_true", help="diagnostics: only PyTorch")
+    p.add_argument("--sequential", action="store_true",
+                   help="time all of ours, then all of PyTorch (default: alternate steps)")
+    p.add_argument("--torch-layout", choices=("auto", "channels_last", "nchw"), default="auto",
+                   help="PyTorch memory format; auto: NCHW on CPU (channels_last trained 20%% "
+                        "slower on the 2-core machine), channels_last on GPU (cuDNN's NHWC)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.iterations < 1 or args.warmup < 1:
@@ -231,21 +265,29 @@ def main(argv: list[str] | None = None) -> int:
         data = common.build_lmdb(Path(tmp), records)
         print(f"# LMDB: {records} random 256x256 raw Datums built in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
-        ours = run_ours(data, args, devices, peak)
-        print(ours.line(), flush=True)
-        theirs: Result | None = None
         import torch_alexnet
 
-        if not args.no_torch and torch_alexnet.available():
-            theirs = run_torch(data, args, peak)
-            print(theirs.line(), flush=True)
+        contenders: list[Contender] = []
+        try:
+            if not args.torch_only:
+                contenders.append(setup_ours(data, args, devices))
+            if not args.no_torch and torch_alexnet.available():
+                contenders.append(setup_torch(data, args))
+            measure(contenders, args, peak)
+        finally:
+            for c in contenders:
+                c.close()
+    by_name = {c.result.name: c.result for c in contenders}
+    ours, theirs = by_name.get("ours", Result("ours")), by_name.get("pytorch")
+    for r in by_name.values():
+        print(r.line(), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "allocator": common.allocator_in_use(),
                                          "ours": asdict(ours),
                                          "pytorch": asdict(theirs) if theirs else None},
                                         indent=1))
-    if theirs is None:
+    if theirs is None or not ours.img_per_s:
         print(f"train img/s: ours {ours.img_per_s:.2f}, pytorch n/a, ratio n/a")
     else:
         print(f"train img/s: ours {ours.img_per_s:.2f}, pytorch {theirs.img_per_s:.2f}, "
