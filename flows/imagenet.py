@@ -229,7 +229,9 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
         if m:
             rec = m.get("record", {})
             datasets[split] = {k: rec.get(k) for k in ("count", "skipped", "total_lines")}
-    test_rows.sort(key=lambda row: row["iter"])
+    # A segment that resumes at a test iteration tests again there (Caffe's Step tests at the
+    # start of an iteration): one row per iteration, the latest.
+    test_rows = sorted({row["iter"]: row for row in test_rows}.values(), key=lambda row: row["iter"])
     if test_rows:
         create_table_artifact(table=test_rows, key=report.ARTIFACT_KEY_METRICS,
                               description="test outputs per test interval")
