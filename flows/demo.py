@@ -81,6 +81,22 @@ def build_mirror(folder: Path, classes: int, train_per_class: int, val_per_class
     return folder
 
 
+def _stop_ephemeral_server() -> None:
+    """Stop the temporary Prefect server now rather than at exit, where its shutdown messages
+    (and, on a fresh database, a harmless sqlalchemy traceback) would follow the result line,
+    which must be the last one."""
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    try:
+        from prefect.logging.handlers import APILogHandler
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogHandler.flush()  # send the flow's last log lines while the server is still up
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    except Exception as err:  # only cosmetics depend on it
+        print(f"(could not stop the temporary Prefect server early: {err})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=DEMO_DIR, help="where the demo's data lives")
@@ -112,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = imagenet(params=params)
 
-    # Prefect logs "Stopping temporary server" at exit; the result line must stay the last one.
-    logging.getLogger("prefect").setLevel(logging.WARNING)
+    _stop_ephemeral_server()
     print()
     print(format_text_table(result["stages"]))
     print(f"\ndemo took {time.monotonic() - start:.0f} s; data under {args.dir}")
