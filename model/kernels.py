@@ -105,6 +105,18 @@ def _im2col(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair)
     return cols.reshape(n, c * kh * kw, ho * wo)
 
 
+def _im2col_kn(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair) -> jax.Array:
+    """(N, C, H, W) -> (C*kh*kw, N*Ho*Wo): Caffe's column buffer for the whole batch, built
+    from the channel-major input so that no transposing copy of the (large) columns is needed
+    before the weight-gradient GEMM."""
+    n, c, _, _ = x.shape
+    cols = _im2col(jnp.transpose(x, (1, 0, 2, 3)).reshape(1, c * n, *x.shape[2:]),
+                   kernel, stride, pad, dilation)  # (1, C*N*kh*kw, P) ordered (c, n, i, j)
+    kk = kernel[0] * kernel[1]
+    p = cols.shape[-1]
+    return jnp.transpose(cols.reshape(c, n, kk, p), (0, 2, 1, 3)).reshape(c * kk, n * p)
+
+
 def _lax_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair) -> jax.Array:
     return lax.conv_general_dilated(
         x, w, window_strides=stride, padding=[(pad[0], pad[0]), (pad[1], pad[1])],
@@ -144,9 +156,13 @@ def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
     kernel = (w.shape[2], w.shape[3])
     n = x.shape[0]
     dy_m = dy.reshape(n, o, -1)  # (N, O, P)
-    cols = _im2col(x, kernel, stride, pad, dilation)  # (N, K, P), recomputed: saves memory
-    # dW[o, k] = sum_n sum_p dY[n, o, p] * cols[n, k, p]: a single GEMM with K' = N*P.
-    dw = lax.dot_general(dy_m, cols, (((0, 2), (0, 2)), ((), ())),
+    # Columns recomputed here rather than saved by the forward pass: less memory, and the
+    # (K, N*P) layout feeds the GEMM without a transposing copy (measured: conv1's backward
+    # 1.6-1.9x, conv2's 1.1-1.2x faster than contracting (N, K, P) columns over N and P).
+    cols_kn = _im2col_kn(x, kernel, stride, pad, dilation)  # (K, N*P)
+    dy_t = jnp.transpose(dy_m, (1, 0, 2)).reshape(o, -1)  # (O, N*P)
+    # dW = dY (O, N*P) @ cols^T: one GEMM over the whole batch (Caffe: one per image).
+    dw = lax.dot_general(dy_t, cols_kn, (((1,), (1,)), ((), ())),
                          precision=GEMM_PRECISION).reshape(w.shape)
     if plan.input_grad == "col2im":
         # dcols = W^T dY, then col2im (the transpose of im2col: strided pads summed).
