@@ -59,8 +59,16 @@ class ConvPlan:
             )
 
 
-# Chosen from benchmarks/layers.py on the 2-core CPU (see benchmarks/README.md).
+# Chosen from benchmarks/layers.py on the 2-core CPU (see benchmarks/README.md): XLA's forward
+# and input-gradient convolutions are as fast as GEMMs for stride 1 (conv2-5 within +-10%),
+# but its strided forward is not (conv1, stride 4: im2col + GEMM 1.6x faster).
 DEFAULT_PLAN = ConvPlan()
+STRIDED_PLAN = ConvPlan(forward="gemm")
+
+
+def auto_plan(stride: Pair) -> ConvPlan:
+    """The plan `conv2d` uses when none is given."""
+    return STRIDED_PLAN if max(stride) > 1 else DEFAULT_PLAN
 
 
 def _pair(v: int | Sequence[int], name: str) -> Pair:
@@ -130,11 +138,11 @@ def _gemm_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pa
     o = w.shape[0]
     kernel = (w.shape[2], w.shape[3])
     ho, wo = conv_output_hw((h, wd), kernel, stride, pad, dilation)
-    cols = _im2col(x, kernel, stride, pad, dilation)  # (N, K, P)
-    # (O, K) x (N, K, P) -> (O, N, P): one GEMM over the whole batch (M=O, K, N*P).
-    y = lax.dot_general(w.reshape(o, -1), cols, (((1,), (1,)), ((), ())),
+    cols = _im2col_kn(x, kernel, stride, pad, dilation)  # (K, N*P)
+    # (O, K) @ (K, N*P): one GEMM over the whole batch (Caffe's forward_cpu_gemm per image).
+    y = lax.dot_general(w.reshape(o, -1), cols, (((1,), (0,)), ((), ())),
                         precision=GEMM_PRECISION)
-    return jnp.transpose(y, (1, 0, 2)).reshape(n, o, ho, wo)
+    return jnp.transpose(y.reshape(o, n, ho, wo), (1, 0, 2, 3))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -188,7 +196,7 @@ def conv2d(
     pad: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
-    plan: ConvPlan = DEFAULT_PLAN,
+    plan: ConvPlan | None = None,
 ) -> jax.Array:
     """Caffe's Convolution forward: x (N, C, H, W), w (O, C/groups, kh, kw), b (O,) or None.
 
@@ -197,6 +205,7 @@ def conv2d(
     """
     stride_, pad_, dil_ = _pair(stride, "stride"), _pair(pad, "pad"), _pair(dilation, "dilation")
     c, o = x.shape[1], w.shape[0]
+    plan = auto_plan(stride_) if plan is None else plan
     if groups < 1 or c % groups or o % groups or w.shape[1] * groups != c:
         raise ValueError(
             f"conv2d: input channels {c}, weights {tuple(w.shape)} and groups {groups} disagree"
@@ -379,6 +388,8 @@ def max_pool2d_reference(
 __all__ = [
     "ConvPlan",
     "DEFAULT_PLAN",
+    "STRIDED_PLAN",
+    "auto_plan",
     "conv2d",
     "conv2d_reference",
     "conv_output_hw",
