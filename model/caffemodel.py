@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import jax.numpy as jnp
 
-from data.datum import write_bytes_atomic
+from data.datum import array_to_blobproto, blobproto_to_array, write_bytes_atomic
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from model import prototxt
@@ -25,87 +25,7 @@ from model.net import Net, Params
 
 # Blob::ShapeEquals compares legacy blobs as (num, channels, height, width).
 LEGACY_AXES = 4
-# BlobProto field numbers (caffe.proto) of the packed float/double payloads, and protobuf wire
-# types: blob data is moved as raw little-endian bytes, because converting tens of millions of
-# floats through Python lists (AlexNet's fc6 has 37.7M) takes seconds.
-_BLOB_DATA_FIELD = 5
-_BLOB_DOUBLE_DATA_FIELD = 8
-_WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
 Weights = dict[str, list[np.ndarray]]
-
-
-def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
-    """A BlobProto's data as float32, shaped by `shape` or, for legacy blobs, by
-    (num, channels, height, width) (Blob::FromProto)."""
-    if blob.HasField("shape"):
-        shape = tuple(int(d) for d in blob.shape.dim)
-    else:
-        shape = (blob.num, blob.channels, blob.height, blob.width)
-    if len(blob.double_data):
-        arr = _packed_field(blob, _BLOB_DOUBLE_DATA_FIELD, np.dtype("<f8"))
-        if arr is None:
-            arr = np.asarray(blob.double_data)
-        arr = arr.astype(np.float32)
-    else:
-        arr = _packed_field(blob, _BLOB_DATA_FIELD, np.dtype("<f4"))
-        if arr is None:
-            arr = np.asarray(blob.data, dtype=np.float32)
-    count = int(np.prod(shape)) if shape else 1
-    if arr.size != count:
-        raise ImagenetError(f"blob of shape {shape} holds {arr.size} values, expected {count}")
-    return arr.reshape(shape)
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _packed_field(blob: caffe_pb2.BlobProto, field: int, dtype: np.dtype) -> np.ndarray | None:
-    """The packed payload of one repeated float/double field as an array, read from the
-    blob's wire bytes; None if the field is stored unpacked (then the caller iterates)."""
-    buf = blob.SerializeToString()
-    chunks: list[bytes] = []
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _varint(buf, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == _WIRE_VARINT:
-            _, pos = _varint(buf, pos)
-        elif wire == _WIRE_FIXED64:
-            if number == field:
-                return None
-            pos += 8
-        elif wire == _WIRE_FIXED32:
-            if number == field:
-                return None
-            pos += 4
-        elif wire == _WIRE_LEN:
-            length, pos = _varint(buf, pos)
-            if number == field:
-                chunks.append(buf[pos:pos + length])
-            pos += length
-        else:
-            return None
-    return np.frombuffer(b"".join(chunks), dtype=dtype).copy()
-
-
-def _set_blob_data(bp: caffe_pb2.BlobProto, arr: np.ndarray) -> None:
-    """bp.data = arr (float32), appended as one packed field in wire form."""
-    payload = np.ascontiguousarray(arr, dtype="<f4").tobytes()
-    n, header = len(payload), bytearray([(_BLOB_DATA_FIELD << 3) | _WIRE_LEN])
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        header.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    bp.MergeFromString(bytes(header) + payload)
 
 
 def read_net_binary(path: str | Path) -> caffe_pb2.NetParameter:
@@ -130,7 +50,7 @@ def load_caffemodel(path: str | Path) -> Weights:
     weights: Weights = {}
     for layer in net.layer:
         try:
-            weights[layer.name] = [blob_to_array(b) for b in layer.blobs]
+            weights[layer.name] = [blobproto_to_array(b) for b in layer.blobs]
         except ImagenetError as exc:
             raise ImagenetError(f"{path}: layer {layer.name!r}: {exc}") from None
     return weights
@@ -152,10 +72,7 @@ def _layer_proto(net: Net, layer, params: Params | None) -> caffe_pb2.LayerParam
     if params is None:
         return lp
     for i, blob in enumerate(net.layer_blobs(params, layer)):
-        arr = np.asarray(blob, dtype=np.float32)
-        bp = lp.blobs.add()
-        bp.shape.dim.extend(int(d) for d in arr.shape)
-        _set_blob_data(bp, arr)
+        lp.blobs.append(array_to_blobproto(np.asarray(blob, dtype=np.float32), legacy_4d=False))
     return lp
 
 
@@ -223,5 +140,5 @@ def _fmt(shape: Sequence[int]) -> str:
     return f"{' '.join(map(str, dims))} ({int(np.prod(dims)) if dims else 1})"
 
 
-__all__ = ["blob_to_array", "copy_layers", "load_caffemodel", "net_to_proto",
+__all__ = ["copy_layers", "load_caffemodel", "net_to_proto",
            "read_net_binary", "save_caffemodel"]

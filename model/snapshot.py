@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.datum import write_bytes_atomic
+from data.datum import array_to_blobproto, blobproto_to_array, write_bytes_atomic
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 
@@ -57,24 +57,6 @@ def file_sha256(path: str | Path) -> str:
     return _sha256(Path(path).read_bytes())
 
 
-def _blob(arr: np.ndarray) -> caffe_pb2.BlobProto:
-    """Blob::ToProto without diff: new-style shape, float data."""
-    arr = np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
-    bp = caffe_pb2.BlobProto()
-    bp.shape.dim.extend(int(d) for d in arr.shape)
-    # from the raw little-endian bytes: extending `data` from Python boxes every float
-    payload = arr.astype("<f4").tobytes()
-    tag = bytes([(5 << 3) | 2])  # field 5 (data), wire type LEN (packed)
-    n, size = len(payload), bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        size.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    bp.MergeFromString(tag + bytes(size) + payload)
-    return bp
-
-
 def solverstate_bytes(iteration: int, learned_net: str, history: Sequence[np.ndarray],
                       current_step: int) -> bytes:
     """SolverState as SGDSolver::SnapshotSolverStateToBinaryProto serializes it."""
@@ -82,7 +64,7 @@ def solverstate_bytes(iteration: int, learned_net: str, history: Sequence[np.nda
     state.iter = int(iteration)
     state.learned_net = learned_net
     for h in history:
-        state.history.append(_blob(h))
+        state.history.append(array_to_blobproto(np.asarray(h, np.float32), legacy_4d=False))
     state.current_step = int(current_step)
     return state.SerializeToString()
 
@@ -99,11 +81,10 @@ def read_solverstate(path: str | Path) -> SolverStateData:
         state.ParseFromString(payload)
     except Exception as exc:  # protobuf's DecodeError
         raise ImagenetError(f"{p}: not a binary SolverState: {exc}") from None
-    from model.caffemodel import blob_to_array
     history = []
     for i, bp in enumerate(state.history):
         try:
-            history.append(np.asarray(blob_to_array(bp), dtype=np.float32))
+            history.append(blobproto_to_array(bp))
         except ImagenetError as exc:
             raise ImagenetError(f"{p}: history blob {i}: {exc}") from None
     return SolverStateData(iter=int(state.iter), learned_net=state.learned_net,
