@@ -5,8 +5,9 @@ lr_mult / decay_mult (weights 1/1, biases 2/0), fed the same uint8 host batches 
 
 PyTorch is given its best configuration where it helps it: a shift-sum LRN (PyTorch's own
 LocalResponseNorm is several times slower on CPU: docs/MACHINE_NOTES.md; identical formula),
-channels_last on CPU, TF32 matmuls and convolutions for float32 on GPU (XLA's default too), and
-autocast bfloat16 for --precision bf16. torch is imported lazily: the project never depends on it.
+channels_last on GPU (NCHW measured faster on the 2-core CPU), cuDNN autotuning, and autocast
+bfloat16 for --precision bf16. Float32 on GPU is true float32 on both sides (no TF32: our
+layers use Precision.HIGHEST to stay within float32 rounding of Caffe). torch is imported lazily: the project never depends on it.
 """
 from __future__ import annotations
 
@@ -83,8 +84,10 @@ def make_trainer(*, mean: np.ndarray, device: str = "cpu", precision: str = "flo
         torch.set_num_threads(threads)
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # Same arithmetic as ours: model/layers/vision.py runs float32 convolutions and GEMMs
+        # at Precision.HIGHEST (no TF32), so PyTorch's float32 gets no TF32 either.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = _build_model(torch, lrn_impl).to(dev)
