@@ -90,7 +90,9 @@ def _stop_ephemeral_server() -> None:
         from prefect.logging.handlers import APILogHandler
         from prefect.server.api.server import SubprocessASGIServer
 
-        APILogHandler.flush()  # send the flow's last log lines while the server is still up
+        # Send the flow's last log lines while the server is still up (flush is an instance
+        # method in prefect 3.9; a fresh handler drains the shared APILogWorker).
+        APILogHandler().flush()
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()
     except Exception as err:  # only cosmetics depend on it
