@@ -87,3 +87,20 @@ def caffe_style_argv(argv: list[str]) -> list[str]:
             arg = "-" + arg
         out.append(arg)
     return out
+
+
+# Caffe's DB backends (--backend): the ones this project writes and reads.
+BACKENDS: dict[str, bool] = {"lmdb": True, "leveldb": False}
+
+
+def check_backend(name: str) -> str:
+    """Validate a --backend value as Caffe spells it; LevelDB gets a clear 'not supported'."""
+    from data.errors import ImagenetError
+
+    backend = name.lower()
+    if backend not in BACKENDS:
+        raise ImagenetError(f"unknown --backend {name!r}; valid: {sorted(BACKENDS)}")
+    if not BACKENDS[backend]:
+        raise ImagenetError(f"--backend={backend} is not supported; use --backend=lmdb "
+                            f"(Caffe's default), which every Caffe build reads")
+    return backend

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from data.errors import ImagenetError
 from data.mean import ACCUMULATIONS, compute_image_mean
-from flows.flags import add_flag
-
-# Storage backends Caffe offers; only LMDB is implemented (and is Caffe's default).
-BACKENDS: dict[str, bool] = {"lmdb": True, "leveldb": False}
+from flows.flags import add_flag, check_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    backend = args.backend.lower()
-    if backend not in BACKENDS:
-        raise ImagenetError(f"unknown --backend {args.backend!r}; valid: {sorted(BACKENDS)}")
-    if not BACKENDS[backend]:
-        raise ImagenetError(f"--backend={backend} is not supported; use --backend=lmdb "
-                            f"(Caffe's default), which every Caffe build reads")
+    check_backend(args.backend)
     result = compute_image_mean(args.input_db, args.output_file, accumulation=args.accumulation)
     lines = result.log_lines()
     if result.output_file is not None:

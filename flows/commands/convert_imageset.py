@@ -11,11 +11,7 @@ import logging
 import sys
 
 from data.convert import convert_imageset, read_listing
-from data.errors import ImagenetError
-from flows.flags import add_flag
-
-# Storage backends Caffe offers; only LMDB is implemented (and is Caffe's default).
-BACKENDS: dict[str, bool] = {"lmdb": True, "leveldb": False}
+from flows.flags import add_flag, check_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    backend = args.backend.lower()
-    if backend not in BACKENDS:
-        raise ImagenetError(f"unknown --backend {args.backend!r}; valid: {sorted(BACKENDS)}")
-    if not BACKENDS[backend]:
-        raise ImagenetError(f"--backend={backend} is not supported; use --backend=lmdb "
-                            f"(Caffe's default), which every Caffe build reads")
+    check_backend(args.backend)
     # Warnings (skipped / truncated images) as one plain line each on stderr.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
