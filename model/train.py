@@ -468,6 +468,21 @@ def _load_weights(spec: str | Sequence[str], root: Path) -> list[dict[str, list[
     return out
 
 
+
+def update_smoothed_loss(losses: list[float], smoothed: np.float32, loss: np.float32,
+                         step: int, average_loss: int) -> np.float32:
+    """Solver::UpdateSmoothedLoss (solver.cpp): the mean of the last `average_loss` losses,
+    kept in float32 as Caffe does; `losses` is the ring buffer (updated in place), `step` the
+    number of iterations since the run (or resume) started."""
+    if len(losses) < average_loss:
+        losses.append(float(loss))
+        return np.float32((smoothed * np.float32(len(losses) - 1) + loss)
+                          / np.float32(len(losses)))
+    idx = step % average_loss
+    smoothed = np.float32(smoothed + (loss - np.float32(losses[idx])) / np.float32(average_loss))
+    losses[idx] = float(loss)
+    return smoothed
+
 def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None = None,
           weights: str | Sequence[str] | None = None,
           devices: str | Sequence[int] | None = None, stop_at_iter: int | None = None,
@@ -743,16 +758,7 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
             t_loop = time.time()
         else:
             images += iter_size * fed_batch_size(fed)
-        # Solver::UpdateSmoothedLoss
-        if len(losses) < average_loss:
-            losses.append(float(loss))
-            smoothed = np.float32((smoothed * np.float32(len(losses) - 1) + loss)
-                                  / np.float32(len(losses)))
-        else:
-            idx = (i - start_iter) % average_loss
-            smoothed = np.float32(smoothed + (loss - np.float32(losses[idx]))
-                                  / np.float32(average_loss))
-            losses[idx] = float(loss)
+        smoothed = update_smoothed_loss(losses, smoothed, loss, i - start_iter, average_loss)
         rows: list[tuple[str, float, float]] = []
         if p["display"]:
             lapse = time.time() - timer
@@ -833,14 +839,8 @@ def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None
             loss, _ = fwd_train(state.params, arrays,
                                 jax.random.fold_in(jax.random.fold_in(state.rng, it), 0))
             loss = np.float32(loss)
-            if len(losses) < average_loss:
-                losses.append(float(loss))
-                smoothed = np.float32((smoothed * np.float32(len(losses) - 1) + loss)
-                                      / np.float32(len(losses)))
-            else:
-                idx = (it - start_iter) % average_loss
-                smoothed = np.float32(smoothed + (loss - np.float32(losses[idx]))
-                                      / np.float32(average_loss))
+            smoothed = update_smoothed_loss(losses, smoothed, loss, it - start_iter,
+                                            average_loss)
             loss_log[it] = float(loss)
             clog(f"Iteration {it}, loss = {fmt(smoothed)}", "solver.cpp:327")
         if sp.test_interval and it % sp.test_interval == 0 and tests:
