@@ -6,12 +6,14 @@ num=1, channels, height, width and float data (C x H x W, BGR), log the per-chan
 
 Caffe adds each uint8 record into a float32 sum, one record after the other. Two ways to sum
 (ACCUMULATIONS):
-- "exact" (default): exact integer sums, computed on several threads while the reader walks
-  the map in place: each thread adds into its own float32 sum (exact below 2**24, so folded
-  into float64 every RECORDS_PER_FLOAT32_SUM records); then float32(sum) / float32(N) like
-  Caffe. Bit for bit Caffe's result while Caffe's
-  float32 running sums are exact, i.e. N * 255 < 2**24 (N <= 65,793 records); beyond that
-  Caffe's sum starts rounding and this one stays exact.
+- "exact" (default): exact integer sums on several threads. Each thread takes chunks of
+  records from one shared cursor (views into the map, no copy) and adds them into its own
+  float32 sum (exact below 2**24, so folded into float64 every RECORDS_PER_FLOAT32_SUM
+  records); then float32(sum) / float32(N) like Caffe. Bit for bit Caffe's result while
+  Caffe's float32 running sums are exact, i.e. N * 255 < 2**24 (N <= 65,793 records); beyond
+  that Caffe's sum starts rounding and this one stays exact. float_data records (no Caffe tool
+  writes them) are summed in float32: on one thread, in key order, when the first record is
+  one; in a DB that mixes them with uint8 records, per thread.
 - "caffe": Caffe's own float32 running sum in key order, single-threaded: Caffe's file bit for
   bit at any N (ImageNet's 1.28 M records included), rounding and all.
 """
@@ -20,12 +22,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import cv2
+import lmdb
 import numpy as np
 
 from data.convert import available_cores
@@ -38,14 +41,12 @@ ACCUMULATIONS = {
     "exact": "exact integer sums on threads; equals Caffe's float32 sums up to 65,793 records",
     "caffe": "Caffe's float32 running sum in key order: Caffe's bits at any size, one thread",
 }
-# Records per task handed to a thread: small enough to keep every thread busy from the start
-# and to balance the end.
-RECORDS_PER_PARTIAL = 64
+# Records a thread takes from the shared cursor at a time: enough that the walk under the lock
+# is a small share of a thread's time, few enough to balance the end.
+RECORDS_PER_CHUNK = 32
 # Records a float32 running sum takes before it is folded into float64: the sum stays exact
 # while it is below 2**24, i.e. up to 65,793 records of 255.
 RECORDS_PER_FLOAT32_SUM = 65_536
-# Partial sums in flight per thread: keeps the threads fed without holding many at once.
-PARTIALS_IN_FLIGHT_PER_THREAD = 2
 # What ends a raw record written by Caffe (or by us): label (field 5) ... encoded=false (7).
 _RAW_TAIL_START, _RAW_TAIL_END, _MAX_RAW_TAIL = b"\x28", b"\x38\x00", 13
 
@@ -65,69 +66,153 @@ class MeanResult:
         return lines
 
 
-def _shape_error(key: bytes, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+def _shape_error(key: bytes | memoryview, got: tuple[int, ...], want: tuple[int, ...]) -> str:
     return (f"record {bytes(key).decode('utf-8', 'replace')!r} has shape {list(got)} but the "
             f"first record has {list(want)}: every record must have the same shape to average "
             f"(convert with --resize_height/--resize_width)")
 
 
-def _decode_checked(key: bytes, value: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+def _decode_checked(key: bytes | memoryview, value: bytes | memoryview,
+                    shape: tuple[int, ...]) -> np.ndarray:
     arr, _ = decode_datum_bytes(value)
     if arr.shape != shape:
         raise ImagenetError(_shape_error(key, arr.shape, shape))
-    return arr.reshape(-1)
+    return arr.reshape(1, -1)
 
 
 def _accumulate(total: np.ndarray, pixels: np.ndarray) -> None:
     # cv2.accumulate adds uint8 into float32 with SIMD and without the GIL, about twice as
     # fast as numpy's mixed-type add; each element is one IEEE float32 add, as in Caffe.
-    cv2.accumulate(pixels.reshape(1, -1), total)
+    cv2.accumulate(pixels, total)
 
 
-class _ThreadSums:
-    """One float32 accumulator per worker thread, so tasks add without allocating, folding or
-    locking; each is folded into an exact float64 total before it could start rounding."""
+class _SharedCursor:
+    """Hands out the records in key order, RECORDS_PER_CHUNK at a time, to the summing
+    threads; a chunk's views point into the map and stay valid while the transaction is open.
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._local = threading.local()
-        self._all: list[list] = []  # [float32 running sum, records in it, float64 total]
+    A failing chunk stops the hand-out after it; chunks handed out before it still finish, so
+    the error reported is the one of the first offending record in key order."""
+
+    def __init__(self, txn: lmdb.Transaction, bar: Progress) -> None:
+        self._records = txn.cursor().iternext(keys=True, values=True)
+        self._bar = bar
         self._lock = threading.Lock()
+        self._next_index = 0
+        self._last_index = None  # no chunk after this one is handed out (set on failure)
+        self.errors: list[tuple[int, BaseException]] = []
+        self.count = 0
 
-    def _mine(self) -> list:
-        state = getattr(self._local, "state", None)
-        if state is None:
-            state = [np.zeros((1, self.size), np.float32), 0, np.zeros((1, self.size))]
-            self._local.state = state
-            with self._lock:
-                self._all.append(state)
-        return state
+    def take(self) -> tuple[int, list[tuple[memoryview, memoryview]]]:
+        with self._lock:
+            index = self._next_index
+            if self._last_index is not None and index > self._last_index:
+                return index, []
+            chunk = list(islice(self._records, RECORDS_PER_CHUNK))
+            self._next_index += 1
+            self.count += len(chunk)
+            self._bar.update(len(chunk))
+            return index, chunk
 
-    def add(self, pixels: list[np.ndarray]) -> None:
-        state = self._mine()
-        if state[1] + len(pixels) > RECORDS_PER_FLOAT32_SUM:
-            np.add(state[2], state[0], out=state[2])
-            state[0][:] = 0
-            state[1] = 0
-        for arr in pixels:
-            _accumulate(state[0], arr)
-        state[1] += len(pixels)
+    def fail(self, index: int, error: BaseException) -> None:
+        with self._lock:
+            self.errors.append((index, error))
+            self._last_index = index if self._last_index is None else min(self._last_index,
+                                                                          index)
 
-    def total(self) -> np.ndarray:
-        out = np.zeros((1, self.size))
-        for running, _, folded in self._all:
-            out += folded
-            out += running
-        return out
+    def first_error(self) -> BaseException | None:
+        return min(self.errors, key=lambda e: e[0])[1] if self.errors else None
 
 
-def _sum_raw(sums: _ThreadSums, views: list[np.ndarray], shape: tuple[int, ...]) -> None:
-    sums.add(views)
+class _ThreadSum:
+    """One thread's sums. uint8 pixels go to a float32 running sum; with `exact`, it is folded
+    into a float64 total before it could round (RECORDS_PER_FLOAT32_SUM), and float_data
+    records go to a float32 sum of their own; without (Caffe's way), everything goes to the
+    one float32 running sum in the order the records come."""
+
+    def __init__(self, shape: tuple[int, ...], exact: bool) -> None:
+        self.shape = shape
+        self.size = int(np.prod(shape))
+        self.prefix = raw_datum_prefix(shape)
+        self.exact = exact
+        self.pixels = np.zeros((1, self.size), np.float32)
+        self.in_pixels = 0
+        self.folded: np.ndarray | None = None  # float64, from the first fold on
+        self.floats: np.ndarray | None = None if exact else self.pixels  # float_data records
+
+    def add_chunk(self, chunk: list[tuple[memoryview, memoryview]]) -> None:
+        size, prefix, plen = self.size, self.prefix, len(self.prefix)
+        pixels = self.pixels
+        for key, value in chunk:
+            if self.exact and self.in_pixels == RECORDS_PER_FLOAT32_SUM:
+                self.fold()
+            # Caffe's raw records all start with the same bytes (channels, height, width, data
+            # length): recognising them by that prefix skips the field walk for nearly all.
+            tail = len(value) - plen - size
+            if (0 < tail <= _MAX_RAW_TAIL and value[:plen] == prefix
+                    and value[plen + size:plen + size + 1] == _RAW_TAIL_START
+                    and value[-2:] == _RAW_TAIL_END):
+                _accumulate(pixels, np.frombuffer(value, np.uint8, size, plen).reshape(1, -1))
+                self.in_pixels += 1
+                continue
+            head = parse_datum_header(value)
+            if head.has_float_data or (head.data_length == 0 and not head.encoded):
+                if self.floats is None:
+                    self.floats = np.zeros((1, self.size), np.float32)
+                np.add(self.floats, _decode_checked(key, bytes(value), self.shape),
+                       out=self.floats)
+                continue
+            if head.encoded:
+                arr = _decode_checked(key, value, self.shape)
+            else:
+                rec_shape = (head.channels, head.height, head.width)
+                if rec_shape != self.shape or head.data_length != size:
+                    raise ImagenetError(_shape_error(key, rec_shape, self.shape))
+                arr = np.frombuffer(value, np.uint8, size, head.data_offset).reshape(1, -1)
+            _accumulate(pixels, arr)
+            self.in_pixels += 1
+
+    def fold(self) -> None:
+        if self.folded is None:
+            self.folded = self.pixels.astype(np.float64)
+        else:
+            np.add(self.folded, self.pixels, out=self.folded)
+        self.pixels[:] = 0
+        self.in_pixels = 0
+
+    def run(self, cursor: _SharedCursor) -> None:
+        while True:
+            index, chunk = cursor.take()
+            if not chunk:
+                return
+            try:
+                self.add_chunk(chunk)
+            except BaseException as err:  # noqa: BLE001 - re-raised by compute_image_mean
+                cursor.fail(index, err)
+                return
 
 
-def _sum_encoded(sums: _ThreadSums, records: list[tuple[bytes, memoryview]],
-                 shape: tuple[int, ...]) -> None:
-    sums.add([_decode_checked(key, value, shape) for key, value in records])
+def _total(sums: list[_ThreadSum], count: int) -> np.ndarray:
+    """float32 sum of every record: the exact pixel sums rounded once, plus the float sums.
+    Reuses the first thread's buffer (fresh pages cost more than the adds here)."""
+    total = sums[0].pixels
+    if not sums[0].exact:
+        return total
+    if count * 255 < 2**24 and all(s.folded is None for s in sums):
+        # Integers below 2**24 add exactly in float32: no float64 pass is needed.
+        for s in sums[1:]:
+            np.add(total, s.pixels, out=total)
+    else:
+        exact = total.astype(np.float64)
+        for s in sums[1:]:
+            exact += s.pixels
+        for s in sums:
+            if s.folded is not None:
+                exact += s.folded
+        total[:] = exact
+    for s in sums:
+        if s.floats is not None:
+            np.add(total, s.floats, out=total)
+    return total
 
 
 def _channel_means(mean: np.ndarray) -> list[float]:
@@ -136,72 +221,6 @@ def _channel_means(mean: np.ndarray) -> list[float]:
     dim = np.float32(mean.shape[1] * mean.shape[2])
     return [float(np.cumsum(mean[c].ravel(), dtype=np.float32)[-1] / dim)
             for c in range(mean.shape[0])]
-
-
-class _Summer:
-    """Adds records one by one: uint8 pixels to an exact sum (batched onto threads) or to
-    Caffe's float32 running sum; float_data always to a float32 running sum."""
-
-    def __init__(self, shape: tuple[int, ...], accumulation: str, pool: ThreadPoolExecutor,
-                 in_flight: int) -> None:
-        self.shape = shape
-        self.size = int(np.prod(shape))
-        self.caffe = accumulation == "caffe"
-        self.pool = pool
-        self.in_flight = in_flight
-        self.thread_sums = _ThreadSums(self.size)
-        self.float_sum = np.zeros((1, self.size), dtype=np.float32)
-        self.batch: list = []
-        self.batch_encoded = False
-        self.pending: list[Future] = []
-
-    def add_raw(self, view: np.ndarray) -> None:
-        if self.caffe:
-            _accumulate(self.float_sum, view)
-        else:
-            self._queue(False, view)
-
-    def add_encoded(self, key: bytes, value: memoryview) -> None:
-        if self.caffe:
-            _accumulate(self.float_sum, _decode_checked(key, value, self.shape))
-        else:
-            self._queue(True, (key, value))  # decoded and shape-checked on the threads
-
-    def add_float(self, arr: np.ndarray) -> None:
-        np.add(self.float_sum, arr.reshape(1, -1), out=self.float_sum)
-
-    def _queue(self, encoded: bool, item: object) -> None:
-        if encoded != self.batch_encoded:
-            self.flush()
-            self.batch_encoded = encoded
-        self.batch.append(item)
-        if len(self.batch) >= RECORDS_PER_PARTIAL:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.batch:
-            task = _sum_encoded if self.batch_encoded else _sum_raw
-            self.pending.append(self.pool.submit(task, self.thread_sums, list(self.batch),
-                                                 self.shape))
-            self.batch.clear()
-        while len(self.pending) >= self.in_flight:
-            self._fold(self.pending.pop(0))
-
-    def _fold(self, future: Future) -> None:
-        future.result()  # raises what the task raised (a shape error, say)
-
-    def finish(self) -> np.ndarray:
-        self.flush()
-        while self.pending:
-            self._fold(self.pending.pop(0))
-        exact = self.thread_sums.total()
-        if not exact.any():
-            return self.float_sum
-        return exact.astype(np.float32) + self.float_sum
-
-    def cancel(self) -> None:
-        for future in self.pending:
-            future.cancel()
 
 
 def compute_image_mean(
@@ -228,44 +247,40 @@ def compute_image_mean(
             raise ImagenetError(f"{db_path}: the LMDB holds no records, there is nothing to "
                                 f"average")
         shape = decode_datum_bytes(first[1])[0].shape
-        size = int(np.prod(shape))
-        # Caffe's raw records all start with the same bytes (channels, height, width, data
-        # length): recognising them by that prefix skips the field walk for nearly every record.
-        prefix = raw_datum_prefix(shape)
-        plen = len(prefix)
-        count = 0
-        # The read transaction spans the whole sum: the buffers handed to the threads point
+        if accumulation == "caffe" or parse_datum_header(first[1]).has_float_data:
+            # Caffe's order is key order: one thread. So is a DB of float_data records, whose
+            # float32 sums would otherwise depend on which thread took which chunk.
+            threads = 1
+        sums = [_ThreadSum(shape, exact=accumulation == "exact") for _ in range(threads)]
+        # The read transaction spans the whole sum: the views handed to the threads point
         # into the map and stay valid only while it is open.
         with reader.env.begin(buffers=True) as txn, \
-                ThreadPoolExecutor(max_workers=threads) as pool, \
                 Progress(total, desc="compute_image_mean", unit="rec", enabled=show_progress,
                          on_update=progress) as bar:
-            summer = _Summer(shape, accumulation, pool, threads * PARTIALS_IN_FLIGHT_PER_THREAD)
-            try:
-                for key, value in txn.cursor().iternext(keys=True, values=True):
-                    count += 1
-                    bar.update()
-                    tail = len(value) - plen - size
-                    if (0 < tail <= _MAX_RAW_TAIL and value[:plen] == prefix
-                            and value[plen + size:plen + size + 1] == _RAW_TAIL_START
-                            and value[-2:] == _RAW_TAIL_END):
-                        summer.add_raw(np.frombuffer(value, np.uint8, size, plen))
-                        continue
-                    head = parse_datum_header(value)
-                    if head.has_float_data or (head.data_length == 0 and not head.encoded):
-                        summer.add_float(_decode_checked(key, bytes(value), shape))
-                    elif head.encoded:
-                        summer.add_encoded(bytes(key), value)
-                    else:
-                        rec_shape = (head.channels, head.height, head.width)
-                        if rec_shape != shape or head.data_length != size:
-                            raise ImagenetError(_shape_error(key, rec_shape, shape))
-                        summer.add_raw(np.frombuffer(value, np.uint8, size, head.data_offset))
-                total_sum = summer.finish()
-            finally:
-                summer.cancel()  # the pool's shutdown then waits for running ones
+            cursor = _SharedCursor(txn, bar)
+            if threads == 1:
+                sums[0].run(cursor)
+            else:
+                workers = [threading.Thread(target=s.run, args=(cursor,), daemon=True,
+                                            name=f"compute_image_mean-{i}")
+                           for i, s in enumerate(sums)]
+                for worker in workers:
+                    worker.start()
+                try:
+                    for worker in workers:
+                        worker.join()
+                except BaseException as err:  # Ctrl-C: stop handing out chunks, then wait
+                    cursor.fail(-1, err)
+                    for worker in workers:
+                        worker.join()
+                    raise
+            error = cursor.first_error()
+            if error is not None:
+                raise error
+            count = cursor.count
+            total_sum = _total(sums, count)
     # compute_image_mean.cpp: sum_blob.data(i) / count, in float.
-    mean = (total_sum / np.float32(count)).astype(np.float32).reshape(shape)
+    mean = np.divide(total_sum, np.float32(count), out=total_sum).reshape(shape)
     out = None
     if output_file is not None:
         out = Path(output_file)

@@ -11,7 +11,7 @@ from data.datum import decode_datum_bytes, encode_datum_bytes, encoded_datum_byt
 from data.errors import ImagenetError
 from data.lmdb_io import LmdbReader, LmdbWriter
 import data.mean as mean_module
-from data.mean import RECORDS_PER_PARTIAL, compute_image_mean
+from data.mean import RECORDS_PER_CHUNK, compute_image_mean
 from data.proto import caffe_pb2
 from flows.cli import main as cli_main
 
@@ -71,10 +71,10 @@ def test_exact_sum_across_many_tasks_threads_and_folds(tmp_path: Path,
     # Fold the per-thread float32 sums every 70 records (instead of 65,536) so that folding
     # happens here; the many 255s would expose any lost or doubled record.
     monkeypatch.setattr(mean_module, "RECORDS_PER_FLOAT32_SUM", 70)
-    n = 5 * RECORDS_PER_PARTIAL + 5
+    n = 5 * RECORDS_PER_CHUNK + 5
     rng = np.random.default_rng(1)
     recs = rng.integers(0, 256, (n, 2, 3, 3), dtype=np.uint8)
-    recs[:RECORDS_PER_PARTIAL + 3] = 255
+    recs[:RECORDS_PER_CHUNK + 3] = 255
     with LmdbWriter(tmp_path / "db") as writer:
         for i, rec in enumerate(recs):
             writer.put(f"{i:08d}".encode(), encode_datum_bytes(rec, i % 3))
