@@ -25,6 +25,8 @@ CONV_CASES = [
     (1, 6, 11, 8, 6, 3, 1, 2, 2, 3),    # dilation, non-square, 3 groups
     (2, 2, 7, 7, 3, 1, 1, 0, 1, 1),     # 1x1
     (1, 2, 10, 10, 2, (3, 2), (2, 1), (1, 0), 1, 1),  # rectangular kernel/stride/pad
+    (1, 3, 23, 23, 2, 7, 4, 0, 1, 1),   # conv1-like: kernel > stride 4, four phases
+    (2, 2, 17, 16, 3, 4, 3, 2, 1, 1),   # stride 3, padded, uneven phases
 ]
 PLANS = [kernels.ConvPlan(f, d) for f in kernels.FORWARD_METHODS for d in kernels.INPUT_GRAD_METHODS]
 
@@ -163,3 +165,17 @@ def test_max_pool_windows_with_cropping_high_padding_matches_cropped_input():
     dx_crop = jax.grad(lambda a: jnp.sum(kernels.max_pool2d(a, 3, 2) * dy))(x[:, :, :7, :7])
     np.testing.assert_array_equal(dx[:, :, :7, :7], dx_crop)
     assert not np.any(dx[:, :, 7, :]) and not np.any(dx[:, :, :, 7])
+
+
+@pytest.mark.parametrize("shape, kernel, stride, pad", [
+    ((2, 3, 35, 35), (11, 11), (4, 4), (0, 0)),  # conv1's kernel and stride
+    ((2, 4, 13, 13), (3, 3), (1, 1), (1, 1)),
+    ((1, 2, 17, 16), (4, 3), (3, 2), (2, 1)),
+    ((1, 2, 9, 12), (5, 5), (2, 3), (2, 0)),
+])
+def test_phase_split_im2col_equals_strided_slices(shape, kernel, stride, pad):
+    # The fast column builder moves the same values as the plain strided-slice one.
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(shape, np.float32))
+    fast = jax.jit(lambda a: kernels._im2col_kn(a, kernel, stride, pad, (1, 1)))(x)
+    plain = jax.jit(lambda a: kernels._im2col_kn_dilated(a, kernel, stride, pad, (1, 1)))(x)
+    assert fast.shape == plain.shape and np.array_equal(fast, plain)
