@@ -7,7 +7,7 @@ Usage: python benchmarks/layers.py [--batch-size 32] [--reps 5] [--layers conv2,
 Prints one row per (layer, implementation): median ms per forward+backward over --reps timed
 calls after one warm-up call, and GFLOP/s for convolutions (3x the forward FLOPs: forward,
 input gradient (not for conv1, whose input is data), weight gradient). Use it to choose
-model.kernels.DEFAULT_PLAN; timings on the shared 2-core machine vary by +-10-30%.
+model.kernels.auto_plan; timings on the shared 2-core machine vary by +-10-30%.
 """
 from __future__ import annotations
 

@@ -59,16 +59,24 @@ class ConvPlan:
             )
 
 
-# Chosen from benchmarks/layers.py on the 2-core CPU (see benchmarks/README.md): XLA's forward
-# and input-gradient convolutions are as fast as GEMMs for stride 1 (conv2-5 within +-10%),
-# but its strided forward is not (conv1, stride 4: im2col + GEMM 1.6x faster).
-DEFAULT_PLAN = ConvPlan()
-STRIDED_PLAN = ConvPlan(forward="gemm")
+# Chosen from benchmarks/layers.py on the 2-core CPU (see benchmarks/README.md), per group at
+# batch 32 with jemalloc: the input gradient as GEMM + col2im beats XLA's transposed
+# convolution on every AlexNet shape (conv2 72 vs 126 ms, conv3 82 vs 101, conv4 31 vs 41,
+# conv5 25 vs 36). The forward as im2col + GEMM wins for strided convolutions (conv1: XLA's
+# stride-4 convolution is 2.7x slower) and for 3x3 kernels (conv3 82 vs 104 ms, conv4 40 vs
+# 45, conv5 equal), and its columns are reused by the weight gradient; XLA's own convolution
+# wins for conv2's 5x5 (70 vs 86 ms).
+DEFAULT_PLAN = ConvPlan(forward="lax", input_grad="col2im")
+GEMM_PLAN = ConvPlan(forward="gemm", input_grad="col2im")
+# Largest kernel area whose stride-1 forward goes through im2col + GEMM.
+GEMM_FORWARD_MAX_AREA = 9
 
 
-def auto_plan(stride: Pair) -> ConvPlan:
+def auto_plan(stride: Pair, kernel: Pair = (1, 1)) -> ConvPlan:
     """The plan `conv2d` uses when none is given."""
-    return STRIDED_PLAN if max(stride) > 1 else DEFAULT_PLAN
+    if max(stride) > 1 or kernel[0] * kernel[1] <= GEMM_FORWARD_MAX_AREA:
+        return GEMM_PLAN
+    return DEFAULT_PLAN
 
 
 def _pair(v: int | Sequence[int], name: str) -> Pair:
@@ -211,11 +219,12 @@ def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
     dw = lax.dot_general(dy_t, cols_kn, (((1,), (1,)), ((), ())),
                          precision=GEMM_PRECISION).reshape(w.shape)
     if plan.input_grad == "col2im":
-        # dcols = W^T dY, then col2im (the transpose of im2col: strided pads summed).
-        dcols = lax.dot_general(w.reshape(o, -1), dy_m, (((0,), (1,)), ((), ())),
-                                precision=GEMM_PRECISION)  # (K, N, P)
-        dcols = jnp.transpose(dcols, (1, 0, 2))
-        _, im2col_vjp = jax.vjp(lambda a: _im2col(a, kernel, stride, pad, dilation), x)
+        # Caffe's backward_cpu_gemm: dcols = W^T dY, then col2im, the transpose of im2col
+        # (here XLA's transpose of `_im2col_kn`: the slices' pads summed), in the (K, N*P)
+        # layout dY already has for the weight gradient.
+        dcols = lax.dot_general(w.reshape(o, -1), dy_t, (((0,), (0,)), ((), ())),
+                                precision=GEMM_PRECISION)  # (K, N*P)
+        _, im2col_vjp = jax.vjp(lambda a: _im2col_kn(a, kernel, stride, pad, dilation), x)
         (dx,) = im2col_vjp(dcols.astype(x.dtype))
     else:
         _, conv_vjp = jax.vjp(lambda a: _lax_conv(a, w, stride, pad, dilation), x)
@@ -243,7 +252,7 @@ def conv2d(
     """
     stride_, pad_, dil_ = _pair(stride, "stride"), _pair(pad, "pad"), _pair(dilation, "dilation")
     c, o = x.shape[1], w.shape[0]
-    plan = auto_plan(stride_) if plan is None else plan
+    plan = auto_plan(stride_, (w.shape[2], w.shape[3])) if plan is None else plan
     if groups < 1 or c % groups or o % groups or w.shape[1] * groups != c:
         raise ValueError(
             f"conv2d: input channels {c}, weights {tuple(w.shape)} and groups {groups} disagree"
@@ -426,7 +435,7 @@ def max_pool2d_reference(
 __all__ = [
     "ConvPlan",
     "DEFAULT_PLAN",
-    "STRIDED_PLAN",
+    "GEMM_PLAN",
     "auto_plan",
     "conv2d",
     "conv2d_reference",
