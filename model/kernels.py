@@ -14,7 +14,8 @@ several times slower than the same work split per group, and max-pool's backward
 - `max_pool2d`: Caffe's MAX pooling (src/caffe/layers/pooling_layer.cpp): ceil-mode output
   size, windows clipped to the image, and a backward that routes each output gradient to the
   FIRST maximum of its window in row-major order (Caffe's strict `>` scan, its `mask`), as a
-  first-max index computed in the forward pass plus kh*kw strided pads: no select_and_scatter.
+  first-max index computed in the forward pass, scattered back by unstrided pads into the
+  stride x stride phases of the image: no select_and_scatter.
 
 Results equal the plain `lax` reference up to float32 summation order (tests/model/
 test_kernels.py). Both are pure, jittable functions of arrays in Caffe's NCHW layout and
@@ -362,25 +363,28 @@ def _max_pool_bwd(kernel, stride, pads, res, dy):
     idx, x_shape = res
     n, c, h, w = x_shape
     (kh, kw), (sh, sw) = kernel, stride
-    (plh, phh), (plw, phw) = pads
+    (plh, _), (plw, _) = pads
     ho, wo = dy.shape[2], dy.shape[3]
-    hp, wp = h + plh + phh, w + plw + phw  # the padded extent of _pool_windows
+    # The padded input as stride x stride phases (as `_im2col_kn` splits it): window element
+    # (i, j) of output (oh, ow) is element (oh + i // sh, ow + j // sw) of phase
+    # (i % sh, j % sw), so each element's gradient lands by an unstrided pad, and the phases
+    # are interleaved once at the end (measured: pool1 1.8x, pool2 1.6x faster than
+    # interior-padding each of the kh*kw contributions to the full image).
+    hq, wq = ho + (kh - 1) // sh, wo + (kw - 1) // sw
     zero = jnp.array(0, dy.dtype)
-    dxp = None
+    phases: dict[Pair, jax.Array] = {}
     for k in range(kh * kw):
-        i, j = divmod(k, kw)
+        (qi, a), (qj, b) = divmod(k // kw, sh), divmod(k % kw, sw)
         contrib = jnp.where(idx == k, dy, zero)
-        # Output (oh, ow) read padded position (i + sh*oh, j + sw*ow): an interior pad puts
-        # its gradient back there.
-        placed = lax.pad(
-            contrib, zero,
-            ((0, 0, 0), (0, 0, 0),
-             (i, hp - i - ((ho - 1) * sh + 1), sh - 1),
-             (j, wp - j - ((wo - 1) * sw + 1), sw - 1)),
-        )
-        dxp = placed if dxp is None else dxp + placed
-    # Undo the padding (negative high padding re-grows the cropped rows with zeros).
-    return (lax.pad(dxp, zero, ((0, 0, 0), (0, 0, 0), (-plh, -phh, 0), (-plw, -phw, 0))),)
+        placed = lax.pad(contrib, zero, ((0, 0, 0), (0, 0, 0), (qi, hq - qi - ho, 0),
+                                         (qj, wq - qj - wo, 0)))
+        phases[a, b] = placed + phases[a, b] if (a, b) in phases else placed
+    none = jnp.zeros((n, c, hq, wq), dy.dtype)
+    dxp = jnp.stack([jnp.stack([phases.get((a, b), none) for b in range(sw)], axis=-1)
+                     for a in range(sh)], axis=3).reshape(n, c, hq * sh, wq * sw)
+    # Back to the image: drop the low padding, crop or zero-fill the high side.
+    return (lax.pad(dxp, zero, ((0, 0, 0), (0, 0, 0), (-plh, h + plh - hq * sh, 0),
+                                (-plw, w + plw - wq * sw, 0))),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -118,7 +118,9 @@ def _max_pool_numpy(x, k, s, p):
     [((2, 3, 13, 13), 3, 2, 0),    # AlexNet pool: overlapping, exact fit
      ((1, 2, 8, 8), 3, 2, 0),      # ceil mode: last window clipped
      ((1, 2, 7, 9), 3, 2, 1),      # padding
-     ((1, 1, 6, 6), 2, 2, 0)],     # non-overlapping
+     ((1, 1, 6, 6), 2, 2, 0),      # non-overlapping
+     ((1, 2, 11, 10), 2, 3, 1),    # stride above kernel: rows in no window
+     ((1, 1, 7, 6), 3, 1, 1)],     # stride 1: one phase
 )
 def test_max_pool_matches_caffe_first_max(shape, k, s, p):
     rng = np.random.default_rng(1)
