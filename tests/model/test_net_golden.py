@@ -3,8 +3,10 @@ layer lists and top shapes, TEST-phase forward of every layer, parameter and bot
 
 Tolerances are the README's: rtol 1e-4 plus atol 1e-5 x max|value| per blob (Caffe convolves by
 im2col + OpenBLAS sgemm in float32, XLA sums in another order); loss and accuracies to 1e-5.
-Measured worst error, max|ours - caffe| / max|caffe| per blob: below 1e-6 for every forward blob,
-parameter gradient and bottom gradient (see the closing report of issue 3).
+Measured worst error, max|ours - caffe| / max|caffe| per blob (2026-11-28, CPU kernels with
+col2im input gradients): forward blobs <= 6.5e-7 (relu3), bottom gradients <= 5.2e-7, parameter
+gradients <= 1.3e-6 (conv1's weights, a sum over 32 x 3025 positions; 7.8e-7 before the col2im
+input gradients changed the summation order upstream of it).
 """
 from __future__ import annotations
 
