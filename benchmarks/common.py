@@ -10,7 +10,6 @@ as is when it is not.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -23,8 +22,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data.datum import encode_datum_bytes, encoded_datum_bytes, write_blobproto  # noqa: E402
+from data.errors import ImagenetError  # noqa: E402
 from data.lmdb_io import LmdbWriter  # noqa: E402
 from data.proto import caffe_pb2  # noqa: E402
+from flows import allocator  # noqa: E402
 
 ALEXNET_TRAIN_VAL = REPO / "model" / "zoo" / "bvlc_alexnet" / "train_val.prototxt"
 ALEXNET_SOLVER = REPO / "model" / "zoo" / "bvlc_alexnet" / "solver.prototxt"
@@ -32,37 +33,17 @@ ALEXNET_SOLVER = REPO / "model" / "zoo" / "bvlc_alexnet" / "solver.prototxt"
 ALEXNET_TRAIN_GFLOP_PER_IMAGE = 4.35
 IMAGE_HW = 256
 NUM_CLASSES = 1000
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-                  "/usr/lib/libjemalloc.so.2")
-# Keep freed pages instead of returning them to the kernel (no page faults per step).
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-ALLOCATORS = ("auto", "jemalloc", "system")
-_REEXEC_MARK = "IMAGENET_BENCH_ALLOCATOR"
-
-
-def allocator_in_use() -> str:
-    return os.environ.get(_REEXEC_MARK, "system")
+ALLOCATORS = allocator.ALLOCATORS
+allocator_in_use = allocator.allocator_in_use
 
 
 def reexec_with_allocator(choice: str) -> None:
-    """Re-run this process under jemalloc when `choice` asks for it (auto: if installed).
-
-    Returns normally when no re-exec is needed (already done, 'system', or no jemalloc)."""
-    if choice not in ALLOCATORS:
-        raise SystemExit(f"--allocator {choice!r}; valid: {', '.join(ALLOCATORS)}")
-    if _REEXEC_MARK in os.environ or choice == "system":
-        return
-    lib = next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
-    if lib is None:
-        if choice == "jemalloc":
-            raise SystemExit(f"--allocator jemalloc: none of {JEMALLOC_PATHS} exists "
-                             "(Debian: apt-get install libjemalloc2)")
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD", "")]))
-    env["MALLOC_CONF"] = JEMALLOC_CONF
-    env[_REEXEC_MARK] = "jemalloc"
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    """Re-run this benchmark under jemalloc when `choice` asks for it (auto: if installed);
+    flows/allocator.py is the switch the `imagenet` training commands use too."""
+    try:
+        allocator.reexec_with_allocator(choice)
+    except ImagenetError as err:
+        raise SystemExit(f"--{err}") from None
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from data.errors import ImagenetError
+from flows import allocator
 from flows.commands import COMMANDS
 from flows.flags import caffe_style_argv
+
+# Commands that run a net on XLA: the console script restarts them under jemalloc when it is
+# installed (flows/allocator.py; IMAGENET_ALLOCATOR=system turns it off).
+ALLOCATOR_COMMANDS = frozenset({"train", "test", "time"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,5 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `imagenet` console script: main(), after the allocator re-exec of the training
+    commands (not done by main() itself, which tests and other Python callers use)."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in ALLOCATOR_COMMANDS:
+        try:
+            allocator.reexec_with_allocator(os.environ.get(allocator.CHOICE_ENV, "auto"),
+                                            ["-m", "flows.cli", *argv])
+        except ImagenetError as err:
+            print(f"imagenet: error: {allocator.CHOICE_ENV}: {err}", file=sys.stderr)
+            sys.exit(1)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

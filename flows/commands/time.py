@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from data.errors import ImagenetError
+from flows.allocator import allocator_in_use
 from flows.flags import add_flag
 
 # caffe time's defaults (tools/caffe.cpp): 50 iterations, TRAIN phase.
@@ -143,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     train = phase == "TRAIN"
     batch_n = net.inputs[0].shapes[0][0] if net.inputs else 1
     print(f"Net {net.name!r} phase {phase}: {len(net.layers)} layers, "
-          f"{net.param_count():,} learnable parameters, batch {batch_n}, device {device}")
+          f"{net.param_count():,} learnable parameters, batch {batch_n}, device {device}, "
+          f"host allocator {allocator_in_use()}")
     for note in notes:
         print(note)
     print("Inputs are random data of the right shapes: "
