@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import cv2
 import numpy as np
 
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
+
+M = TypeVar("M")  # a protobuf message class
 
 # Datum field numbers (caffe.proto) and wire types, for the hand-rolled fast paths.
 _WT_VARINT, _WT_FIXED64, _WT_LEN, _WT_FIXED32 = 0, 1, 2, 5
@@ -319,6 +321,22 @@ def read_blobproto(path: str | os.PathLike) -> np.ndarray:
         return blobproto_to_array(blob)
     except ImagenetError as err:
         raise ImagenetError(f"{path}: {err}") from None
+
+
+def read_proto_file(path: str | os.PathLike, message: M, what: str, kind: str) -> M:
+    """Parse the binary protobuf file `path` into `message` (returned). A missing file is
+    "no such {what} file", one that does not parse is "not a binary {kind}": ImagenetErrors
+    naming the file."""
+    p = Path(path)
+    try:
+        payload = p.read_bytes()
+    except FileNotFoundError:
+        raise ImagenetError(f"{p}: no such {what} file") from None
+    try:
+        message.ParseFromString(payload)
+    except Exception as exc:  # protobuf's DecodeError has no stable import path across backends
+        raise ImagenetError(f"{p}: not a binary {kind}: {exc}") from None
+    return message
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:

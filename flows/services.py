@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from data.lmdb_io import pid_alive
 from flows import prefect_env
 
 PROJECT_ROOT = prefect_env.PROJECT_ROOT
@@ -70,16 +71,6 @@ def _pid_file(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.pid"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _start(name: str, argv: list[str], run_dir: Path, env: dict[str, str]) -> int:
     log = open(run_dir / f"{name}.log", "ab")
     proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -91,7 +82,7 @@ def _start(name: str, argv: list[str], run_dir: Path, env: dict[str, str]) -> in
 def wait_healthy(port: int, timeout: float = SERVER_READY_TIMEOUT_S, pid: int | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pid is not None and not _alive(pid):
+        if pid is not None and not pid_alive(pid):
             raise RuntimeError(f"the Prefect server (pid {pid}) exited; see its log")
         try:
             with urllib.request.urlopen(api_url(port) + "/health", timeout=2) as resp:
@@ -117,7 +108,7 @@ def up(port: int = DEFAULT_PORT, run_dir: Path = DEFAULT_RUN_DIR, prefect_home: 
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in SERVICES:
         pid = _read_pid(run_dir, name)
-        if pid is not None and _alive(pid):
+        if pid is not None and pid_alive(pid):
             raise RuntimeError(f"{name} already running (pid {pid}); `make down` first")
     env = service_env(port, prefect_home)
     prefect = _prefect()
@@ -143,7 +134,7 @@ def _read_pid(run_dir: Path, name: str) -> int | None:
         return None
 
 
-def _group_alive(pgid: int) -> bool:
+def _grouppid_alive(pgid: int) -> bool:
     """Whether any process of group `pgid` is still running. Zombies do not count: a leader we
     started ourselves (a test calling up() then down()) stays a zombie until reaped, and
     killpg(pgid, 0) would report it alive."""
@@ -178,7 +169,7 @@ def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _group_alive(pid):
+            if not _grouppid_alive(pid):
                 return
             time.sleep(POLL_S)
 
@@ -189,7 +180,7 @@ def down(run_dir: Path = DEFAULT_RUN_DIR) -> None:
         pid = _read_pid(run_dir, name)
         if pid is None:
             continue
-        if _alive(pid):
+        if pid_alive(pid):
             print(f"stopping {name} (pid {pid})")
             _stop_group(pid)
         _pid_file(run_dir, name).unlink(missing_ok=True)

@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import jax.numpy as jnp
 
-from data.datum import array_to_blobproto, blobproto_to_array, write_bytes_atomic
+from data.datum import (array_to_blobproto, blobproto_to_array, read_proto_file,
+                        write_bytes_atomic)
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from model import prototxt
@@ -30,17 +31,9 @@ Weights = dict[str, list[np.ndarray]]
 
 def read_net_binary(path: str | Path) -> caffe_pb2.NetParameter:
     """Parse a binary NetParameter file and upgrade it to the `layer` form."""
-    p = Path(path)
-    try:
-        payload = p.read_bytes()
-    except FileNotFoundError:
-        raise ImagenetError(f"{p}: no such caffemodel file") from None
-    net = caffe_pb2.NetParameter()
-    try:
-        net.ParseFromString(payload)
-    except Exception as exc:  # protobuf's DecodeError: the file is not a NetParameter
-        raise ImagenetError(f"{p}: not a binary caffemodel (NetParameter): {exc}") from None
-    return prototxt.upgrade_net(net, str(p))
+    net = read_proto_file(path, caffe_pb2.NetParameter(), "caffemodel",
+                          "caffemodel (NetParameter)")
+    return prototxt.upgrade_net(net, str(Path(path)))
 
 
 def load_caffemodel(path: str | Path) -> Weights:

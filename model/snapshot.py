@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.datum import array_to_blobproto, blobproto_to_array, write_bytes_atomic
+from data.datum import (array_to_blobproto, blobproto_to_array, read_proto_file,
+                        write_bytes_atomic)
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 
@@ -71,16 +72,7 @@ def solverstate_bytes(iteration: int, learned_net: str, history: Sequence[np.nda
 
 def read_solverstate(path: str | Path) -> SolverStateData:
     """Parse a .solverstate written by Caffe or by us."""
-    p = Path(path)
-    try:
-        payload = p.read_bytes()
-    except FileNotFoundError:
-        raise ImagenetError(f"{p}: no such solverstate file") from None
-    state = caffe_pb2.SolverState()
-    try:
-        state.ParseFromString(payload)
-    except Exception as exc:  # protobuf's DecodeError
-        raise ImagenetError(f"{p}: not a binary SolverState: {exc}") from None
+    state = read_proto_file(path, caffe_pb2.SolverState(), "solverstate", "SolverState")
     history = []
     for i, bp in enumerate(state.history):
         try:

@@ -11,7 +11,8 @@ import pytest
 
 from data.datum import (
     array_to_blobproto, array_to_datum, blobproto_to_array, datum_to_array, decode_datum_bytes,
-    encode_datum_bytes, encoded_datum_bytes, parse_datum_header, read_blobproto, write_blobproto,
+    encode_datum_bytes, encoded_datum_bytes, parse_datum_header, read_blobproto, read_proto_file,
+    write_blobproto,
 )
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
@@ -156,3 +157,17 @@ def test_golden_json_describes_what_we_read(golden: Path) -> None:
         arr, label = decode_datum_bytes(value)
         assert key.decode() == rec["key"] and label == rec["label"]
         assert arr.shape == (rec["channels"], rec["height"], rec["width"])
+
+
+def test_read_proto_file_names_the_file_and_what_is_wrong(tmp_path):
+    good = tmp_path / "state.solverstate"
+    good.write_bytes(caffe_pb2.SolverState(iter=7, current_step=2).SerializeToString())
+    state = read_proto_file(good, caffe_pb2.SolverState(), "solverstate", "SolverState")
+    assert (state.iter, state.current_step) == (7, 2)
+    with pytest.raises(ImagenetError, match=r"nope\.solverstate: no such solverstate file"):
+        read_proto_file(tmp_path / "nope.solverstate", caffe_pb2.SolverState(), "solverstate",
+                        "SolverState")
+    bad = tmp_path / "bad.caffemodel"
+    bad.write_bytes(b"\xff\xff\xff")  # a truncated varint: not a NetParameter
+    with pytest.raises(ImagenetError, match=r"bad\.caffemodel: not a binary caffemodel"):
+        read_proto_file(bad, caffe_pb2.NetParameter(), "caffemodel", "caffemodel (NetParameter)")
