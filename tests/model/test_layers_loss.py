@@ -11,26 +11,9 @@ from google.protobuf import text_format
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from model.layers import layer_class
+from layer_testing import close, make
 
 FLT_MIN = np.finfo(np.float32).tiny
-
-
-def make(text: str, *bottom_shapes):
-    lp = text_format.Parse(text, caffe_pb2.LayerParameter())
-    if not lp.top:
-        lp.top.append("out")
-    return layer_class(lp.type, lp.name)(lp, list(bottom_shapes))
-
-
-# Tolerances: float32 results vs float64 references, max |error| relative to max |ref|.
-# Measured on CPU (2026-11-27): <= 2e-7 for forwards, <= 5e-7 for gradients; the bounds
-# (2e-6 forward, 1e-5 for gradients that sum many products) leave room for other backends
-# (all pass on an H100 with jax 0.11.2).
-def close(got, ref, rtol=2e-6):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    err = np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30)
-    assert err < rtol, f"relative max error {err:.3g} >= {rtol}"
 
 
 def loss_ref(x, label, ignore, mode):
