@@ -1,5 +1,10 @@
 """Shared fixtures: where the real-Caffe goldens live, and skipping loudly where they don't.
 
+Prefect, for every test that imports it (tasks/, flows/): a throw-away PREFECT_HOME (so its
+database and result storage) set here, before anything imports prefect; never a server a
+developer may have running (PREFECT_API_URL unset). PREFECT_NOTES: the test harness's first
+start on a fresh database needs more than Prefect's default 20 s.
+
 The goldens sit in ../shared/caffe-golden beside the clone (read-only in CI: open LMDBs there
 with readonly=True, lock=False, or copy them first). A user's clone has no ../shared; every
 test that needs it is skipped and the session header says why, once.
@@ -7,9 +12,18 @@ test that needs it is skipped and the session header says why, once.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
+if "IMAGENET_TEST_PREFECT_HOME" not in os.environ:
+    os.environ["IMAGENET_TEST_PREFECT_HOME"] = tempfile.mkdtemp(prefix="imagenet-prefect-home-")
+os.environ["PREFECT_HOME"] = os.environ["IMAGENET_TEST_PREFECT_HOME"]
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = Path(os.environ.get("IMAGENET_GOLDEN_DIR", REPO.parent / "shared" / "caffe-golden"))

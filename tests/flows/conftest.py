@@ -1,26 +1,13 @@
 """flows/ tests: an isolated Prefect (PREFECT_HOME, hence result storage and database, in a temp
-dir set BEFORE prefect is imported), a test harness server for the session, and a tiny
-mini-ILSVRC12 mirror served on 127.0.0.1 with a tiny net, so whole pipeline runs take seconds.
-
-PREFECT_NOTES: the harness isolates the database but not the result storage, and its first start
-on a fresh database needs more than Prefect's default 20 s.
+dir set by tests/conftest.py before prefect is imported), a test harness server for the session,
+and a tiny mini-ILSVRC12 mirror served on 127.0.0.1 with a tiny net, so whole pipeline runs take
+seconds. PREFECT_NOTES: the harness isolates the database but not the result storage.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+from pathlib import Path
 
-if "IMAGENET_TEST_PREFECT_HOME" not in os.environ:
-    os.environ["IMAGENET_TEST_PREFECT_HOME"] = tempfile.mkdtemp(prefix="imagenet-prefect-home-")
-os.environ["PREFECT_HOME"] = os.environ["IMAGENET_TEST_PREFECT_HOME"]
-os.environ.pop("PREFECT_API_URL", None)
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 TINY_CLASSES = 3
 TINY_TRAIN_PER_CLASS = 6
