@@ -42,13 +42,15 @@ ACCUMULATIONS = {
     "caffe": "Caffe's float32 running sum in key order: Caffe's bits at any size, one thread",
 }
 # Records a thread takes from the shared cursor at a time: enough that the walk under the lock
-# is a small share of a thread's time, few enough to balance the end.
+# is a small share of a thread's time. Near the end chunks shrink (to a share of what is left,
+# down to MIN_RECORDS_PER_CHUNK) so that the threads finish together.
 RECORDS_PER_CHUNK = 32
+MIN_RECORDS_PER_CHUNK = 4
 # Records a float32 running sum takes before it is folded into float64: the sum stays exact
 # while it is below 2**24, i.e. up to 65,793 records of 255.
 RECORDS_PER_FLOAT32_SUM = 65_536
 # What ends a raw record written by Caffe (or by us): label (field 5) ... encoded=false (7).
-_RAW_TAIL_START, _RAW_TAIL_END, _MAX_RAW_TAIL = b"\x28", b"\x38\x00", 13
+_RAW_TAIL_START, _RAW_TAIL_END, _MAX_RAW_TAIL = 0x28, b"\x38\x00", 13
 
 
 @dataclass
@@ -77,24 +79,20 @@ def _decode_checked(key: bytes | memoryview, value: bytes | memoryview,
     arr, _ = decode_datum_bytes(value)
     if arr.shape != shape:
         raise ImagenetError(_shape_error(key, arr.shape, shape))
-    return arr.reshape(1, -1)
-
-
-def _accumulate(total: np.ndarray, pixels: np.ndarray) -> None:
-    # cv2.accumulate adds uint8 into float32 with SIMD and without the GIL, about twice as
-    # fast as numpy's mixed-type add; each element is one IEEE float32 add, as in Caffe.
-    cv2.accumulate(pixels, total)
+    return arr.reshape(-1)
 
 
 class _SharedCursor:
-    """Hands out the records in key order, RECORDS_PER_CHUNK at a time, to the summing
-    threads; a chunk's views point into the map and stay valid while the transaction is open.
+    """Hands out the records in key order, RECORDS_PER_CHUNK at a time (fewer near the end), to
+    the summing threads; a chunk's views point into the map and stay valid while the transaction is open.
 
     A failing chunk stops the hand-out after it; chunks handed out before it still finish, so
     the error reported is the one of the first offending record in key order."""
 
-    def __init__(self, txn: lmdb.Transaction, bar: Progress) -> None:
+    def __init__(self, txn: lmdb.Transaction, bar: Progress, expected: int, threads: int) -> None:
         self._records = txn.cursor().iternext(keys=True, values=True)
+        self._expected = expected  # the DB's record count: tells how much is left
+        self._shares = 2 * threads
         self._bar = bar
         self._lock = threading.Lock()
         self._next_index = 0
@@ -107,7 +105,9 @@ class _SharedCursor:
             index = self._next_index
             if self._last_index is not None and index > self._last_index:
                 return index, []
-            chunk = list(islice(self._records, RECORDS_PER_CHUNK))
+            left = self._expected - self.count
+            size = min(RECORDS_PER_CHUNK, max(MIN_RECORDS_PER_CHUNK, -(-left // self._shares)))
+            chunk = list(islice(self._records, size))
             self._next_index += 1
             self.count += len(chunk)
             self._bar.update(len(chunk))
@@ -134,42 +134,54 @@ class _ThreadSum:
         self.size = int(np.prod(shape))
         self.prefix = raw_datum_prefix(shape)
         self.exact = exact
-        self.pixels = np.zeros((1, self.size), np.float32)
+        self.pixels = np.zeros(self.size, np.float32)
         self.in_pixels = 0
         self.folded: np.ndarray | None = None  # float64, from the first fold on
         self.floats: np.ndarray | None = None if exact else self.pixels  # float_data records
 
     def add_chunk(self, chunk: list[tuple[memoryview, memoryview]]) -> None:
         size, prefix, plen = self.size, self.prefix, len(self.prefix)
-        pixels = self.pixels
+        end = plen + size  # where a raw record's pixels end and its tail starts
+        pixels, accumulate = self.pixels, cv2.accumulate
+        # cv2.accumulate adds uint8 into float32 with SIMD and without the GIL, about twice as
+        # fast as numpy's mixed-type add; each element is one IEEE float32 add, as in Caffe.
+        # The Python around it holds the GIL and costs a sixth as much, so the fast path
+        # checks bytes by index and passes 1-D views.
+        room = RECORDS_PER_FLOAT32_SUM - self.in_pixels if self.exact else len(chunk) + 1
         for key, value in chunk:
-            if self.exact and self.in_pixels == RECORDS_PER_FLOAT32_SUM:
+            if room == 0:
                 self.fold()
+                room = RECORDS_PER_FLOAT32_SUM
             # Caffe's raw records all start with the same bytes (channels, height, width, data
-            # length): recognising them by that prefix skips the field walk for nearly all.
-            tail = len(value) - plen - size
-            if (0 < tail <= _MAX_RAW_TAIL and value[:plen] == prefix
-                    and value[plen + size:plen + size + 1] == _RAW_TAIL_START
-                    and value[-2:] == _RAW_TAIL_END):
-                _accumulate(pixels, np.frombuffer(value, np.uint8, size, plen).reshape(1, -1))
-                self.in_pixels += 1
-                continue
-            head = parse_datum_header(value)
-            if head.has_float_data or (head.data_length == 0 and not head.encoded):
-                if self.floats is None:
-                    self.floats = np.zeros((1, self.size), np.float32)
-                np.add(self.floats, _decode_checked(key, bytes(value), self.shape),
-                       out=self.floats)
-                continue
-            if head.encoded:
-                arr = _decode_checked(key, value, self.shape)
+            # length) and end with label (field 5) ... encoded=false (field 7): recognising
+            # them by those bytes skips the field walk for nearly all.
+            n = len(value)
+            if (end < n <= end + _MAX_RAW_TAIL and value[end] == _RAW_TAIL_START
+                    and value[n - 2] == _RAW_TAIL_END[0] and value[n - 1] == _RAW_TAIL_END[1]
+                    and value[:plen] == prefix):
+                accumulate(np.frombuffer(value, np.uint8, size, plen), pixels)
             else:
-                rec_shape = (head.channels, head.height, head.width)
-                if rec_shape != self.shape or head.data_length != size:
-                    raise ImagenetError(_shape_error(key, rec_shape, self.shape))
-                arr = np.frombuffer(value, np.uint8, size, head.data_offset).reshape(1, -1)
-            _accumulate(pixels, arr)
-            self.in_pixels += 1
+                self.add_other(key, value)
+            room -= 1
+        if self.exact:
+            self.in_pixels = RECORDS_PER_FLOAT32_SUM - room
+
+    def add_other(self, key: memoryview, value: memoryview) -> None:
+        """A record off the raw fast path: encoded, float_data, or with another layout."""
+        head = parse_datum_header(value)
+        if head.has_float_data or (head.data_length == 0 and not head.encoded):
+            if self.floats is None:
+                self.floats = np.zeros(self.size, np.float32)
+            np.add(self.floats, _decode_checked(key, bytes(value), self.shape), out=self.floats)
+            return
+        if head.encoded:
+            arr = _decode_checked(key, value, self.shape)
+        else:
+            rec_shape = (head.channels, head.height, head.width)
+            if rec_shape != self.shape or head.data_length != self.size:
+                raise ImagenetError(_shape_error(key, rec_shape, self.shape))
+            arr = np.frombuffer(value, np.uint8, self.size, head.data_offset)
+        cv2.accumulate(arr, self.pixels)
 
     def fold(self) -> None:
         if self.folded is None:
@@ -257,7 +269,7 @@ def compute_image_mean(
         with reader.env.begin(buffers=True) as txn, \
                 Progress(total, desc="compute_image_mean", unit="rec", enabled=show_progress,
                          on_update=progress) as bar:
-            cursor = _SharedCursor(txn, bar)
+            cursor = _SharedCursor(txn, bar, total, threads)
             if threads == 1:
                 sums[0].run(cursor)
             else:
