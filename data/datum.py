@@ -220,10 +220,16 @@ def encode_datum_bytes(chw: np.ndarray, label: int) -> bytes:
     _check_chw(chw)
     if chw.dtype != np.uint8:
         return array_to_datum(chw, label).SerializeToString()
-    # bytes.join takes the contiguous array through the buffer protocol: one transposing copy
-    # into a temporary, one into the result.
-    return b"".join((raw_datum_prefix(chw.shape), np.ascontiguousarray(chw),
-                     raw_datum_suffix(label)))
+    # bytes.join takes the planes through the buffer protocol: one de-interleaving copy into
+    # temporaries, one into the result. An HxWxC image seen as CxHxW (images.to_chw) is split
+    # by OpenCV's SIMD de-interleave: 56 vs 91 us for 256x256x3, numpy's strided copy being
+    # the slower.
+    hwc = chw.transpose(1, 2, 0)
+    if 1 < chw.shape[0] <= 4 and hwc.flags.c_contiguous:
+        planes = cv2.split(hwc)
+    else:
+        planes = (np.ascontiguousarray(chw),)
+    return b"".join((raw_datum_prefix(chw.shape), *planes, raw_datum_suffix(label)))
 
 
 def encoded_datum_bytes(data: bytes, label: int) -> bytes:

@@ -57,6 +57,18 @@ def test_raw_decode_is_a_view_without_copy() -> None:
     assert not arr.flags.owndata and not arr.flags.writeable  # a view of `value`
 
 
+@pytest.mark.parametrize("layout", ["chw", "hwc_view", "strided"])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5])
+def test_encode_matches_protobuf_for_every_layout(layout: str, channels: int) -> None:
+    # convert_imageset passes an HxWxC image seen as CxHxW (split by OpenCV); other callers
+    # pass contiguous or arbitrarily strided arrays (numpy's copy). Same bytes either way.
+    hwc = np.random.default_rng(channels).integers(0, 256, (5, 7, channels), dtype=np.uint8)
+    chw = {"chw": np.ascontiguousarray(hwc.transpose(2, 0, 1)),
+           "hwc_view": hwc.transpose(2, 0, 1),
+           "strided": hwc.transpose(2, 0, 1)[:, ::-1, ::2]}[layout]
+    assert encode_datum_bytes(chw, 4) == array_to_datum(chw, 4).SerializeToString()
+
+
 @pytest.mark.parametrize("label", [0, 1, 999, 2**31 - 1, -1, -(2**31)])
 def test_labels_round_trip_including_negative(label: int) -> None:
     chw = np.full((1, 2, 2), 200, np.uint8)
