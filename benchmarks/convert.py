@@ -12,10 +12,10 @@ quality 90) into a temporary folder. It prints images/s of:
   (the library default, for the pipeline's cache), each as a ratio to the baseline;
 - a naive per-record mean (ParseFromString + np.frombuffer + float32 add), then
   data.mean.compute_image_mean, as a ratio.
-Each conversion figure is the best of --repeat runs (the page cache is warmed first). The mean
-takes a tenth of a second, so it runs --mean-rounds rounds of naive-then-ours: it prints the
-best of each and, as the spread on a noisy machine, the lowest, median and highest per-round
-ratio. Not a test: speed claims live here, never in timed unit tests.
+The contenders take turns, round after round, and each figure is the best of its rounds
+(--repeat for conversion, after the page cache is warmed; --mean-rounds for the mean, which
+takes a tenth of a second and so also prints the lowest, median and highest per-round ratio,
+the spread on a noisy machine). Not a test: speed claims live here, never in timed unit tests.
 """
 from __future__ import annotations
 
@@ -113,14 +113,18 @@ def naive_mean(db: Path) -> np.ndarray:
     return total / count
 
 
-def best_time(fn: Callable[[], object], repeat: int, cleanup: Callable[[], None]) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        cleanup()
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(fn: Callable[[], object], cleanup: Callable[[], None] = lambda: None) -> float:
+    cleanup()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_rounds(contenders: list[Callable[[], object]], rounds: int,
+                       cleanup: Callable[[], None] = lambda: None) -> list[list[float]]:
+    """Seconds of every contender in every round, the contenders taking turns in each round,
+    so that a slow minute on a shared machine slows all of them, not just one."""
+    return [[timed(fn, cleanup) for fn in contenders] for _ in range(max(1, rounds))]
 
 
 def main() -> int:
@@ -151,7 +155,8 @@ def main() -> int:
         n = write_listing(root, listfile)
         nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         print(f"{n} images, {nbytes / n / 1024:.0f} KB on average; {available_cores()} cores; "
-              f"resize {args.resize}x{args.resize}; best of {args.repeat}")
+              f"resize {args.resize}x{args.resize}; conversion: best of {args.repeat} rounds, mean: "
+              f"best of {args.mean_rounds}")
         for p in root.rglob("*"):  # warm the page cache so the first contender is not penalised
             if p.is_file():
                 p.read_bytes()
@@ -160,26 +165,25 @@ def main() -> int:
         def clean() -> None:
             shutil.rmtree(db, ignore_errors=True)
 
-        base = best_time(lambda: naive_convert(root, listfile, db, args.resize), args.repeat,
-                         clean)
-        print(f"convert  naive baseline (1 process):  {n / base:8.1f} img/s   1.00x")
         # The command line's path (no content digest: it prints none), then the library
         # default that also hashes every record for the pipeline's cache key.
         runs = [(w, False) for w in sorted({1, args.workers})] + [(args.workers, True)]
-        for workers, digest in runs:
-            t = best_time(lambda: convert_imageset(
+        contenders = [lambda: naive_convert(root, listfile, db, args.resize)] + [
+            lambda w=w, d=d: convert_imageset(
                 root, listfile, db, resize_height=args.resize, resize_width=args.resize,
-                workers=workers, pool=args.pool, digest=digest, show_progress=False),
-                args.repeat, clean)
+                workers=w, pool=args.pool, digest=d, show_progress=False)
+            for w, d in runs]
+        best = [min(col) for col in zip(*interleaved_rounds(contenders, args.repeat, clean))]
+        base = best[0]
+        print(f"convert  naive baseline (1 process):  {n / base:8.1f} img/s   1.00x")
+        for (workers, digest), t in zip(runs, best[1:]):
             what = f"--workers={workers} ({args.pool}){' + digest' if digest else ''}:"
             print(f"convert  imagenet {what:26s} {n / t:8.1f} img/s   {base / t:.2f}x")
 
         record_bytes = 3 * args.resize * args.resize
-        rounds = []
-        for _ in range(max(1, args.mean_rounds)):
-            rounds.append((best_time(lambda: naive_mean(db), 1, lambda: None),
-                           best_time(lambda: compute_image_mean(db, show_progress=False), 1,
-                                     lambda: None)))
+        rounds = interleaved_rounds([lambda: naive_mean(db),
+                                     lambda: compute_image_mean(db, show_progress=False)],
+                                    args.mean_rounds)
         base, t = min(r[0] for r in rounds), min(r[1] for r in rounds)
         print(f"mean     naive per-record loop:       {n / base:8.1f} rec/s   1.00x   "
               f"({n * record_bytes / base / 1e6:.0f} MB/s)")
