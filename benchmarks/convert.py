@@ -155,8 +155,8 @@ def main() -> int:
         n = write_listing(root, listfile)
         nbytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         print(f"{n} images, {nbytes / n / 1024:.0f} KB on average; {available_cores()} cores; "
-              f"resize {args.resize}x{args.resize}; conversion: best of {args.repeat} rounds, mean: "
-              f"best of {args.mean_rounds}")
+              f"resize {args.resize}x{args.resize}; conversion: best of {args.repeat} rounds, "
+              f"mean: best of {args.mean_rounds}")
         for p in root.rglob("*"):  # warm the page cache so the first contender is not penalised
             if p.is_file():
                 p.read_bytes()

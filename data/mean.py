@@ -19,6 +19,7 @@ Caffe adds each uint8 record into a float32 sum, one record after the other. Two
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -84,7 +85,8 @@ def _decode_checked(key: bytes | memoryview, value: bytes | memoryview,
 
 class _SharedCursor:
     """Hands out the records in key order, RECORDS_PER_CHUNK at a time (fewer near the end), to
-    the summing threads; a chunk's views point into the map and stay valid while the transaction is open.
+    the summing threads; a chunk's views point into the map and stay valid while the
+    transaction is open.
 
     A failing chunk stops the hand-out after it; chunks handed out before it still finish, so
     the error reported is the one of the first offending record in key order."""
@@ -147,7 +149,8 @@ class _ThreadSum:
         # fast as numpy's mixed-type add; each element is one IEEE float32 add, as in Caffe.
         # The Python around it holds the GIL and costs a sixth as much, so the fast path
         # checks bytes by index and passes 1-D views.
-        room = RECORDS_PER_FLOAT32_SUM - self.in_pixels if self.exact else len(chunk) + 1
+        # Records the float32 sum takes before a fold (never, in Caffe's way).
+        room = RECORDS_PER_FLOAT32_SUM - self.in_pixels if self.exact else math.inf
         for key, value in chunk:
             if room == 0:
                 self.fold()
