@@ -13,7 +13,9 @@ It writes, byte-for-byte reproducibly for a given seed:
 - `LOC_val_solution.csv` and `LOC_synset_mapping.txt` (Kaggle's layout);
 - `MD5SUMS` for the four archives.
 
-Images are mostly 500x375 / 375x500 JPEGs. Each class is a shape/texture (circle, stripes,
+Images are mostly 500x375 / 375x500 JPEGs (profile "mini"; profile "ilsvrc" draws the sizes,
+pixel counts and ~110 KB file sizes of real ILSVRC2012 photos, for benchmarks/scale.py). Any
+number of the 1000 real WNIDs (data/ilsvrc12_synset_words.txt) can be used. Each class is a shape/texture (circle, stripes,
 checker...) in a class palette, at a random position, scale and rotation, over a noisy gradient:
 a small convnet learns them at 64x64 within a few hundred iterations, and no two images are alike.
 Every dataset contains the dirty files real ILSVRC2012 has: a grayscale JPEG, a CMYK JPEG and a
@@ -33,7 +35,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import cv2
 import numpy as np
@@ -43,61 +45,22 @@ from data import ilsvrc12
 from data.errors import ImagenetError
 from data.matfile import savemat
 
-# The first 50 ILSVRC2012 synsets (ASCII order) with Caffe's synset_words.txt words.
-REAL_SYNSETS: tuple[tuple[str, str], ...] = (
-    ("n01440764", "tench, Tinca tinca"),
-    ("n01443537", "goldfish, Carassius auratus"),
-    ("n01484850", "great white shark, white shark, man-eater, man-eating shark, "
-                  "Carcharodon carcharias"),
-    ("n01491361", "tiger shark, Galeocerdo cuvieri"),
-    ("n01494475", "hammerhead, hammerhead shark"),
-    ("n01496331", "electric ray, crampfish, numbfish, torpedo"),
-    ("n01498041", "stingray"),
-    ("n01514668", "cock"),
-    ("n01514859", "hen"),
-    ("n01518878", "ostrich, Struthio camelus"),
-    ("n01530575", "brambling, Fringilla montifringilla"),
-    ("n01531178", "goldfinch, Carduelis carduelis"),
-    ("n01532829", "house finch, linnet, Carpodacus mexicanus"),
-    ("n01534433", "junco, snowbird"),
-    ("n01537544", "indigo bunting, indigo finch, indigo bird, Passerina cyanea"),
-    ("n01558993", "robin, American robin, Turdus migratorius"),
-    ("n01560419", "bulbul"),
-    ("n01580077", "jay"),
-    ("n01582220", "magpie"),
-    ("n01592084", "chickadee"),
-    ("n01601694", "water ouzel, dipper"),
-    ("n01608432", "kite"),
-    ("n01614925", "bald eagle, American eagle, Haliaeetus leucocephalus"),
-    ("n01616318", "vulture"),
-    ("n01622779", "great grey owl, great gray owl, Strix nebulosa"),
-    ("n01629819", "European fire salamander, Salamandra salamandra"),
-    ("n01630670", "common newt, Triturus vulgaris"),
-    ("n01631663", "eft"),
-    ("n01632458", "spotted salamander, Ambystoma maculatum"),
-    ("n01632777", "axolotl, mud puppy, Ambystoma mexicanum"),
-    ("n01641577", "bullfrog, Rana catesbeiana"),
-    ("n01644373", "tree frog, tree-frog"),
-    ("n01644900", "tailed frog, bell toad, ribbed toad, tailed toad, Ascaphus trui"),
-    ("n01664065", "loggerhead, loggerhead turtle, Caretta caretta"),
-    ("n01665541", "leatherback turtle, leatherback, leathery turtle, Dermochelys coriacea"),
-    ("n01667114", "mud turtle"),
-    ("n01667778", "terrapin"),
-    ("n01669191", "box turtle, box tortoise"),
-    ("n01675722", "banded gecko"),
-    ("n01677366", "common iguana, iguana, Iguana iguana"),
-    ("n01682714", "American chameleon, anole, Anolis carolinensis"),
-    ("n01685808", "whiptail, whiptail lizard"),
-    ("n01687978", "agama"),
-    ("n01688243", "frilled lizard, Chlamydosaurus kingi"),
-    ("n01689811", "alligator lizard"),
-    ("n01692333", "Gila monster, Heloderma suspectum"),
-    ("n01693334", "green lizard, Lacerta viridis"),
-    ("n01694178", "African chameleon, Chamaeleo chamaeleon"),
-    ("n01695060", "Komodo dragon, Komodo lizard, dragon lizard, giant lizard, "
-                  "Varanus komodoensis"),
-    ("n01697457", "African crocodile, Nile crocodile, Crocodylus niloticus"),
-)
+# Caffe's synset_words.txt for ILSVRC2012: the 1000 WNIDs in ASCII order with their WordNet
+# words (the same lines as the aux tarball's file, which this generator re-creates).
+SYNSET_WORDS_FILE = Path(__file__).with_name("ilsvrc12_synset_words.txt")
+
+
+@functools.lru_cache(maxsize=1)
+def real_synsets() -> tuple[tuple[str, str], ...]:
+    """The 1000 ILSVRC2012 (WNID, words) pairs in synsets.txt order."""
+    pairs = tuple(tuple(line.split(" ", 1)) for line in
+                  SYNSET_WORDS_FILE.read_text(encoding="ascii").splitlines() if line)
+    if len(pairs) != ilsvrc12.ILSVRC2012_CLASSES:
+        raise ImagenetError(f"{SYNSET_WORDS_FILE}: {len(pairs)} synsets, expected "
+                            f"{ilsvrc12.ILSVRC2012_CLASSES} (the package data is damaged)")
+    return pairs  # type: ignore[return-value]
+
+
 # WordNet's root, used as the one non-leaf synset of the mini meta.mat (the real one has 860).
 ROOT_SYNSET = ("n00001740", "entity")
 
@@ -109,6 +72,34 @@ IMAGE_SIZES: tuple[tuple[tuple[int, int], float], ...] = (
     ((500, 375), 0.60), ((375, 500), 0.20), ((500, 333), 0.08), ((500, 400), 0.06),
     ((333, 500), 0.04), ((500, 500), 0.02),
 )
+# Real ILSVRC2012 train photos: ~110 KB and ~200k pixels on average, most 500 px on the long
+# side, a tail of larger camera sizes and some small ones (the scale benchmark's profile).
+ILSVRC_IMAGE_SIZES: tuple[tuple[tuple[int, int], float], ...] = (
+    ((500, 375), 0.42), ((375, 500), 0.12), ((500, 333), 0.10), ((333, 500), 0.04),
+    ((500, 500), 0.06), ((640, 480), 0.07), ((480, 640), 0.03), ((800, 600), 0.03),
+    ((1024, 768), 0.01), ((400, 300), 0.08), ((300, 225), 0.04),
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How the images look on disk: their sizes, JPEG quality and fine full-resolution grain
+    (which is what makes real photos ~110 KB rather than the smooth drawings' ~30 KB)."""
+
+    sizes: tuple[tuple[tuple[int, int], float], ...]
+    jpeg_quality: int
+    grain_sigma: float  # std of the full-resolution grain added before encoding (0: none)
+
+
+# Named looks of the images: "mini" (small files: the demo and the tests) and "ilsvrc" (the
+# sizes and pixel counts of real ILSVRC2012 photos, for benchmarks/scale.py).
+PROFILES: dict[str, Profile] = {
+    "mini": Profile(IMAGE_SIZES, 85, 0.0),
+    "ilsvrc": Profile(ILSVRC_IMAGE_SIZES, 94, 11.0),
+}
+# The grain comes from one tile drawn per seed (crops of it per image): drawing fresh noise for
+# every pixel of every image would double the generation time.
+GRAIN_TILE = 1024
 # Shapes are drawn at 1/DRAW_DOWNSCALE resolution and upsampled: it keeps generation fast and
 # gives soft, photo-like edges.
 DRAW_DOWNSCALE = 4
@@ -120,7 +111,6 @@ COLOR_JITTER = 12.0  # per-image shift of the class colours (std, 0-255 scale)
 OBJECT_SCALE = (0.22, 0.42)  # object half-size as a fraction of the shorter side
 MAX_ROTATION = 0.35  # radians either way
 GRADIENT_STRENGTH = 40.0  # std of the background's linear brightness ramp across the image
-_SIZE_PROBS = np.array([p for _, p in IMAGE_SIZES]) / sum(p for _, p in IMAGE_SIZES)
 SHAPES = ("circle", "square", "triangle", "hstripes", "vstripes", "diagonal", "checker", "ring",
           "cross", "dots")
 BG_VALUES = (0.3, 0.5, 0.7)
@@ -188,15 +178,29 @@ def _mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ImagenetError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
-@functools.lru_cache(maxsize=len(IMAGE_SIZES))
+@functools.lru_cache(maxsize=len(IMAGE_SIZES) + len(ILSVRC_IMAGE_SIZES))
 def _grid(w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     return yy, xx
 
 
-def render_image(class_index: int, rng: np.random.Generator) -> tuple[Image.Image, tuple]:
-    """One RGB image of class `class_index` and its object box (x0, y0, x1, y1)."""
-    width, height = IMAGE_SIZES[rng.choice(len(IMAGE_SIZES), p=_SIZE_PROBS)][0]
+@functools.lru_cache(maxsize=2)
+def _grain_tile(seed: int, sigma: float) -> np.ndarray:
+    tile = np.random.default_rng([seed, 7]).normal(0, sigma, (GRAIN_TILE, GRAIN_TILE, 3))
+    return np.round(tile).astype(np.int16)
+
+
+def _size_probs(sizes: tuple[tuple[tuple[int, int], float], ...]) -> np.ndarray:
+    weights = np.array([p for _, p in sizes])
+    return weights / weights.sum()
+
+
+def render_image(class_index: int, rng: np.random.Generator, profile: Profile = PROFILES["mini"],
+                 seed: int = 0) -> tuple[Image.Image, tuple]:
+    """One RGB image of class `class_index` and its object box (x0, y0, x1, y1); `seed` picks
+    the grain tile of profiles that have grain."""
+    sizes = profile.sizes
+    width, height = sizes[rng.choice(len(sizes), p=_size_probs(sizes))][0]
     w, h = width // DRAW_DOWNSCALE, height // DRAW_DOWNSCALE
     shape, fg, bg = _class_style(class_index)
     fg = np.clip(fg + rng.normal(0, COLOR_JITTER, 3), 0, 255).astype(np.float32)
@@ -219,18 +223,24 @@ def render_image(class_index: int, rng: np.random.Generator) -> tuple[Image.Imag
                 (cx - size, cy - size, cx + size, cy + size))
     # OpenCV's upsampling is ~10x faster than Pillow's here and generation time matters (demo).
     full = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+    if profile.grain_sigma > 0:
+        tile = _grain_tile(seed, profile.grain_sigma)
+        y0 = int(rng.integers(0, GRAIN_TILE - height + 1))
+        x0 = int(rng.integers(0, GRAIN_TILE - width + 1))
+        grain = tile[y0:y0 + height, x0:x0 + width]
+        full = np.clip(full + grain, 0, 255).astype(np.uint8)
     return Image.fromarray(full, "RGB"), box
 
 
-def encode(image: Image.Image, awkward: str | None = None) -> bytes:
+def encode(image: Image.Image, awkward: str | None = None, quality: int = JPEG_QUALITY) -> bytes:
     """JPEG bytes of `image`, or one of the dirty variants real ILSVRC2012 contains."""
     buf = io.BytesIO()
     if awkward is None:
-        image.save(buf, "JPEG", quality=JPEG_QUALITY)
+        image.save(buf, "JPEG", quality=quality)
     elif awkward == "grayscale":
-        image.convert("L").save(buf, "JPEG", quality=JPEG_QUALITY)
+        image.convert("L").save(buf, "JPEG", quality=quality)
     elif awkward == "cmyk":
-        image.convert("CMYK").save(buf, "JPEG", quality=JPEG_QUALITY)
+        image.convert("CMYK").save(buf, "JPEG", quality=quality)
     elif awkward == "png":  # like n02105855_2933.JPEG: a PNG under a .JPEG name
         image.save(buf, "PNG", compress_level=1)
     else:
@@ -281,14 +291,20 @@ def make_mini_ilsvrc12(
     train_per_class: int = SIZES["default"][1],
     val_per_class: int = SIZES["default"][2],
     seed: int = 0,
-    progress=None,
+    profile: str = "mini",
+    progress: Callable[[int, int], None] | None = None,
 ) -> MiniResult:
     """Write a mini ILSVRC2012 into `outdir` (see the module docstring); `progress(done, total)`
-    is called per image. The same arguments always give byte-identical files."""
+    is called per image; `profile` (PROFILES) sets the images' sizes and file sizes. The same
+    arguments always give byte-identical files."""
     start = time.monotonic()
-    if not 1 <= classes <= len(REAL_SYNSETS):
-        raise ImagenetError(f"--classes {classes}: must be between 1 and {len(REAL_SYNSETS)} "
-                            "(the real WNIDs this generator knows)")
+    known = real_synsets()
+    if not 1 <= classes <= len(known):
+        raise ImagenetError(f"--classes {classes}: must be between 1 and {len(known)} "
+                            "(ILSVRC2012's real WNIDs)")
+    if profile not in PROFILES:
+        raise ImagenetError(f"unknown --profile {profile!r}; valid: {', '.join(PROFILES)}")
+    look = PROFILES[profile]
     if train_per_class < 1 or val_per_class < 1:
         raise ImagenetError(f"--train-per-class {train_per_class} / --val-per-class "
                             f"{val_per_class}: need at least one image of each")
@@ -300,7 +316,7 @@ def make_mini_ilsvrc12(
         raise ImagenetError(f"--train-per-class {train_per_class}: at most {id_span}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    chosen = REAL_SYNSETS[:classes]
+    chosen = known[:classes]
     synsets = [w for w, _ in chosen]
     words = dict(chosen)
     total = classes * (train_per_class + val_per_class)
@@ -327,11 +343,11 @@ def make_mini_ilsvrc12(
                 for k, image_id in enumerate(ids):
                     name = f"{wnid}_{int(image_id)}.JPEG"
                     img_rng = np.random.default_rng([seed, 2, label, k])
-                    image, _ = render_image(label, img_rng)
+                    image, _ = render_image(label, img_rng, look, seed)
                     kind = awkward_at.get((label, k))
                     if kind:
                         awkward_paths[kind] = f"{wnid}/{name}"
-                    _add_bytes(inner, name, encode(image, kind))
+                    _add_bytes(inner, name, encode(image, kind, look.jpeg_quality))
                     train_entries.append((f"{wnid}/{name}", label))
                     tick()
             _add_bytes(outer, f"{wnid}.tar", inner_buf.getvalue())
@@ -348,8 +364,8 @@ def make_mini_ilsvrc12(
         for i in range(1, n_val + 1):
             label = int(val_labels[i - 1])
             name = ilsvrc12.VAL_NAME_FORMAT.format(i)
-            image, box = render_image(label, np.random.default_rng([seed, 4, i]))
-            _add_bytes(tar, name, encode(image))
+            image, box = render_image(label, np.random.default_rng([seed, 4, i]), look, seed)
+            _add_bytes(tar, name, encode(image, quality=look.jpeg_quality))
             val_entries.append((name, label))
             boxes.append((name, synsets[label], box, image.size))
             tick()

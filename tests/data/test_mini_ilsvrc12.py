@@ -13,7 +13,8 @@ from PIL import Image
 
 from data import ilsvrc12
 from data.errors import ImagenetError
-from data.mini import ARCHIVE_MTIME, IMAGE_SIZES, REAL_SYNSETS, make_mini_ilsvrc12
+from data.mini import (ARCHIVE_MTIME, ILSVRC_IMAGE_SIZES, IMAGE_SIZES, make_mini_ilsvrc12,
+                       real_synsets)
 from flows.cli import main as cli
 
 
@@ -42,7 +43,7 @@ def test_shape_of_the_archives(mini_tiny):
         assert name.startswith(wnid + "_") and name.endswith(".JPEG")
     with tarfile.open(mini_tiny.val_tar) as tar:
         assert tar.getnames() == [ilsvrc12.VAL_NAME_FORMAT.format(i) for i in range(1, 7)]
-    assert mini_tiny.synsets == [w for w, _ in REAL_SYNSETS[:3]]
+    assert mini_tiny.synsets == [w for w, _ in real_synsets()[:3]]
     sums = ilsvrc12.parse_md5sums(mini_tiny.md5sums.read_text(), "MD5SUMS")
     assert sums == {p.name: md5(p) for p in mini_tiny.archives()}
     with tarfile.open(mini_tiny.aux_tar) as tar:
@@ -105,8 +106,10 @@ def test_classes_are_separable(tmp_path):
 
 
 def test_bad_sizes_are_refused(tmp_path):
-    with pytest.raises(ImagenetError, match="between 1 and 50"):
-        make_mini_ilsvrc12(tmp_path, classes=51)
+    with pytest.raises(ImagenetError, match="between 1 and 1000"):
+        make_mini_ilsvrc12(tmp_path, classes=1001)
+    with pytest.raises(ImagenetError, match="unknown --profile 'huge'; valid: mini, ilsvrc"):
+        make_mini_ilsvrc12(tmp_path, classes=3, profile="huge")
     with pytest.raises(ImagenetError, match="awkward"):
         make_mini_ilsvrc12(tmp_path, classes=1, train_per_class=2, val_per_class=1)
 
@@ -116,12 +119,25 @@ def test_command_line(tmp_path, capsys):
                 "--val-per-class", "1", "--seed", "4"]) == 0
     out = capsys.readouterr().out
     assert "2 classes" in out and (tmp_path / "MD5SUMS").is_file()
-    assert cli(["make-mini-ilsvrc12", str(tmp_path), "--classes", "99"]) == 1
-    assert "between 1 and 50" in capsys.readouterr().err
+    assert cli(["make-mini-ilsvrc12", str(tmp_path), "--classes", "1001"]) == 1
+    assert "between 1 and 1000" in capsys.readouterr().err
+
+
+def test_ilsvrc_profile_has_real_photo_sizes(tmp_path):
+    """Profile "ilsvrc": the sizes of real ILSVRC photos, files near their ~110 KB (measured
+    ~110 KB and ~197k pixels on average over 200 images; a handful here varies more)."""
+    mini = make_mini_ilsvrc12(tmp_path, classes=4, train_per_class=3, val_per_class=1,
+                              profile="ilsvrc")
+    images = train_images(mini.train_tar)
+    allowed = {s for s, _ in ILSVRC_IMAGE_SIZES}
+    plain = [d for p, d in images.items() if p not in mini.awkward.values()]
+    assert all(Image.open(io.BytesIO(d)).size in allowed for d in images.values())
+    assert 60_000 < np.mean([len(d) for d in plain]) < 200_000
 
 
 def test_real_wnids_match_the_golden_classes(golden):
     """The golden's five classes are ILSVRC2012's first five synsets: so are the mini's."""
-    assert [w for w, _ in REAL_SYNSETS[:5]] == sorted(p.name for p in (golden / "train").iterdir())
-    wnids = [w for w, _ in REAL_SYNSETS]
-    assert wnids == sorted(wnids) and len(set(wnids)) == len(wnids) == 50
+    assert [w for w, _ in real_synsets()[:5]] == sorted(p.name for p in (golden / "train").iterdir())
+    wnids = [w for w, _ in real_synsets()]
+    assert wnids == sorted(wnids) and len(set(wnids)) == len(wnids) == 1000
+    assert all(ilsvrc12.WNID_RE.match(w) for w in wnids)
