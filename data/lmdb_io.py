@@ -9,6 +9,7 @@ The directory holds `data.mdb` + `lock.mdb`, which real Caffe opens as is.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Iterator
 
 import lmdb
 
-from data.errors import ImagenetError
+from data.errors import OS_ERROR_HINTS, ImagenetError, errno_name, from_os_error
 
 # Initial map size of a new DB: the data file grows page by page (it is not preallocated), so
 # this only bounds how soon the first doubling happens.
@@ -37,6 +38,26 @@ _PARTIAL_MARK = ".partial-"
 # Where an overwrite moves the previous DB for the instant between the two renames.
 _OLD_MARK = ".old-"
 _DATA_FILE = "data.mdb"
+_LOCK_FILE = "lock.mdb"
+# What an LMDB directory holds: anything else in a folder means it is not (only) a database,
+# and --overwrite refuses to replace it.
+_LMDB_FILES = frozenset({_DATA_FILE, _LOCK_FILE})
+# LMDB's meta pages (mdb.c, MDB_meta after the 16-byte page header, 64-bit builds): pages 0
+# and 1 each hold magic, version, the page size (in the free DB's md_pad), the last page used
+# and the transaction id; the meta with the higher txnid is the current one.
+_MDB_MAGIC = 0xBEEFC0DE
+_MDB_DATA_VERSION = 1
+_META_HEAD = struct.Struct("<II")  # mm_magic, mm_version at offset 16
+_META_HEAD_AT = 16
+_META_PSIZE = struct.Struct("<I")  # mm_dbs[FREE_DBI].md_pad = page size, at offset 40
+_META_PSIZE_AT = 40
+_META_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid at offset 136
+_META_TAIL_AT = 136
+_META_BYTES = _META_TAIL_AT + _META_TAIL.size
+_MIN_PAGE_SIZE, _MAX_PAGE_SIZE = 512, 1 << 16
+# LMDB's default (and, in the builds py-lmdb and Caffe use, fixed) MDB_MAXKEYSIZE.
+MAX_KEY_BYTES = 511
+_REBUILD = "rebuild it (imagenet convert-imageset) or copy it again from its source"
 # Framing of each record in lmdb_content_digest: key length and value length as little-endian
 # uint64, so concatenations cannot collide (("ab","c") vs ("a","bc")).
 _DIGEST_FRAME = struct.Struct("<QQ")
@@ -47,12 +68,92 @@ def _is_lmdb_dir(path: Path) -> bool:
     return path.is_dir() and (path / _DATA_FILE).is_file()
 
 
+def lmdb_error_message(err: lmdb.Error, path: str | os.PathLike, action: str = "") -> str:
+    """One line for an lmdb.Error on the DB at `path`: py-lmdb's own words, the errno name
+    when LMDB passed one up (ENOSPC from a commit on a full disk), and what to do."""
+    what = str(err.args[0]) if err.args else type(err).__name__
+    code = err.args[1] if len(err.args) > 1 and isinstance(err.args[1], int) else None
+    name = errno_name(code) if code is not None and code > 0 else ""
+    text = f"{action + ' ' if action else ''}{os.fspath(path)}: {what}"
+    if name and name not in text:
+        text += f" ({name})"
+    hint = OS_ERROR_HINTS.get(code) if code is not None else None
+    if hint is None and isinstance(err, (lmdb.CorruptedError, lmdb.PageNotFoundError,
+                                         lmdb.InvalidError, lmdb.VersionMismatchError)):
+        hint = f"the database is corrupt or not an LMDB; {_REBUILD}"
+    return f"{text}; {hint}" if hint else text
+
+
+@contextlib.contextmanager
+def lmdb_errors(path: str | os.PathLike, action: str = "") -> Iterator[None]:
+    """Turn lmdb.Error (and OSError) inside the block into an ImagenetError naming `path`."""
+    try:
+        yield
+    except lmdb.Error as err:
+        raise ImagenetError(lmdb_error_message(err, path, action)) from None
+    except OSError as err:
+        raise from_os_error(err, action, path if err.filename is None else None) from None
+
+
+def check_data_file(path: str | os.PathLike) -> int:
+    """Check an LMDB's data.mdb against its own meta pages BEFORE it is mapped; returns the
+    bytes the database uses.
+
+    LMDB maps the data file and trusts it: a file cut short (a copy that stopped, a full disk)
+    makes the first read past its end kill the process with SIGBUS, with no message. The
+    current meta page says which page is the last one in use, so the file must hold at least
+    (last page + 1) * page size bytes. A header that is not LMDB's is left to lmdb.open, which
+    names the problem itself.
+    """
+    data = Path(path) / _DATA_FILE
+    try:
+        size = data.stat().st_size
+        with open(data, "rb") as fh:
+            head = fh.read(_META_BYTES)
+            if len(head) < _META_BYTES:
+                raise ImagenetError(f"{data}: {size} bytes, too short to hold LMDB's header: "
+                                    f"the file is truncated; {_REBUILD}")
+            magic, version = _META_HEAD.unpack_from(head, _META_HEAD_AT)
+            if magic != _MDB_MAGIC or version != _MDB_DATA_VERSION:
+                return size  # not LMDB 0.9's layout: lmdb.open decides
+            (psize,) = _META_PSIZE.unpack_from(head, _META_PSIZE_AT)
+            if not (_MIN_PAGE_SIZE <= psize <= _MAX_PAGE_SIZE and psize & (psize - 1) == 0):
+                raise ImagenetError(f"{data}: page size {psize} in the header is not a power of "
+                                    f"two in [{_MIN_PAGE_SIZE}, {_MAX_PAGE_SIZE}]: the header "
+                                    f"is corrupt; {_REBUILD}")
+            fh.seek(psize)
+            second = fh.read(_META_BYTES)
+    except OSError as err:
+        raise from_os_error(err, "cannot read LMDB data file") from None
+    if len(second) < _META_BYTES:
+        raise ImagenetError(f"{data}: {size} bytes, too short to hold LMDB's two meta pages: "
+                            f"the file is truncated; {_REBUILD}")
+    metas = []
+    for page in (head, second):
+        magic, version = _META_HEAD.unpack_from(page, _META_HEAD_AT)
+        if magic != _MDB_MAGIC or version != _MDB_DATA_VERSION:
+            raise ImagenetError(f"{data}: the second meta page is not LMDB's (magic "
+                                f"{magic:#x}, version {version}): the file is corrupt; "
+                                f"{_REBUILD}")
+        last_page, txnid = _META_TAIL.unpack_from(page, _META_TAIL_AT)
+        metas.append((txnid, last_page))
+    txnid, last_page = max(metas)  # mdb_env_pick_meta: the newer transaction
+    needed = (last_page + 1) * psize
+    if size < needed:
+        raise ImagenetError(
+            f"{data}: {size:,} bytes, but its meta page (transaction {txnid}) uses "
+            f"{last_page + 1:,} pages of {psize} bytes = {needed:,} bytes: the file is "
+            f"truncated (reading it would crash with SIGBUS); {_REBUILD}")
+    return needed
+
+
 def _open_readonly(path: Path) -> lmdb.Environment:
     if not path.exists():
         raise ImagenetError(f"{path}: no such LMDB (the path does not exist)")
     if not _is_lmdb_dir(path):
         raise ImagenetError(
             f"{path}: not an LMDB (expected a directory holding {_DATA_FILE}, as Caffe writes)")
+    check_data_file(path)
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=True,
                          max_readers=2048, subdir=True)
@@ -71,30 +172,35 @@ class LmdbReader:
         self.path = Path(path)
         self.env = _open_readonly(self.path)
 
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        """lmdb_errors for this DB: a corrupt page read inside the block is an ImagenetError."""
+        return lmdb_errors(self.path, "reading LMDB")
+
     def __len__(self) -> int:
-        return int(self.env.stat()["entries"])
+        with self.errors():
+            return int(self.env.stat()["entries"])
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        with self.env.begin(buffers=False) as txn:
+        with self.errors(), self.env.begin(buffers=False) as txn:
             yield from txn.cursor().iternext(keys=True, values=True)
 
     def iter_buffers(self) -> Iterator[tuple[memoryview, memoryview]]:
         """(key, value) as memoryviews into the map: no copy, but each pair is only valid until
         the iterator advances (copy what you keep)."""
-        with self.env.begin(buffers=True) as txn:
+        with self.errors(), self.env.begin(buffers=True) as txn:
             yield from txn.cursor().iternext(keys=True, values=True)
 
     def get(self, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
+        with self.errors(), self.env.begin() as txn:
             return txn.get(key)
 
     def keys(self) -> list[bytes]:
-        with self.env.begin() as txn:
+        with self.errors(), self.env.begin() as txn:
             return list(txn.cursor().iternext(keys=True, values=False))
 
     def first(self) -> tuple[bytes, bytes] | None:
         """The first record in key order, or None for an empty DB."""
-        with self.env.begin() as txn:
+        with self.errors(), self.env.begin() as txn:
             cursor = txn.cursor()
             return (cursor.key(), cursor.value()) if cursor.first() else None
 
@@ -174,6 +280,7 @@ class _BackgroundFlusher:
         self._fd = os.open(data_file, os.O_RDONLY)
         self._wanted = threading.Event()
         self._stop = False
+        self.error: OSError | None = None  # a failed sync (full disk), raised by close()
         self._thread = threading.Thread(target=self._run, name="lmdb-flusher", daemon=True)
         self._thread.start()
 
@@ -183,18 +290,43 @@ class _BackgroundFlusher:
             self._wanted.clear()
             if self._stop:
                 return
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as err:  # kept for the writer's thread: no traceback from here
+                self.error = err
+                return
 
     def request(self) -> None:
         self._wanted.set()
 
     def close(self) -> None:
-        if self._stop:
-            return
-        self._stop = True
-        self._wanted.set()
-        self._thread.join()
-        os.close(self._fd)
+        """Stop the thread; raise the OSError of a sync that failed."""
+        if not self._stop:
+            self._stop = True
+            self._wanted.set()
+            self._thread.join()
+            os.close(self._fd)
+        if self.error is not None:
+            raise self.error
+
+
+def check_replaceable(path: Path) -> None:
+    """--overwrite replaces an LMDB, nothing else: refuse a file, a link, or a folder holding
+    anything besides data.mdb and lock.mdb (naming one such entry), so a mistyped DB_NAME
+    never deletes a user's files."""
+    how = (f"--overwrite replaces only an LMDB folder ({_DATA_FILE} + {_LOCK_FILE}); "
+           f"move it away yourself or choose another DB_NAME")
+    if path.is_symlink():
+        raise ImagenetError(f"{path} is a symbolic link, not an LMDB; {how}")
+    if not path.is_dir():
+        raise ImagenetError(f"{path} is a file, not an LMDB; {how}")
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as err:
+        raise from_os_error(err, "cannot list") from None
+    for entry in entries:
+        if entry.name not in _LMDB_FILES or entry.is_symlink() or not entry.is_file():
+            raise ImagenetError(f"{path} holds {entry.name!r}, so it is not only an LMDB; {how}")
 
 
 class LmdbWriter:
@@ -225,21 +357,32 @@ class LmdbWriter:
         self.path = Path(path)
         self.overwrite = overwrite
         self.commit_every = commit_every
-        if self.path.exists() and not overwrite:
-            raise ImagenetError(
-                f"{self.path} already exists; refusing to write into an existing DB (Caffe "
-                f"refuses too). Remove it or pass --overwrite.")
+        if os.path.lexists(self.path):
+            if not overwrite:
+                raise ImagenetError(
+                    f"{self.path} already exists; refusing to write into an existing DB (Caffe "
+                    f"refuses too). Remove it or pass --overwrite.")
+            check_replaceable(self.path)
         if not self.path.parent.is_dir():
             raise ImagenetError(f"{self.path}: parent directory {self.path.parent} does not exist")
         self.stale_removed = clean_stale_partials(self.path)
         self.tmp_path = self.path.parent / (
             f".{self.path.name}{_PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self.tmp_path.mkdir()
+        try:
+            self.tmp_path.mkdir()
+        except OSError as err:
+            raise from_os_error(err, "cannot create the LMDB", self.path) from None
         # sync=False: nothing is durable until the final env.sync(), and nothing needs to be:
         # an interrupted build is thrown away anyway. Saves an fsync per commit.
-        self.env = lmdb.open(str(self.tmp_path), map_size=map_size, subdir=True, sync=False,
-                             metasync=False, meminit=True, max_dbs=0)
+        try:
+            with lmdb_errors(self.path, "cannot create the LMDB"):
+                self.env = lmdb.open(str(self.tmp_path), map_size=map_size, subdir=True,
+                                     sync=False, metasync=False, meminit=True, max_dbs=0)
+        except ImagenetError:
+            shutil.rmtree(self.tmp_path, ignore_errors=True)
+            raise
         self.map_size = map_size
+        self.max_key_size = self.env.max_key_size()
         self.count = 0  # records committed
         self.puts = 0  # records put (committed or pending)
         self.commit_bytes = commit_bytes
@@ -254,6 +397,9 @@ class LmdbWriter:
     def put(self, key: bytes, value: bytes) -> None:
         if self._closed:
             raise ImagenetError(f"{self.path}: put() after the writer was closed")
+        if not 0 < len(key) <= self.max_key_size:
+            raise ImagenetError(f"{self.path}: key {key[:64]!r}... is {len(key)} bytes; LMDB "
+                                f"keys hold 1 to {self.max_key_size} bytes")
         self._pending.append((key, value))
         self._pending_bytes += len(key) + len(value)
         self.puts += 1
@@ -270,16 +416,17 @@ class LmdbWriter:
         """Write the pending records in one transaction, doubling the map while it is full."""
         if not self._pending:
             return
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in self._pending:
-                        txn.put(key, value)
-                break
-            except lmdb.MapFullError:
-                # db_lmdb.cpp DoubleMapSize(): the aborted transaction is simply redone.
-                self.map_size *= 2
-                self.env.set_mapsize(self.map_size)
+        with lmdb_errors(self.path, "cannot write the LMDB"):  # a full disk, say
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        for key, value in self._pending:
+                            txn.put(key, value)
+                    break
+                except lmdb.MapFullError:
+                    # db_lmdb.cpp DoubleMapSize(): the aborted transaction is simply redone.
+                    self.map_size *= 2
+                    self.env.set_mapsize(self.map_size)
         self.count += len(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
@@ -288,24 +435,24 @@ class LmdbWriter:
     def finish(self) -> Path:
         """Commit, flush to disk and move the DB into place; returns its path."""
         self.commit()
-        self._flusher.close()
-        self.env.sync(True)  # what the flusher has not written yet, and the meta pages
-        self.env.close()
+        with lmdb_errors(self.path, "cannot write the LMDB"):
+            self._flusher.close()
+            self.env.sync(True)  # what the flusher has not written yet, and the meta pages
+            self.env.close()
         self._closed = True
-        if self.path.exists():
-            if not self.overwrite:
-                raise ImagenetError(f"{self.path} appeared while the new DB was being built; "
-                                    f"not replacing it (pass overwrite to replace)")
-            trash = self.path.parent / (
-                f".{self.path.name}{_OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.rename(self.path, trash)
-            os.rename(self.tmp_path, self.path)
-            if trash.is_dir():
-                shutil.rmtree(trash)
+        with lmdb_errors(self.path, "cannot move the finished LMDB into place at"):
+            if os.path.lexists(self.path):
+                if not self.overwrite:
+                    raise ImagenetError(f"{self.path} appeared while the new DB was being "
+                                        f"built; not replacing it (pass overwrite to replace)")
+                check_replaceable(self.path)  # it may have changed since we started
+                trash = self.path.parent / (
+                    f".{self.path.name}{_OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                os.rename(self.path, trash)
+                os.rename(self.tmp_path, self.path)
+                shutil.rmtree(trash, ignore_errors=True)  # a kill here: the next run sweeps it
             else:
-                trash.unlink()
-        else:
-            os.rename(self.tmp_path, self.path)
+                os.rename(self.tmp_path, self.path)
         return self.path
 
     def content_digest(self) -> str:
@@ -318,7 +465,8 @@ class LmdbWriter:
 
     def abort(self) -> None:
         """Throw the partial build away."""
-        self._flusher.close()
+        with contextlib.suppress(OSError):  # what failed is already being reported
+            self._flusher.close()
         if not self._closed:
             self.env.close()
             self._closed = True

@@ -269,7 +269,7 @@ def compute_image_mean(
         sums = [_ThreadSum(shape, exact=accumulation == "exact") for _ in range(threads)]
         # The read transaction spans the whole sum: the views handed to the threads point
         # into the map and stay valid only while it is open.
-        with reader.env.begin(buffers=True) as txn, \
+        with reader.errors(), reader.env.begin(buffers=True) as txn, \
                 Progress(total, desc="compute_image_mean", unit="rec", enabled=show_progress,
                          on_update=progress) as bar:
             cursor = _SharedCursor(txn, bar, total, threads)

@@ -184,3 +184,70 @@ def test_streamed_digest_matches_and_falls_back_when_keys_go_backwards(tmp_path:
         for key, value in reversed(records):
             writer.put(key, value)
     assert writer.content_digest() == lmdb_content_digest(tmp_path / "inorder")
+
+
+def _small_db(path: Path, n: int = 30, size: int = 6000) -> Path:
+    with LmdbWriter(path) as writer:
+        for key, value in _records(n, size):
+            writer.put(key, value)
+    return path
+
+
+@pytest.mark.parametrize("keep", [0, 100, 4096 + 100, 8192, 20_000, -4096])
+def test_truncated_data_file_is_refused_before_mapping(tmp_path: Path, keep: int) -> None:
+    """A data.mdb shorter than its meta page says would SIGBUS on the first read past its
+    end: the reader refuses it with the sizes and what to do, at every cut."""
+    db = _small_db(tmp_path / "db")
+    data = db / "data.mdb"
+    size = data.stat().st_size
+    os.truncate(data, keep if keep >= 0 else size + keep)
+    with pytest.raises(ImagenetError, match=r"data\.mdb: .*(truncated|too short).*rebuild it"):
+        LmdbReader(db)
+
+
+def test_corrupt_second_meta_page_is_refused(tmp_path: Path) -> None:
+    db = _small_db(tmp_path / "db", n=3)
+    with open(db / "data.mdb", "r+b") as fh:
+        fh.seek(4096 + 16)
+        fh.write(b"\0" * 8)  # magic and version of meta page 1
+    with pytest.raises(ImagenetError, match="second meta page is not LMDB's"):
+        LmdbReader(db)
+
+
+def test_overwrite_replaces_only_an_lmdb(tmp_path: Path) -> None:
+    """--overwrite onto a folder holding anything besides data.mdb/lock.mdb, a file or a link
+    is refused before any work, naming what is there; nothing of the user's is touched."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"precious")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("precious")
+    link = tmp_path / "link"
+    link.symlink_to(_small_db(tmp_path / "real"))
+    for target, what in [(folder, "holds 'holiday.jpg'"), (plain, "is a file"),
+                         (link, "is a symbolic link")]:
+        with pytest.raises(ImagenetError, match=f"{what}.*--overwrite replaces only an LMDB"):
+            LmdbWriter(target, overwrite=True)
+    assert (folder / "holiday.jpg").read_bytes() == b"precious"
+    assert plain.read_text() == "precious" and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "notes.txt", "photos", "real"]
+    # An LMDB is replaced.
+    db = _small_db(tmp_path / "db", n=2)
+    with LmdbWriter(db, overwrite=True) as writer:
+        writer.put(b"k", b"v")
+    with LmdbReader(db) as reader:
+        assert list(reader) == [(b"k", b"v")]
+
+
+def test_lmdb_errors_name_the_db_the_errno_and_what_to_do(tmp_path: Path) -> None:
+    from data.lmdb_io import lmdb_errors
+
+    with pytest.raises(ImagenetError) as info:
+        with lmdb_errors(tmp_path / "db", "cannot write the LMDB"):
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device", 28)
+    assert str(info.value) == (f"cannot write the LMDB {tmp_path / 'db'}: mdb_txn_commit: No "
+                               "space left on device (ENOSPC); the disk is full; free some "
+                               "space or choose another disk")
+    with pytest.raises(ImagenetError, match="corrupt or not an LMDB; rebuild it"):
+        with lmdb_errors(tmp_path / "db"):
+            raise lmdb.CorruptedError("mdb_get: MDB_CORRUPTED: Located page was wrong type", -30796)
