@@ -33,8 +33,8 @@ import cv2
 
 from data import images
 from data.datum import encode_datum_bytes, encoded_datum_bytes
-from data.errors import ImagenetError
-from data.lmdb_io import COMMIT_EVERY_DEFAULT, LmdbWriter
+from data.errors import ImagenetError, check_path_text, from_os_error
+from data.lmdb_io import COMMIT_EVERY_DEFAULT, MAX_KEY_BYTES, LmdbWriter
 from data.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 4
 KEY_DIGITS = 8
 # Bits of OS randomness for the seed of an unseeded --shuffle (reported, so it can be replayed).
 _SEED_BITS = 63
+# Datum.label is an int32 (caffe.proto). Caffe's atoi() wraps a larger label silently
+# (99999999999 is stored as 1215752191); we refuse it.
+LABEL_MIN, LABEL_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,14 @@ def available_cores() -> int:
 
 def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
     """Parse Caffe's listing: each line `<path> <label>`, split at its last space."""
+    check_path_text(listfile, "listing file")
     listfile = Path(listfile)
     try:
         text = listfile.read_text(encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         raise ImagenetError(f"{listfile}: listing file not found") from None
+    except OSError as err:
+        raise from_os_error(err, "cannot read listing file") from None
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # blank lines at the end are no entries (a blank line inside is an error)
@@ -132,8 +138,45 @@ def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
             raise ImagenetError(
                 f"{listfile}:{line_no}: label {label_text!r} is not an integer in {line!r}"
             ) from None
+        if not LABEL_MIN <= label <= LABEL_MAX:
+            raise ImagenetError(
+                f"{listfile}:{line_no}: label {label} does not fit Datum's int32 label "
+                f"[{LABEL_MIN}, {LABEL_MAX}] (Caffe would store it wrapped); fix the label")
+        if "\0" in path:
+            raise ImagenetError(f"{listfile}:{line_no}: the path {path!r} contains a NUL byte, "
+                                "which no file name can hold; fix the line")
         entries.append(ListingEntry(line_no, path, label))
     return entries
+
+
+def check_options(resize_height: int, resize_width: int, encode_type: str,
+                  max_pixels: int = images.MAX_PIXELS_DEFAULT) -> None:
+    """Refuse flag values that would fail on every image (or exhaust memory) before any work:
+    sizes, an encoding OpenCV cannot write."""
+    if resize_height < 0 or resize_width < 0:
+        raise ImagenetError(f"--resize_height and --resize_width must be >= 0, got "
+                            f"{resize_height} and {resize_width}")
+    if (resize_height > 0) != (resize_width > 0):
+        # Caffe resizes only when both are set and silently ignores one alone.
+        raise ImagenetError(f"--resize_height={resize_height} --resize_width={resize_width}: "
+                            "give both sizes to resize, or neither to keep each image's size")
+    if resize_height * resize_width > max_pixels:
+        raise ImagenetError(f"--resize_height={resize_height} --resize_width={resize_width} "
+                            f"asks for {resize_height * resize_width:,} pixels per image, over "
+                            f"the limit of {max_pixels:,}; choose smaller sizes")
+    if encode_type and not cv2.haveImageWriter("x." + encode_type):
+        raise ImagenetError(f"--encode_type={encode_type!r}: OpenCV has no encoder for it; use "
+                            f"an image extension such as {', '.join(images.COMMON_ENCODINGS)}")
+
+
+def _check_keys(entries: list[ListingEntry], listfile: str | os.PathLike) -> None:
+    """LMDB keys hold at most MAX_KEY_BYTES: a longer listing path would fail mid-build."""
+    room = MAX_KEY_BYTES - KEY_DIGITS - 1
+    for entry in entries:
+        if len(entry.path.encode("utf-8", "surrogateescape")) > room:
+            raise ImagenetError(f"{listfile}:{entry.line_no}: path is longer than the {room} "
+                                f"bytes an LMDB key leaves for it ({entry.path[:60]!r}...); "
+                                "shorten it")
 
 
 def _resolve(root_folder: str, rel: str) -> str:
@@ -304,9 +347,7 @@ def convert_imageset(
     DB without overwrite, a size mismatch under check_size, or more than max_skipped skips.
     """
     started = time.monotonic()
-    if resize_height < 0 or resize_width < 0:
-        raise ImagenetError(f"resize sizes must be >= 0, got height {resize_height} and "
-                            f"width {resize_width}")
+    check_options(resize_height, resize_width, encode_type, max_pixels)
     if max_skipped is not None and max_skipped < 0:
         raise ImagenetError(f"max_skipped must be >= 0, got {max_skipped}")
     workers = available_cores() if workers is None else workers
@@ -315,9 +356,15 @@ def convert_imageset(
     if pool not in POOLS:
         raise ImagenetError(f"unknown worker pool {pool!r}; valid: {sorted(POOLS)}")
     root = os.fspath(root_folder)
+    check_path_text(root, "root folder")
+    check_path_text(db_path, "DB_NAME")
     if not Path(root).is_dir():
         raise ImagenetError(f"{root}: root folder is not a directory")
     entries = read_listing(listfile)
+    if not entries:
+        raise ImagenetError(f"{listfile}: the listing has no lines, so there is nothing to "
+                            f"convert; no DB written at {db_path}")
+    _check_keys(entries, listfile)
     used_seed = None
     if shuffle:
         # Caffe seeds from /dev/urandom; we do too when no seed is given, but report it.
@@ -364,6 +411,13 @@ def convert_imageset(
                         f"{expected_size}; no DB written at {db_path}")
             writer.put(outcome.key, outcome.value)
         result.count = writer.puts
+        if not result.count:
+            # Raised inside the `with`: the writer throws the empty build away.
+            line_no, path, reason = result.skipped[0]
+            raise ImagenetError(
+                f"none of the {len(entries)} images in {listfile} could be converted (first: "
+                f"{path} at line {line_no}: {reason}); check ROOTFOLDER/ {root!r} and the "
+                f"listing's paths; no DB written at {db_path}")
     result.digest = writer.content_digest() if digest else ""
     result.seconds = time.monotonic() - started
     return result

@@ -27,6 +27,9 @@ import numpy as np
 # what would exhaust memory in every worker at once.
 MAX_PIXELS_DEFAULT = 2**28
 
+# Encodings to suggest when --encode_type names one OpenCV cannot write.
+COMMON_ENCODINGS = ("jpg", "png", "bmp", "webp")
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8"
 # JPEG start-of-frame markers that carry the image size (C0-CF except DHT C4, JPG C8, DAC CC).
@@ -172,14 +175,20 @@ def load_image(
     # sniffed; checked on every golden image) without reading the file twice. But OpenCV 5's
     # imdecode rejects a truncated JPEG that imread (like Caffe's OpenCV 4.6 imread) decodes
     # with gray rows, so those, and anything imdecode refuses, go through Caffe's own call.
-    pixels = None if truncated else cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-    if pixels is None:
-        pixels = cv2.imread(str(path), flag)
-    if pixels is None:
-        raise ImageSkip("OpenCV could not decode it (Caffe: \"Could not open or find file\")")
-    if resize_height > 0 and resize_width > 0:
-        # cv::resize(src, dst, cv::Size(width, height)): dsize is (width, height).
-        pixels = cv2.resize(pixels, (resize_width, resize_height), interpolation=cv2.INTER_LINEAR)
+    try:
+        pixels = None if truncated else cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+        if pixels is None:
+            pixels = cv2.imread(str(path), flag)
+        if pixels is None:
+            raise ImageSkip("OpenCV could not decode it (Caffe: \"Could not open or find file\")")
+        if resize_height > 0 and resize_width > 0:
+            # cv::resize(src, dst, cv::Size(width, height)): dsize is (width, height).
+            pixels = cv2.resize(pixels, (resize_width, resize_height),
+                                interpolation=cv2.INTER_LINEAR)
+    except cv2.error as err:  # OpenCV throws on what it cannot handle: a counted skip
+        raise ImageSkip(f"OpenCV failed on it: {getattr(err, 'err', '') or err}") from None
+    except MemoryError:
+        raise ImageSkip("not enough memory to decode or resize it") from None
     return DecodedImage(pixels, truncated, data)
 
 

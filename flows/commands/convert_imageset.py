@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from data.convert import convert_imageset, read_listing
+from data.convert import check_options, convert_imageset, read_listing
 from flows.flags import add_flag, check_backend
 
 
@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every flag is checked before anything is printed or read (convert_imageset checks them
+    # again for library callers).
     check_backend(args.backend)
+    check_options(args.resize_height, args.resize_width, args.encode_type)
     # Warnings (skipped / truncated images) as one plain line each on stderr.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)

@@ -167,15 +167,19 @@ def test_encoded_variants(golden: Path, tmp_path: Path) -> None:
         for (_, pv), (_, rv) in zip(p, r):
             assert parse_datum_header(pv).encoded
             assert np.array_equal(decode_datum_bytes(pv)[0], decode_datum_bytes(rv)[0])
-    # An encoder OpenCV lacks, or no extension to guess from: skipped with the reason.
-    bad = convert_imageset(golden / "val", golden / "val.txt", tmp_path / "xyz",
-                           encode_type="xyz", workers=1)
-    assert bad.count == 0 and "could not encode it as 'xyz'" in bad.skipped[0][2]
+    # An encoder OpenCV lacks is refused before any image is read.
+    with pytest.raises(ImagenetError, match="--encode_type='xyz': OpenCV has no encoder"):
+        convert_imageset(golden / "val", golden / "val.txt", tmp_path / "xyz",
+                         encode_type="xyz", workers=1)
+    assert not (tmp_path / "xyz").exists()
+    # No extension to guess from: the image is skipped with the reason; as no image is left,
+    # the conversion fails and writes no DB.
     (tmp_path / "noext").write_bytes((golden / "bad" / "good_0001.JPEG").read_bytes())
     (tmp_path / "list.txt").write_text("noext 0\n")
-    guess = convert_imageset(tmp_path, tmp_path / "list.txt", tmp_path / "g", encoded=True,
-                             workers=1)
-    assert guess.count == 0 and "extension" in guess.skipped[0][2]
+    with pytest.raises(ImagenetError, match="none of the 1 images.*extension"):
+        convert_imageset(tmp_path, tmp_path / "list.txt", tmp_path / "g", encoded=True,
+                         workers=1)
+    assert not (tmp_path / "g").exists()
 
 
 def test_progress_observer_sees_the_end(golden: Path, tmp_path: Path) -> None:
@@ -266,3 +270,14 @@ def test_cli_with_caffe_spellings(golden: Path, tmp_path: Path,
     rc, _, err = _cli(capsys, "convert-imageset", f"{golden}/val/",
                       str(tmp_path / "missing.txt"), str(tmp_path / "x"))
     assert rc == 1 and "missing.txt" in err
+
+
+def test_listing_labels_must_fit_int32(tmp_path: Path) -> None:
+    """Caffe's atoi() wraps 99999999999 to 1215752191 silently; we refuse it with the line."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"a.jpg {-2**31}\nb.jpg {2**31 - 1}\n")
+    assert [e.label for e in read_listing(listing)] == [-2**31, 2**31 - 1]
+    for label in (2**31, -2**31 - 1, 99999999999):
+        listing.write_text(f"a.jpg 0\nb.jpg {label}\n")
+        with pytest.raises(ImagenetError, match=rf"list\.txt:2: label {label} does not fit"):
+            read_listing(listing)
