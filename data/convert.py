@@ -179,7 +179,8 @@ def _check_keys(entries: list[ListingEntry], listfile: str | os.PathLike) -> Non
                                 "shorten it")
 
 
-def _resolve(root_folder: str, rel: str) -> str:
+def resolve_listed(root_folder: str, rel: str) -> str:
+    """The file of a listing line: Caffe's root_folder + path (ImageData reads listings too)."""
     # Caffe concatenates root_folder + path; the separator is added when the root lacks one
     # (Caffe would then fail on every image).
     if not root_folder or root_folder.endswith("/"):
@@ -205,7 +206,7 @@ def convert_one(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outco
     key = f"{index:0{KEY_DIGITS}d}_{entry.path}".encode("utf-8", "surrogateescape")
     try:
         img = images.load_image(
-            _resolve(opts.root_folder, entry.path), gray=opts.gray,
+            resolve_listed(opts.root_folder, entry.path), gray=opts.gray,
             resize_height=opts.resize_height, resize_width=opts.resize_width,
             max_pixels=opts.max_pixels)
         encoding = _encoding_for(opts, entry.path)
@@ -388,7 +389,7 @@ def convert_imageset(
                 result.skipped.append((entry.line_no, entry.path, outcome.reason))
                 _clear_bar(bar)
                 log.warning("skipped %s (listing line %d): %s",
-                            _resolve(root, entry.path), entry.line_no, outcome.reason)
+                            resolve_listed(root, entry.path), entry.line_no, outcome.reason)
                 if max_skipped is not None and len(result.skipped) > max_skipped:
                     raise ImagenetError(
                         f"more than --max-skipped={max_skipped} images could not be converted "
@@ -399,7 +400,8 @@ def convert_imageset(
                 result.truncated.append((entry.line_no, entry.path))
                 _clear_bar(bar)
                 log.warning("truncated JPEG %s (listing line %d): written with the missing rows "
-                            "gray (128), as Caffe does", _resolve(root, entry.path), entry.line_no)
+                            "gray (128), as Caffe does", resolve_listed(root, entry.path),
+                            entry.line_no)
             if check_size and outcome.data_size >= 0:
                 if expected_size < 0:
                     expected_size = outcome.data_size

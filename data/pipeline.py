@@ -1,5 +1,9 @@
 """The Data layer's input pipeline: LMDB records -> uint8 batches, prefetched in the background.
 
+`BatchSource` is what every fed input layer's source shares (batch assembly, the counter-based
+RNG); `DataSource` reads LMDBs here, `ImageDataSource` (data/image_data.py) image listings, and
+`open_source` picks one by layer type (`SOURCE_TYPES`).
+
 Reproduces what Caffe's DataLayer + DataReader feed a net (src/caffe/layers/data_layer.cpp):
 records are read in key order, `batch_size` at a time, wrapping around to the first record at
 the end ("Restarting data prefetching from start."); encoded Datums are decoded like
@@ -17,6 +21,7 @@ background threads so the device does not wait on LMDB reads and JPEG decodes.
 """
 from __future__ import annotations
 
+import importlib
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -101,7 +106,72 @@ def _release_reader(path: Path) -> None:
             del _READERS[key]
 
 
-class DataSource:
+class BatchSource:
+    """What every fed input layer's source shares: the transform plan, the batch size, the
+    counter-based RNG and the uint8 batch assembly. Subclasses set `name`, `tops`, `plan`,
+    `batch_size`, `seed`, `stream` and implement `__len__`, `_items(index)` and `close`."""
+
+    name: str
+    tops: tuple[str, ...]
+    plan: TransformPlan
+    batch_size: int
+    seed: int
+    stream: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _items(self, index: int) -> tuple[list[np.ndarray], list[int], str]:
+        """The (C,H,W) uint8 images and labels of batch `index`, and where they came from
+        (for messages)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def record_indices(self, index: int) -> np.ndarray:
+        start = index * self.batch_size
+        return np.arange(start, start + self.batch_size, dtype=np.int64) % len(self)
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator for batch `index`: counter-based (Philox), keyed on the seed, the
+        stream (one per Data layer / test net) and the index, so it is a pure function."""
+        return np.random.Generator(np.random.Philox(
+            np.random.SeedSequence([self.seed, self.stream, int(index)])))
+
+    def wrapped(self, index: int, offset: int = 0) -> bool:
+        """Whether batch `index` passes the end of the records (Caffe logs a restart)."""
+        start = offset + index * self.batch_size
+        return (start // len(self)) != ((start + self.batch_size - 1) // len(self))
+
+    def batch(self, index: int) -> HostBatch:
+        """Batch number `index` (0-based) of this layer."""
+        images, labels, where = self._items(index)
+        hs = [im.shape[1] for im in images]
+        ws = [im.shape[2] for im in images]
+        offsets, mirror = self.plan.draw(self.rng(index), hs, ws)
+        out_hw = self.plan.output_hw(hs[0], ws[0])
+        shapes = {(im.shape[0], *self.plan.output_hw(im.shape[1], im.shape[2])) for im in images}
+        if len(shapes) != 1:
+            raise ImagenetError(f"{where}: batch {index} mixes image shapes {sorted(shapes)}; "
+                                "without crop_size every image must have the same size")
+        out = np.empty((len(images), *shapes.pop()), np.uint8)
+        for j, im in enumerate(images):
+            out[j] = crop_uint8(im, offsets[j], out_hw)
+        return HostBatch(index=index, images=out, offsets=offsets, mirror=mirror,
+                         labels=np.asarray(labels, np.float32), wrapped=self.wrapped(index))
+
+    def mean(self, channels: int) -> np.ndarray | None:
+        return self.plan.mean_array(channels)
+
+    def __enter__(self) -> "BatchSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DataSource(BatchSource):
     """A Data layer's records and transform; `batch(i)` is pure in (seed, stream, i)."""
 
     def __init__(self, layer_param: caffe_pb2.LayerParameter, *, train: bool, seed: int,
@@ -139,22 +209,10 @@ class DataSource:
             self._local.txn = txn
         return txn
 
-    def record_indices(self, index: int) -> np.ndarray:
-        start = index * self.batch_size
-        return np.arange(start, start + self.batch_size, dtype=np.int64) % len(self.keys)
-
-    def rng(self, index: int) -> np.random.Generator:
-        """The generator for batch `index`: counter-based (Philox), keyed on the seed, the
-        stream (one per Data layer / test net) and the index, so it is a pure function."""
-        return np.random.Generator(np.random.Philox(
-            np.random.SeedSequence([self.seed, self.stream, int(index)])))
-
-    def batch(self, index: int) -> HostBatch:
-        """Batch number `index` (0-based) of this Data layer."""
-        idx = self.record_indices(index)
+    def _items(self, index: int) -> tuple[list[np.ndarray], list[int], str]:
         txn = self._txn()
         images, labels = [], []
-        for i in idx:
+        for i in self.record_indices(index):
             key = self.keys[int(i)]
             value = txn.get(key)
             if value is None:
@@ -163,30 +221,7 @@ class DataSource:
             self.plan.check_image(chw.shape, f"{self.path} record {key!r}")
             images.append(chw)
             labels.append(label)
-        hs = [im.shape[1] for im in images]
-        ws = [im.shape[2] for im in images]
-        offsets, mirror = self.plan.draw(self.rng(index), hs, ws)
-        out_hw = self.plan.output_hw(hs[0], ws[0])
-        shapes = {(im.shape[0], *self.plan.output_hw(im.shape[1], im.shape[2])) for im in images}
-        if len(shapes) != 1:
-            raise ImagenetError(f"{self.path}: batch {index} mixes image shapes {sorted(shapes)}; "
-                                "without crop_size every record must have the same size")
-        out = np.empty((len(images), *shapes.pop()), np.uint8)
-        for j, im in enumerate(images):
-            out[j] = crop_uint8(im, offsets[j], out_hw)
-        start = index * self.batch_size
-        wrapped = (start // len(self.keys)) != ((start + self.batch_size - 1) // len(self.keys))
-        return HostBatch(index=index, images=out, offsets=offsets, mirror=mirror,
-                         labels=np.asarray(labels, np.float32), wrapped=wrapped)
-
-    def mean(self, channels: int) -> np.ndarray | None:
-        return self.plan.mean_array(channels)
-
-    def __enter__(self) -> "DataSource":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return images, labels, str(self.path)
 
     def close(self) -> None:
         # Transactions of other threads die with the environment when its last user releases it.
@@ -199,10 +234,34 @@ class DataSource:
             _release_reader(self.path)
 
 
+# Fed input layer type -> "module:class" of its source, imported when first used (the ImageData
+# source pulls in the image decoder only for nets that read image listings).
+SOURCE_TYPES: dict[str, str] = {
+    "Data": "data.pipeline:DataSource",
+    "ImageData": "data.image_data:ImageDataSource",
+}
+
+
+def open_source(layer_param: caffe_pb2.LayerParameter, *, train: bool, seed: int,
+                stream: int = 0, batch_multiplier: int = 1, root: str | Path = "."
+                ) -> BatchSource:
+    """The source feeding a Data or ImageData layer (SOURCE_TYPES), opened."""
+    try:
+        target = SOURCE_TYPES[layer_param.type]
+    except KeyError:
+        raise ImagenetError(f"layer {layer_param.name!r}: type {layer_param.type!r} is not fed "
+                            f"from data; input layers read from data: "
+                            f"{', '.join(sorted(SOURCE_TYPES))}") from None
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(layer_param, train=train, seed=seed, stream=stream,
+               batch_multiplier=batch_multiplier, root=root)
+
+
 class Prefetcher:
     """Batches start, start+1, ... of a DataSource, `depth` of them built ahead on threads."""
 
-    def __init__(self, source: DataSource, start: int = 0, *, depth: int = DEFAULT_PREFETCH,
+    def __init__(self, source: BatchSource, start: int = 0, *, depth: int = DEFAULT_PREFETCH,
                  workers: int = DEFAULT_WORKERS) -> None:
         if depth < 1:
             raise ImagenetError(f"prefetch depth must be >= 1, got {depth}")

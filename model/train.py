@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.errors import ImagenetError
-from data.pipeline import DataSource, HostBatch, Prefetcher
+from data.pipeline import SOURCE_TYPES, BatchSource, HostBatch, Prefetcher, open_source
 from data.proto import caffe_pb2
 from data.transform import transform_batch
 from model import snapshot as snap
@@ -125,10 +125,10 @@ def select_devices(devices: str | Sequence[int] | None, solver_mode: int | None 
 
 @dataclass
 class FedNet:
-    """A net whose Data layers are fed from DataSources."""
+    """A net whose Data / ImageData layers are fed from their sources (data/pipeline.py)."""
 
     net: Net
-    sources: dict[str, DataSource]  # Data layer name -> source
+    sources: dict[str, BatchSource]  # input layer name -> source
     means: dict[str, np.ndarray | None]
     loss_weight: dict[str, float]   # output blob -> loss weight
 
@@ -178,18 +178,18 @@ def num_test_nets(solver: caffe_pb2.SolverParameter) -> int:
 def build_fed_net(net_param: caffe_pb2.NetParameter, phase: str, *, root: Path, seed: int,
                   stream: int, n_devices: int, state: caffe_pb2.NetState | None = None,
                   source_name: str | None = None) -> FedNet:
-    """A Net plus DataSources for its Data layers, shapes taken from the data (global batch =
+    """A Net plus sources for its Data and ImageData layers, shapes taken from the data (global batch =
     batch_size x devices, as Caffe's multi-GPU)."""
     from model.prototxt import filter_net
     stages = list(state.stage) if state is not None else []
     level = int(state.level) if state is not None else 0
     filtered = filter_net(net_param, phase, level=level, stages=stages)
-    sources: dict[str, DataSource] = {}
+    sources: dict[str, BatchSource] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for lp in filtered.layer:
-        if lp.type in ("Data",):
-            src = DataSource(lp, train=(phase == "TRAIN"), seed=seed, stream=stream,
-                             batch_multiplier=n_devices, root=root)
+        if lp.type in SOURCE_TYPES:
+            src = open_source(lp, train=(phase == "TRAIN"), seed=seed, stream=stream,
+                              batch_multiplier=n_devices, root=root)
             sources[lp.name] = src
             first = src.batch(0)
             shapes[lp.top[0]] = tuple(first.images.shape)
@@ -202,8 +202,9 @@ def build_fed_net(net_param: caffe_pb2.NetParameter, phase: str, *, root: Path, 
                   source=source_name)
         for spec in net.inputs:
             if spec.layer_name not in sources:
-                raise ImagenetError(f"layer {spec.layer_name!r} ({spec.type}): only Data "
-                                    "layers can feed a training or test net")
+                raise ImagenetError(f"layer {spec.layer_name!r} ({spec.type}): only "
+                                    f"{' and '.join(sorted(SOURCE_TYPES))} layers can feed a "
+                                    "training or test net")
     except BaseException:
         for src in sources.values():
             src.close()

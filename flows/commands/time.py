@@ -7,8 +7,9 @@ jitted function (reported separately, never averaged in) and images/s of forward
 Forward is the jitted `Net.apply`; backward is the jitted VJP applied to saved residuals (the
 work Caffe's Backward does); forward-backward is one jitted `jax.value_and_grad`. Inputs are
 random data of the right shapes (Caffe times its Data layer's prefetched copy, which is
-negligible); a Data layer whose LMDB is absent takes its shape from crop_size, 3 channels, and
-the output says so. Per-layer times are not reported: XLA fuses across layers.
+negligible); a Data or ImageData layer whose LMDB or listing is absent takes its shape from
+crop_size, 3 channels, and the output says so. Per-layer times are not reported: XLA fuses
+across layers.
 """
 from __future__ import annotations
 
@@ -52,25 +53,27 @@ def _input_shapes(net_param, phase: str, level: int, stages: list[str], batch_si
                   notes: list[str]) -> dict[str, tuple[int, ...]]:
     """Shapes for every fed top: LMDB-derived where the LMDB exists, else from crop_size;
     the batch dimension replaced by --batch_size when given."""
-    from model.net import data_layer_shapes
+    from model.layers import layer_class
+    from model.net import DATABASE_INPUT_TYPES, data_layer_shapes, data_source_path
     from model.prototxt import filter_net
 
     shapes: dict[str, tuple[int, ...]] = {}
     for lp in filter_net(net_param, phase, level=level, stages=stages).layer:
-        if lp.type == "Data":
-            if Path(lp.data_param.source).exists():
+        if lp.type in DATABASE_INPUT_TYPES:
+            source = data_source_path(lp)
+            if Path(source).exists():
                 tops = data_layer_shapes(lp)
             else:
                 crop = lp.transform_param.crop_size
                 if not crop:
                     raise ImagenetError(
-                        f"layer {lp.name!r}: Data source {lp.data_param.source!r} not found "
+                        f"layer {lp.name!r}: {lp.type} source {source!r} not found "
                         f"(relative to {Path.cwd()}) and no crop_size to size random data; "
                         "run from the directory the prototxt's paths are relative to")
-                n = batch_size or lp.data_param.batch_size
+                n = batch_size or layer_class(lp.type, lp.name).batch_size_of(lp)
                 tops = [(n, ASSUMED_CHANNELS, crop, crop)] + [(n,)] * (len(lp.top) - 1)
-                notes.append(f"Data layer {lp.name!r}: source {lp.data_param.source!r} not "
-                             f"found; assuming {ASSUMED_CHANNELS}-channel records of shape "
+                notes.append(f"{lp.type} layer {lp.name!r}: source {source!r} not "
+                             f"found; assuming {ASSUMED_CHANNELS}-channel images of shape "
                              f"{tops[0]}")
         elif lp.type == "Input":
             given = [tuple(int(d) for d in s.dim) for s in lp.input_param.shape]

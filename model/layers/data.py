@@ -1,9 +1,10 @@
-"""Data-producing layers: Data, Input, DummyData (no bottoms; they start the net).
+"""Data-producing layers: Data, ImageData, Input, DummyData (no bottoms; they start the net).
 
 Convention with the Net (model/net.py) for the layers whose tops are FED (``feeds_from_batch``):
 
 * Shapes. ``Data`` cannot know its shapes from the prototxt alone (they depend on the LMDB's
-  records), so the Net passes them: ``Data(param, [], given_top_shapes=[(N, C, H, W), (N,)])``.
+  records; ``ImageData``'s on the listing's first image), so the Net passes them:
+  ``Data(param, [], given_top_shapes=[(N, C, H, W), (N,)])``.
   ``Data.top_shapes_for(param, datum_shape=(C, H, W))`` computes them the way Caffe's
   DataLayer::DataLayerSetUp does (batch_size from data_param, crop from transform_param; the
   label top, when named, is (N,)). ``Input`` reads ``input_param.shape`` (one shape for all tops
@@ -54,18 +55,23 @@ class Data(_FedLayer):
     """LMDB/LevelDB reader: tops `data` (N, C, crop|H, crop|W) and optionally `label` (N,)."""
 
     type_name = "Data"
+    batch_param_name: ClassVar[str] = "data_param"
 
     @staticmethod
-    def top_shapes_for(param: caffe_pb2.LayerParameter, datum_shape: Shape) -> list[Shape]:
+    def batch_size_of(param: caffe_pb2.LayerParameter) -> int:
+        return int(param.data_param.batch_size)
+
+    @classmethod
+    def top_shapes_for(cls, param: caffe_pb2.LayerParameter, datum_shape: Shape) -> list[Shape]:
         """Caffe's top shapes from the first record's (C, H, W), batch_size and crop_size."""
         c, h, w = (int(d) for d in datum_shape)
-        batch = int(param.data_param.batch_size)
+        batch = cls.batch_size_of(param)
         crop = int(param.transform_param.crop_size)
         if crop:
             if crop > h or crop > w:
                 raise ImagenetError(
-                    f"layer {param.name!r} (Data): crop_size {crop} is larger than the "
-                    f"records ({c}x{h}x{w})"
+                    f"layer {param.name!r} ({cls.type_name}): crop_size {crop} is larger "
+                    f"than the records ({c}x{h}x{w})"
                 )
             h = w = crop
         shapes: list[Shape] = [(batch, c, h, w)]
@@ -78,8 +84,8 @@ class Data(_FedLayer):
             raise self.fail(f"takes no bottoms, got {len(self.bottom_shapes)}")
         if not 1 <= len(self.param.top) <= 2:
             raise self.fail(f"needs 1 or 2 tops (data[, label]), got {list(self.param.top)}")
-        if self.param.data_param.batch_size <= 0:
-            raise self.fail("data_param.batch_size must be set and positive")
+        if self.batch_size_of(self.param) <= 0:
+            raise self.fail(f"{self.batch_param_name}.batch_size must be set and positive")
         if self.given_top_shapes is None:
             raise self.fail(
                 "its top shapes come from the database: the Net must pass "
@@ -93,6 +99,20 @@ class Data(_FedLayer):
         if len(shapes) == 2 and shapes[1] != (shapes[0][0],):
             raise self.fail(f"label shape {shapes[1]} does not match batch {shapes[0][0]}")
         self.top_shapes = list(shapes)
+
+
+# Caffe: src/caffe/layers/image_data_layer.cpp (DataLayerSetUp).
+@register
+class ImageData(Data):
+    """Image-listing reader: tops `data` (N, C, crop|H, crop|W) and `label` (N,), shapes from
+    the listing's first image (data/image_data.py reads and decodes the images)."""
+
+    type_name = "ImageData"
+    batch_param_name: ClassVar[str] = "image_data_param"
+
+    @staticmethod
+    def batch_size_of(param: caffe_pb2.LayerParameter) -> int:
+        return int(param.image_data_param.batch_size)
 
 
 # Caffe: src/caffe/layers/input_layer.cpp.
@@ -200,4 +220,4 @@ class DummyData(Layer):
         return [_fill(f, s, k, self) for f, s, k in zip(self.fillers, self.top_shapes, keys)]
 
 
-__all__ = ["Data", "Input", "DummyData"]
+__all__ = ["Data", "ImageData", "Input", "DummyData"]
