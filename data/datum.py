@@ -12,13 +12,13 @@ into a message nor copied; the tests check they agree byte for byte with caffe_p
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import cv2
 import numpy as np
 
+from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 
@@ -343,22 +343,6 @@ def read_proto_file(path: str | os.PathLike, message: M, what: str, kind: str) -
     except Exception as exc:  # protobuf's DecodeError has no stable import path across backends
         raise ImagenetError(f"{p}: not a binary {kind}: {exc}") from None
     return message
-
-
-def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_blobproto(path: str | os.PathLike, arr: np.ndarray, legacy_4d: bool = True) -> None:

@@ -38,7 +38,8 @@ OS_ERROR_HINTS: dict[int, str] = {
     errno.ELOOP: "the path has a symbolic link loop",
     errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
     errno.ENOMEM: "out of memory; use smaller inputs or free memory",
-    errno.EIO: "the device reported an I/O error; check the disk",
+    # LMDB reports a short write (what a full disk gives it) as EIO.
+    errno.EIO: "the write or read failed; check the free space and the disk",
     errno.EXDEV: "the temporary and final paths are on different file systems",
 }
 

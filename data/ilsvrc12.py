@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
 
 # A WordNet noun id as ILSVRC uses them: "n" + 8 digits.
@@ -97,14 +98,7 @@ def sort_synsets(wnids: Iterable[str]) -> list[str]:
 def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
     """Write `text` to `path` via a temp name + rename, so a kill never leaves half a file;
     `durable` also fsyncs it (pointless for a marker whose data files are not fsynced)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"), durable=durable)
 
 
 def _lines(path: Path) -> list[str]:

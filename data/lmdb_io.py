@@ -22,6 +22,7 @@ from typing import Iterator
 
 import lmdb
 
+from data.atomic import pid_alive
 from data.errors import OS_ERROR_HINTS, ImagenetError, errno_name, from_os_error
 
 # Initial map size of a new DB: the data file grows page by page (it is not preallocated), so
@@ -72,7 +73,11 @@ def lmdb_error_message(err: lmdb.Error, path: str | os.PathLike, action: str = "
     """One line for an lmdb.Error on the DB at `path`: py-lmdb's own words, the errno name
     when LMDB passed one up (ENOSPC from a commit on a full disk), and what to do."""
     what = str(err.args[0]) if err.args else type(err).__name__
-    code = err.args[1] if len(err.args) > 1 and isinstance(err.args[1], int) else None
+    # py-lmdb's C extension sets .code (the errno or MDB_* code); Error(what, code) keeps both
+    # in args.
+    code = getattr(err, "code", None)
+    if not isinstance(code, int):
+        code = err.args[1] if len(err.args) > 1 and isinstance(err.args[1], int) else None
     name = errno_name(code) if code is not None and code > 0 else ""
     text = f"{action + ' ' if action else ''}{os.fspath(path)}: {what}"
     if name and name not in text:
@@ -237,17 +242,6 @@ def lmdb_content_digest(path: str | os.PathLike) -> str:
         for key, value in reader.iter_buffers():
             digest.update(key, value)  # read in place from the map, no copies
     return digest.hexdigest()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (signal 0; one owned by another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale_partials(target: Path) -> list[Path]:

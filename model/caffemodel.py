@@ -17,8 +17,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import jax.numpy as jnp
 
-from data.datum import (array_to_blobproto, blobproto_to_array, read_proto_file,
-                        write_bytes_atomic)
+from data.atomic import write_bytes_atomic
+from data.datum import array_to_blobproto, blobproto_to_array, read_proto_file
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from model import prototxt

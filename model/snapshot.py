@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.datum import (array_to_blobproto, blobproto_to_array, read_proto_file,
-                        write_bytes_atomic)
+from data.atomic import write_bytes_atomic
+from data.datum import array_to_blobproto, blobproto_to_array, read_proto_file
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 

@@ -127,7 +127,7 @@ def test_write_blobproto_is_caffes_file_byte_for_byte(golden: Path, tmp_path: Pa
     out = tmp_path / "mean.binaryproto"
     write_blobproto(out, mean[0])  # (C,H,W) -> legacy num=1, as compute_image_mean writes
     assert out.read_bytes() == (golden / "mean_64.binaryproto").read_bytes()
-    assert not list(tmp_path.glob(".*.tmp"))  # temp file renamed, nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mean.binaryproto"]  # no temp left
 
 
 def test_blobproto_shape_forms() -> None:

@@ -1,0 +1,80 @@
+"""Atomic file writes, and the sweep of what killed writers left behind.
+
+A file is written under a temporary name beside its target and renamed over it, so a kill
+never leaves a half-written file under the real name. The temporary name carries the writer's
+pid (`.<name>.<pid>-<random>.tmp`): `remove_stale_temps` deletes those of writers that no
+longer run, so a rerun after a kill leaves nothing behind, while a writer still running (another
+process writing the same folder) keeps its file.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+from data.errors import from_os_error
+
+TMP_SUFFIX = ".tmp"
+# .<target name>.<pid>-<8 hex><TMP_SUFFIX>
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}" + re.escape(TMP_SUFFIX) + "$")
+_FILE_MODE = 0o644
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0; one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name beside `path` that remove_stale_temps recognises."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes, *, durable: bool = True) -> None:
+    """Write `payload` to a temporary file beside `path`, fsync it (when `durable`), rename it
+    over `path`. On any failure the temporary is removed and `path` is as it was; an OSError
+    (read-only or full disk, missing folder) is raised as an ImagenetError naming `path`."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise from_os_error(err, "cannot write", path) from None
+        raise
+
+
+def remove_stale_temps(folder: str | os.PathLike, name_prefix: str = "") -> list[Path]:
+    """Delete the temporary files of dead writers in `folder` whose target name starts with
+    `name_prefix`; returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed  # nothing to sweep where nothing can be listed
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if m is None or not m.group("name").startswith(name_prefix):
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and not pid_alive(pid):
+            try:
+                entry.unlink()
+            except OSError:
+                continue
+            removed.append(entry)
+    return removed
