@@ -18,20 +18,26 @@ free-space check runs before starting and says how many bytes are needed.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import shutil
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, IO
 
 from data import ilsvrc12
 from data.download import check_free_space
-from data.errors import ImagenetError
+from data.errors import ImagenetError, from_os_error
 
 ProgressFn = Callable[[int, "int | None"], None]
+
+# What reading a damaged archive raises besides TarError: a cut or corrupt gzip/bz2/xz stream
+# (EOFError, zlib.error, lzma.LZMAError, and OSError for gzip's BadGzipFile and bz2).
+ARCHIVE_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 STATE_DIR = ".extract-state"
 MARKER_SUFFIX = ".done"
@@ -76,15 +82,48 @@ def safe_member_path(member: tarfile.TarInfo, where: str) -> PurePosixPath | Non
     return None if member.isdir() else PurePosixPath(*parts)
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive SILENTLY at a damaged header after the first member, or where the
+    file stops without tar's end-of-archive blocks: a corrupt or cut archive would extract only
+    its first members with success. Raising SubsequentHeaderError makes tarfile report those
+    as ReadError instead; only the all-zero end-of-archive block still ends the archive."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):  # type: ignore[no-untyped-def]
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise tarfile.SubsequentHeaderError(
+                "the archive stops before its end-of-archive blocks: it is truncated") from None
+        except tarfile.InvalidHeaderError as err:
+            raise tarfile.SubsequentHeaderError(f"damaged member header ({err})") from None
+
+
+def _mkdirs(folder: Path) -> None:
+    """mkdir -p, with an OSError (a file in the way, a read-only disk) as one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise from_os_error(err, "cannot create folder", folder) from None
+
+
 def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None,
-          *, atomic: bool = True) -> int:
-    """Stream `src` into `dst_path` (via a temporary name + rename when `atomic`); returns the
-    bytes written. Inside a synset's work folder the folder itself is the temporary."""
+          *, atomic: bool = True, where: str = "") -> int:
+    """Stream `src` (member `where` of an archive) into `dst_path` (via a temporary name +
+    rename when `atomic`); returns the bytes written. Inside a synset's work folder the folder
+    itself is the temporary. A failed write or read removes the temporary."""
     tmp = dst_path.with_name(f".{dst_path.name}.part-extract") if atomic else dst_path
     written = 0
     try:
         with open(tmp, "wb") as out:
-            while chunk := src.read(COPY_CHUNK):
+            while True:
+                try:
+                    chunk = src.read(COPY_CHUNK)
+                except ARCHIVE_READ_ERRORS as err:
+                    raise ImagenetError(f"{where}: corrupt or truncated archive data "
+                                        f"({err})") from None
+                if not chunk:
+                    break
                 out.write(chunk)
                 written += len(chunk)
                 if on_bytes is not None:
@@ -92,7 +131,13 @@ def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None
         if atomic:
             os.replace(tmp, dst_path)
     except OSError as err:  # disk full, permissions: one line naming the file
-        raise ImagenetError(f"cannot write {dst_path}: {err.strerror or err}") from None
+        if atomic:
+            tmp.unlink(missing_ok=True)
+        raise from_os_error(err, "cannot write", dst_path) from None
+    except ImagenetError:
+        if atomic:
+            tmp.unlink(missing_ok=True)
+        raise
     return written
 
 
@@ -110,19 +155,63 @@ class _Counter:
 
 def _open(path: Path, mode: str = "r:*") -> tarfile.TarFile:
     try:
-        return tarfile.open(path, mode)
+        return tarfile.open(path, mode, tarinfo=_StrictTarInfo)
     except FileNotFoundError:
         raise ImagenetError(f"{path}: no such file") from None
     except tarfile.TarError as err:
         raise ImagenetError(f"{path}: not a readable tar archive ({err})") from None
+    except OSError as err:
+        raise from_os_error(err, "cannot read archive") from None
+    except (EOFError, zlib.error, lzma.LZMAError) as err:
+        raise _corrupt(str(path), err) from None
+
+
+def _corrupt(where: str, err: BaseException) -> ImagenetError:
+    return ImagenetError(f"{where}: corrupt or truncated archive ({err}); download it again "
+                         "(nothing was written)")
+
+
+def _drain(tar: tarfile.TarFile) -> None:
+    """Read the (decompressed) stream to its end, so gzip/bz2/xz check their own trailer:
+    tarfile stops at the end-of-archive blocks and would never see a cut or corrupt end."""
+    if tar.fileobj is None:
+        return
+    # From where tarfile stopped (no seek: a backward seek in a gzip stream decompresses
+    # it again from the start).
+    while tar.fileobj.read(COPY_CHUNK):
+        pass
+
+
+def _check_layout(checked: list[tuple[tarfile.TarInfo, PurePosixPath | None]], where: str
+                  ) -> None:
+    """Refuse members that cannot all be written: a file `a` and a member inside `a/` (a file
+    cannot be a folder), or a folder entry `a/` and a file `a`."""
+    files = {rel: m.name for m, rel in checked if rel is not None}
+    dirs: dict[PurePosixPath, str] = {}
+    for member, rel in checked:
+        if rel is None:
+            parts = [p for p in member.name.replace("\\", "/").split("/") if p not in ("", ".")]
+            if parts:
+                dirs.setdefault(PurePosixPath(*parts), member.name)
+        else:
+            for parent in list(rel.parents)[:-1]:  # every folder above it ('.' excluded)
+                dirs.setdefault(parent, member.name)
+    for rel, name in files.items():
+        if rel in dirs:
+            raise ImagenetError(f"{where}: member {name!r} is a file, but member {dirs[rel]!r} "
+                                f"needs {str(rel)!r} to be a folder; the archive cannot be "
+                                "extracted as it is (nothing was written)")
 
 
 def _checked(tar: tarfile.TarFile, where: str) -> list[tuple[tarfile.TarInfo, PurePosixPath | None]]:
     try:
         members = tar.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise ImagenetError(f"{where}: corrupt or truncated tar ({err})") from None
-    return [(m, safe_member_path(m, where)) for m in members]
+        _drain(tar)
+    except ARCHIVE_READ_ERRORS as err:
+        raise _corrupt(where, err) from None
+    checked = [(m, safe_member_path(m, where)) for m in members]
+    _check_layout(checked, where)
+    return checked
 
 
 def _extract_flat(path: Path, target: Path, progress: ProgressFn | None,
@@ -142,13 +231,13 @@ def _extract_flat(path: Path, target: Path, progress: ProgressFn | None,
                 result.skipped_files += 1
                 continue
             todo.append((member, final))
-        target.mkdir(parents=True, exist_ok=True)
+        _mkdirs(target)
         check_free_space(target, sum(m.size for m, _ in todo), f"extracting {path.name}")
         counter = _Counter(sum(m.size for m, _ in todo), progress)
         for member, final in todo:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _mkdirs(final.parent)
             src = tar.extractfile(member)
-            result.bytes += _copy(src, final, counter.add)
+            result.bytes += _copy(src, final, counter.add, where=f"{path}:{member.name}")
             result.files += 1
     result.seconds = time.monotonic() - start
     return result
@@ -203,7 +292,7 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
                 continue
             todo.append((member, m.group(1)))
         for d in (train_dir, state, work):
-            d.mkdir(parents=True, exist_ok=True)
+            _mkdirs(d)
         # An inner tar is its files plus 512-byte headers: its size bounds what we write.
         needed = sum(member.size for member, _ in todo)
         check_free_space(root, needed, f"extracting {tar_path.name}")
@@ -211,32 +300,45 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
         for member, wnid in todo:
             where = f"{tar_path}:{member.name}"
             tmp = work / wnid
-            if tmp.exists():  # left by a killed run: never trusted
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            try:
+                if tmp.exists():  # left by a killed run: never trusted
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as err:
+                raise from_os_error(err, "cannot prepare the work folder", tmp) from None
             base = counter.done
             files = nbytes = 0
             try:
-                inner = tarfile.open(fileobj=outer.extractfile(member), mode="r|")
+                inner = tarfile.open(fileobj=outer.extractfile(member), mode="r|",
+                                     tarinfo=_StrictTarInfo)
                 for im in inner:
                     rel = safe_member_path(im, where)
                     if rel is None:
                         continue
                     final = tmp / rel
                     if len(rel.parts) > 1:
-                        final.parent.mkdir(parents=True, exist_ok=True)
-                    nbytes += _copy(inner.extractfile(im), final, counter.add, atomic=False)
+                        _mkdirs(final.parent)
+                    nbytes += _copy(inner.extractfile(im), final, counter.add, atomic=False,
+                                    where=f"{where}:{im.name}")
                     files += 1
-            except tarfile.TarError as err:
+            except ARCHIVE_READ_ERRORS as err:
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise ImagenetError(f"{where}: corrupt synset tar ({err})") from None
+            except ImagenetError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             final_dir = train_dir / wnid
-            if final_dir.exists():  # a folder without a marker: incomplete or not ours
-                shutil.rmtree(final_dir)
-            os.replace(tmp, final_dir)
-            # Guards against kills (the page cache survives those), not power loss: no fsync.
-            ilsvrc12.atomic_write_text(_marker(state, wnid),
-                                       json.dumps({"files": files, "bytes": nbytes}) + "\n",
-                                       durable=False)
+            try:
+                if final_dir.exists():  # a folder without a marker: incomplete or not ours
+                    shutil.rmtree(final_dir)
+                os.replace(tmp, final_dir)
+                # Guards against kills (the page cache survives those), not power loss: no fsync.
+                ilsvrc12.atomic_write_text(_marker(state, wnid),
+                                           json.dumps({"files": files, "bytes": nbytes}) + "\n",
+                                           durable=False)
+            except OSError as err:
+                raise from_os_error(err, "cannot move the extracted synset into place at",
+                                    final_dir) from None
             counter.done = base + member.size  # headers and padding count as done too
             counter.add(0)
             result.files += files

@@ -198,3 +198,54 @@ def test_extract_dispatch(mini_tiny, tmp_path):
     assert result.files == 2
     with pytest.raises(ImagenetError, match="valid: auto, train, val, archive"):
         ex.extract(mini_tiny.devkit_tar, tmp_path, kind="zip")
+
+
+@pytest.mark.parametrize("members", [
+    [("a", b"x"), ("a/b", b"y")],           # a file, then a member inside it
+    [("d/a/b", b"y"), ("d/a", b"x")],       # a member inside a folder, then a file of its name
+])
+def test_member_that_needs_a_file_to_be_a_folder_is_refused(members, tmp_path):
+    archive = tmp_path / "clash.tar"
+    archive.write_bytes(_tar_bytes([(_info(n), d) for n, d in members]))
+    with pytest.raises(ImagenetError, match=r"is a file, but member .* needs .* to be a folder"):
+        ex.extract_archive(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _damaged(tmp_path: Path, how: str) -> Path:
+    """A tar of 4 members, damaged so that tarfile alone would end it silently or late."""
+    payload = _tar_bytes([(_info(f"f{i}.JPEG"), bytes([i]) * 3000) for i in range(4)])
+    third = 3 * (512 + 3072)  # offset of the 4th header (3000 bytes pad to 3072)
+    if how == "header":  # a damaged header after the first member: tarfile stops there
+        payload = payload[:third] + b"garbage!" + payload[third + 8:]
+    elif how == "boundary":  # cut exactly before a header: no end-of-archive blocks
+        payload = payload[:third]
+    path = tmp_path / f"{how}.tar"
+    path.write_bytes(payload)
+    if how in ("gz_trailer", "gz_middle"):
+        import gzip
+
+        packed = gzip.compress(payload)
+        cut = len(packed) - 4 if how == "gz_trailer" else len(packed) // 2
+        path = tmp_path / f"{how}.tar.gz"
+        path.write_bytes(packed[:cut])
+    return path
+
+
+@pytest.mark.parametrize("how", ["header", "boundary", "gz_trailer", "gz_middle"])
+def test_damaged_or_cut_archive_is_an_error_and_writes_nothing(how, tmp_path):
+    """tarfile ends an archive silently at a damaged header, at a cut on a header boundary,
+    and never reads gzip's trailer: each used to extract the first members with success."""
+    archive = _damaged(tmp_path, how)
+    with pytest.raises(ImagenetError, match="corrupt or truncated archive.*nothing was written"):
+        ex.extract_archive(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_destination_is_one_line_naming_it(tmp_path):
+    archive = tmp_path / "ok.tar"
+    archive.write_bytes(_tar_bytes([(_info("a/b.JPEG"), b"x")]))
+    (tmp_path / "out").write_text("a file where the folder should be")
+    with pytest.raises(ImagenetError, match=r"cannot create folder .*out: .*\(EEXIST|ENOTDIR\)"):
+        ex.extract_archive(archive, tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "a file where the folder should be"
