@@ -13,7 +13,14 @@ Where we differ on purpose: the shuffle is reproducible (--seed; the seed used i
 images are decoded in parallel (the DB is byte for byte the same for any number of workers,
 because one writer puts the records in line order); a truncated JPEG is counted and warned
 about; a decompression bomb is refused from its header; --max-skipped turns too many skips into
-a failure; a failed or interrupted build never leaves a finished-looking DB (LmdbWriter).
+a failure; a failed or interrupted build never leaves a finished-looking DB (LmdbWriter); the free space
+the DB will take is checked before the first image is read.
+
+At ImageNet's size (1.28 M records, ~257 GB) the one ordered writer is what limits many cores,
+so it does as little as possible: the workers also hash each record for the content digest and
+(with pixel_sum=True, raw records of one size) add its pixels into per-thread exact sums, from
+which the mean is had without reading the DB again (data/pixelsum.py); LmdbWriter commits on
+a thread of its own.
 """
 from __future__ import annotations
 
@@ -30,11 +37,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import cv2
+import numpy as np
 
 from data import images
 from data.datum import encode_datum_bytes, encoded_datum_bytes
+from data.download import check_free_space
 from data.errors import ImagenetError, check_path_text, from_os_error
-from data.lmdb_io import COMMIT_EVERY_DEFAULT, MAX_KEY_BYTES, LmdbWriter
+from data.lmdb_io import COMMIT_EVERY_DEFAULT, MAX_KEY_BYTES, LmdbWriter, value_hash
+from data.pixelsum import PixelSums
 from data.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -52,6 +62,15 @@ _SEED_BITS = 63
 # Datum.label is an int32 (caffe.proto). Caffe's atoi() wraps a larger label silently
 # (99999999999 is stored as 1215752191); we refuse it.
 LABEL_MIN, LABEL_MAX = -(2**31), 2**31 - 1
+# The free-space estimate (estimate_db_bytes): LMDB stores a record larger than a page on
+# overflow pages of its own (4 KiB each), plus a leaf-node entry of the key and a page number;
+# files sampled to guess the size of records that are not raw resized pixels; and headroom for
+# branch pages, the meta pages and the map's doubling.
+LMDB_PAGE = 4096
+LEAF_ENTRY_OVERHEAD = 64
+SIZE_SAMPLE = 32
+HEADER_BYTES = 1 << 16  # enough to pass a JPEG's EXIF block to its size (SOF) marker
+FREE_SPACE_HEADROOM = 1.05
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,7 @@ class ConvertOptions:
     encode_type: str = ""  # "" = raw records, unless `encoded` guesses it from the file name
     encoded: bool = False
     max_pixels: int = images.MAX_PIXELS_DEFAULT
+    hash_values: bool = True  # value_hash each record for the writer's content digest
 
 
 @dataclass
@@ -84,6 +104,9 @@ class ConvertResult:
     digest: str = ""
     seconds: float = 0.0
     seed: int | None = None  # the shuffle seed actually used (None: no shuffle)
+    # Exact per-pixel sum of every record written (float64, C x H x W), with pixel_sum=True
+    # when every record was summed (raw, one size, thread or serial workers); else None.
+    pixel_sum: "np.ndarray | None" = None
 
     def summary(self) -> str:
         """One closing line, like Caffe's "Processed N files." plus what went wrong."""
@@ -102,6 +125,8 @@ class _Outcome:
     reason: str = ""
     truncated: bool = False
     data_size: int = -1  # raw records: len(Datum.data), for --check_size
+    hashed: bytes | None = None  # lmdb_io.value_hash(value), when the options ask for it
+    summed: bool = False  # its pixels went into the conversion's PixelSums
 
 
 def available_cores() -> int:
@@ -201,8 +226,18 @@ def _encoding_for(opts: ConvertOptions, rel: str) -> str:
     return ""
 
 
-def convert_one(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outcome:
-    """One listing entry -> one record, exactly as Caffe's ReadImageToDatum builds it."""
+def convert_one(opts: ConvertOptions, index: int, entry: ListingEntry,
+                sums: PixelSums | None = None) -> _Outcome:
+    """One listing entry -> one record, exactly as Caffe's ReadImageToDatum builds it (and its
+    digest hash and pixel sum, which this thread has time for while the writer has not)."""
+    outcome = _build(opts, index, entry, sums)
+    if outcome.value is not None and opts.hash_values:
+        outcome.hashed = value_hash(outcome.value)
+    return outcome
+
+
+def _build(opts: ConvertOptions, index: int, entry: ListingEntry,
+           sums: PixelSums | None = None) -> _Outcome:
     key = f"{index:0{KEY_DIGITS}d}_{entry.path}".encode("utf-8", "surrogateescape")
     try:
         img = images.load_image(
@@ -224,26 +259,29 @@ def convert_one(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outco
             return _Outcome(index, key, value, truncated=img.truncated)
         chw = images.to_chw(img.pixels)
         return _Outcome(index, key, encode_datum_bytes(chw, entry.label),
-                        truncated=img.truncated, data_size=chw.size)
+                        truncated=img.truncated, data_size=chw.size,
+                        summed=sums is not None and sums.add(img.pixels))
     except images.ImageSkip as skip:
         return _Outcome(index, key, None, reason=skip.reason)
 
 
-# Worker-process state: set once per worker by the pool initializer, so chunks carry only
-# the listing entries.
+# Worker state: set once per worker by the pool initializer, so chunks carry only the listing
+# entries. The sums are shared by threads (each sums into its own buffer); worker processes
+# get none (their sums would have to travel back: the mean is then read from the DB).
 _worker_opts: ConvertOptions | None = None
+_worker_sums: PixelSums | None = None
 
 
-def _init_worker(opts: ConvertOptions) -> None:
-    global _worker_opts
-    _worker_opts = opts
+def _init_worker(opts: ConvertOptions, sums: PixelSums | None = None) -> None:
+    global _worker_opts, _worker_sums
+    _worker_opts, _worker_sums = opts, sums
     # One OpenCV thread per worker: the workers already use every core.
     cv2.setNumThreads(1)
 
 
 def _convert_chunk(chunk: list[tuple[int, ListingEntry]]) -> list[_Outcome]:
     assert _worker_opts is not None, "worker used before _init_worker"
-    return [convert_one(_worker_opts, index, entry) for index, entry in chunk]
+    return [convert_one(_worker_opts, index, entry, _worker_sums) for index, entry in chunk]
 
 
 def _chunks(items: list[tuple[int, ListingEntry]], size: int
@@ -270,7 +308,7 @@ def _ordered_parallel(pool: Pool, chunks: Iterable[list], in_flight: int
         yield from outcomes
 
 
-def _process_pool(workers: int, opts: ConvertOptions) -> Pool:
+def _process_pool(workers: int, opts: ConvertOptions, sums: PixelSums | None) -> Pool:
     # forkserver, not fork: forking a process whose OpenCV thread pool is running (any earlier
     # cv2.resize) can leave the child waiting forever on a lock copied while held. The server
     # preloads this module, not the caller's __main__ (the default, which re-imports whatever
@@ -280,8 +318,8 @@ def _process_pool(workers: int, opts: ConvertOptions) -> Pool:
     return context.Pool(workers, initializer=_init_worker, initargs=(opts,))
 
 
-def _thread_pool(workers: int, opts: ConvertOptions) -> Pool:
-    _init_worker(opts)  # also limits OpenCV to one thread in this process, until restored
+def _thread_pool(workers: int, opts: ConvertOptions, sums: PixelSums | None) -> Pool:
+    _init_worker(opts, sums)  # also limits OpenCV to one thread in this process, until restored
     return ThreadPool(workers)
 
 
@@ -289,18 +327,18 @@ def _thread_pool(workers: int, opts: ConvertOptions) -> Pool:
 # release the GIL, so decoding scales with no start-up cost and no copies between processes),
 # or separate processes (start-up and pickling cost more; for pipelines where Python-level
 # work per image would make the GIL the limit).
-POOLS: dict[str, Callable[[int, ConvertOptions], Pool]] = {
+POOLS: dict[str, Callable[[int, ConvertOptions, PixelSums | None], Pool]] = {
     "process": _process_pool, "thread": _thread_pool}
 
 
 def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], workers: int,
-              pool_kind: str) -> Iterator[_Outcome]:
+              pool_kind: str, sums: PixelSums | None) -> Iterator[_Outcome]:
     if workers <= 1:
         for index, entry in items:
-            yield convert_one(opts, index, entry)
+            yield convert_one(opts, index, entry, sums)
         return
     cv_threads = cv2.getNumThreads()
-    pool = POOLS[pool_kind](workers, opts)
+    pool = POOLS[pool_kind](workers, opts, sums)
     try:
         yield from _ordered_parallel(pool, _chunks(items, CHUNK_SIZE),
                                      workers * CHUNKS_IN_FLIGHT_PER_WORKER)
@@ -308,6 +346,12 @@ def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], worke
         pool.terminate()
         pool.join()
         cv2.setNumThreads(cv_threads)
+        _clear_worker()
+
+
+def _clear_worker() -> None:
+    global _worker_opts, _worker_sums
+    _worker_opts = _worker_sums = None
 
 
 def _clear_bar(bar: Progress) -> None:
@@ -338,11 +382,16 @@ def convert_imageset(
     progress: Callable[[int, int | None], None] | None = None,
     show_progress: bool | None = None,
     digest: bool = True,
+    pixel_sum: bool = False,
+    check_space: bool = True,
 ) -> ConvertResult:
     """Convert the images named in `listfile` (relative to `root_folder`) into a new LMDB.
 
     `digest` fills ConvertResult.digest (lmdb_content_digest, hashed while writing); the
     command line turns it off, as it does not print it. `pool` picks how workers run (POOLS).
+    `pixel_sum` fills ConvertResult.pixel_sum where it can (raw records resized to one size,
+    thread or serial workers). `check_space` refuses to start when the filesystem of `db_path`
+    lacks the estimated size of the DB (estimate_db_bytes).
 
     Raises ImagenetError (and leaves nothing at `db_path`) on a malformed listing, an existing
     DB without overwrite, a size mismatch under check_size, or more than max_skipped skips.
@@ -372,16 +421,29 @@ def convert_imageset(
         used_seed = seed if seed is not None else random.SystemRandom().getrandbits(_SEED_BITS)
         random.Random(used_seed).shuffle(entries)
     opts = ConvertOptions(root, resize_height, resize_width, gray, encode_type,
-                          encoded or bool(encode_type), max_pixels)
+                          encoded or bool(encode_type), max_pixels, hash_values=digest)
     result = ConvertResult(Path(db_path), 0, total_lines=len(entries), seed=used_seed)
     items = list(enumerate(entries))
     expected_size = -1
+    if check_space:
+        parent = Path(db_path).parent
+        if parent.is_dir():  # else LmdbWriter says the parent is missing
+            needed = estimate_db_bytes(opts, entries)
+            check_free_space(parent, needed,
+                             f"converting {len(entries):,} images of {listfile} into {db_path} "
+                             f"(estimated {needed / 2**30:,.1f} GiB; free some space or choose "
+                             "another place for the DB)")
+    sums = None
+    if pixel_sum and resize_height > 0 and resize_width > 0 and not opts.encoded \
+            and (workers <= 1 or pool == "thread"):
+        sums = PixelSums((1 if gray else 3, resize_height, resize_width))
+    summed = 0
     with ExitStack() as stack:
         writer = stack.enter_context(
             LmdbWriter(db_path, overwrite=overwrite, commit_every=commit_every, digest=digest))
         bar = stack.enter_context(Progress(len(entries), desc="convert_imageset", unit="img",
                                            enabled=show_progress, on_update=progress))
-        outcomes = stack.enter_context(closing(_outcomes(opts, items, workers, pool)))
+        outcomes = stack.enter_context(closing(_outcomes(opts, items, workers, pool, sums)))
         for outcome in outcomes:
             entry = entries[outcome.index]
             bar.update()
@@ -411,7 +473,8 @@ def convert_imageset(
                         f"--check_size: {entry.path} ({listfile}:{entry.line_no}) gives "
                         f"{outcome.data_size} bytes of pixels, the first image gave "
                         f"{expected_size}; no DB written at {db_path}")
-            writer.put(outcome.key, outcome.value)
+            writer.put(outcome.key, outcome.value, outcome.hashed)
+            summed += outcome.summed
         result.count = writer.puts
         if not result.count:
             # Raised inside the `with`: the writer throws the empty build away.
@@ -421,5 +484,46 @@ def convert_imageset(
                 f"{path} at line {line_no}: {reason}); check ROOTFOLDER/ {root!r} and the "
                 f"listing's paths; no DB written at {db_path}")
     result.digest = writer.content_digest() if digest else ""
+    if sums is not None and summed == result.count > 0:
+        result.pixel_sum = sums.total()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _record_bytes(payload: int, key_length: int) -> int:
+    """Bytes one record takes in an LMDB: its own overflow pages when larger than a page."""
+    value = payload + LEAF_ENTRY_OVERHEAD
+    if value > LMDB_PAGE // 2:
+        value = -(-value // LMDB_PAGE) * LMDB_PAGE
+    return value + key_length + LEAF_ENTRY_OVERHEAD
+
+
+def estimate_db_bytes(opts: ConvertOptions, entries: list[ListingEntry]) -> int:
+    """About how many bytes the LMDB of `entries` will take: exact for raw records of a fixed
+    size (C x H x W each); otherwise from SIZE_SAMPLE files spread over the listing (their
+    byte sizes for encoded records, their pixel counts from the image headers for raw ones)."""
+    if not entries:
+        return 0
+    key_length = KEY_DIGITS + 1 + max(len(e.path) for e in entries)
+    channels = 1 if opts.gray else 3
+    if not opts.encoded and opts.resize_height > 0 and opts.resize_width > 0:
+        per_record = channels * opts.resize_height * opts.resize_width
+    else:
+        step = max(1, len(entries) // SIZE_SAMPLE)
+        sizes = []
+        for entry in entries[::step][:SIZE_SAMPLE]:
+            path = resolve_listed(opts.root_folder, entry.path)
+            try:
+                if opts.encoded:
+                    sizes.append(os.path.getsize(path))
+                else:
+                    with open(path, "rb") as f:
+                        header = images.read_header(f.read(HEADER_BYTES))
+                    if header is not None:
+                        sizes.append(channels * header.width * header.height)
+            except OSError:
+                continue  # unreadable files are skipped by the conversion, not counted here
+        if not sizes:
+            return 0
+        per_record = int(sum(sizes) / len(sizes))
+    return int(len(entries) * _record_bytes(per_record, key_length) * FREE_SPACE_HEADROOM)

@@ -6,19 +6,37 @@ records. LmdbWriter does the same, and also builds the database in a temporary d
 the target, renaming it into place only when the build finishes: a killed build never leaves
 a DB that looks finished (Caffe's does), and a rerun removes the leftovers of dead builds.
 The directory holds `data.mdb` + `lock.mdb`, which real Caffe opens as is.
+
+Where we differ on purpose, for speed at ImageNet's size: the transactions are written on a
+thread of their own (the caller only queues records: LMDB copies them and writes the pages with
+the GIL released), and while keys come in increasing order (convert_imageset's `%08d_` keys
+always do) they are put with MDB_APPEND, which skips the B-tree search and fills pages instead
+of splitting them in half. The records and their order are the same either way.
+
+Readers that walk a large DB once (the mean, the digest) call `release_pages` on the records
+they have passed: the pages leave the process's resident set (madvise MADV_DONTNEED on a
+read-only file mapping only drops our page-table entries; the data stays in the page cache and
+comes back on the next touch), so RSS no longer grows to the size of the database.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import hashlib
+import mmap
 import os
 import shutil
 import struct
+import sys
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Iterable, Iterator
+
+import numpy as np
 
 import lmdb
 
@@ -32,8 +50,12 @@ INITIAL_MAP_SIZE = 1 << 30
 COMMIT_EVERY_DEFAULT = 1000
 # ... and we also commit once this many bytes are pending: it bounds the memory held by
 # pending records (1000 raw 256x256 records are 196 MB) and hands the disk work out in slices
-# that the background flusher writes while conversion goes on.
-COMMIT_BYTES_DEFAULT = 32 << 20
+# that the background flusher writes while conversion goes on. Measured (benchmarks/scale.py
+# --part writer): 32 -> 64 MB raised the writer's rate; beyond it nothing changed.
+COMMIT_BYTES_DEFAULT = 64 << 20
+# Transactions queued for the commit thread beyond the one it is writing: one lets the caller
+# fill the next batch while the last is written; more would only hold more memory.
+COMMITS_IN_FLIGHT = 1
 # Prefix of the temporary build directory; the pid after it tells whether its owner still runs.
 _PARTIAL_MARK = ".partial-"
 # Where an overwrite moves the previous DB for the instant between the two renames.
@@ -62,7 +84,14 @@ _REBUILD = "rebuild it (imagenet convert-imageset) or copy it again from its sou
 # Framing of each record in lmdb_content_digest: key length and value length as little-endian
 # uint64, so concatenations cannot collide (("ab","c") vs ("a","bc")).
 _DIGEST_FRAME = struct.Struct("<QQ")
-_DIGEST_VERSION = b"imagenet-pipeline lmdb digest v1\n"
+# v2: each value enters as its own sha256, so the values can be hashed in parallel (by the
+# converter's workers) and only 32 bytes per record pass through the ordered running hash.
+_DIGEST_VERSION = b"imagenet-pipeline lmdb digest v2\n"
+# madvise(2) advice that drops a range's page-table entries (Linux and the BSDs).
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+_PAGE = mmap.PAGESIZE
+# Records read between two release_pages calls in the single-threaded readers.
+RELEASE_EVERY = 64
 
 
 def _is_lmdb_dir(path: Path) -> bool:
@@ -219,28 +248,87 @@ class LmdbReader:
         self.close()
 
 
+def value_hash(value: bytes | memoryview) -> bytes:
+    """What a record's value contributes to the content digest (hashlib releases the GIL for
+    large buffers, so threads can compute these in parallel)."""
+    return hashlib.sha256(value).digest()
+
+
 class RecordDigest:
     """The running hash behind lmdb_content_digest: feed it records in key order."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256(_DIGEST_VERSION)
 
-    def update(self, key: bytes | memoryview, value: bytes | memoryview) -> None:
+    def update(self, key: bytes | memoryview, value: bytes | memoryview,
+               hashed: bytes | None = None) -> None:
+        """Add one record; `hashed` is value_hash(value) when the caller already has it."""
         self._hash.update(_DIGEST_FRAME.pack(len(key), len(value)))
         self._hash.update(key)
-        self._hash.update(value)  # hashlib releases the GIL for large buffers
+        self._hash.update(hashed if hashed is not None else value_hash(value))
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _load_madvise()
+
+
+def release_pages(views: Iterable[memoryview]) -> int:
+    """Drop the pages under `views` (memoryviews into a read-only LMDB map) from this process's
+    resident set; returns the bytes released. Safe whatever else reads them: the next touch
+    maps the page again from the page cache. A no-op where madvise is not available."""
+    if _madvise is None:
+        return 0
+    ranges = []
+    for view in views:
+        if len(view) == 0:
+            continue
+        addr = np.frombuffer(view, np.uint8).ctypes.data
+        ranges.append((addr - addr % _PAGE, -(-(addr + len(view)) // _PAGE) * _PAGE))
+    ranges.sort()
+    released = 0
+    start = end = None
+    for lo, hi in ranges + [(None, None)]:  # the sentinel flushes the last run
+        if start is not None and (lo is None or lo > end):
+            _madvise(start, end - start, _MADV_DONTNEED)
+            released += end - start
+            start = None
+        if lo is None:
+            break
+        if start is None:
+            start, end = lo, hi
+        else:
+            end = max(end, hi)
+    return released
 
 
 def lmdb_content_digest(path: str | os.PathLike) -> str:
     """sha256 over the records (key and value, in key order): the same records give the same
     digest even when data.mdb differs (page layout, map size, free pages)."""
     digest = RecordDigest()
+    passed: list[memoryview] = []
     with LmdbReader(path) as reader:
         for key, value in reader.iter_buffers():
             digest.update(key, value)  # read in place from the map, no copies
+            passed.append(value)
+            if len(passed) >= RELEASE_EVERY:
+                release_pages(passed)
+                passed.clear()
+        release_pages(passed)
     return digest.hexdigest()
 
 
@@ -327,9 +415,11 @@ class LmdbWriter:
     """Build a new LMDB at `path`: put() records, and on a clean exit of the `with` block the
     finished DB is renamed into place. An exception (or a kill) leaves `path` untouched.
 
-    Records are committed every `commit_every` puts; a full map is doubled and the commit
-    retried, so MDB_MAP_FULL never reaches the caller. `path` must not exist unless
-    overwrite=True (then it is replaced only once the new DB is complete).
+    Records are committed every `commit_every` puts (or `commit_bytes` bytes), each
+    transaction written on the commit thread (module docstring) while the caller goes on; a
+    full map is doubled and the transaction redone, so MDB_MAP_FULL never reaches the caller.
+    An error of the commit thread is raised by the next put(), commit() or finish(). `path`
+    must not exist unless overwrite=True (then it is replaced only once the new DB is complete).
 
     With digest=True the writer hashes records as they are put, so `content_digest()` after
     the build needs no second pass over the DB when keys were put in increasing order (as
@@ -387,8 +477,12 @@ class LmdbWriter:
         self._digest = RecordDigest() if digest else None
         self._last_key: bytes | None = None
         self._keys_increasing = True
+        self._pending_append = True  # every pending key is above every key before it
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-commit")
+        self._in_flight: collections.deque[Future[None]] = collections.deque()
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, key: bytes, value: bytes, hashed: bytes | None = None) -> None:
+        """Queue one record; `hashed` (value_hash(value)) spares the digest a hash here."""
         if self._closed:
             raise ImagenetError(f"{self.path}: put() after the writer was closed")
         if not 0 < len(key) <= self.max_key_size:
@@ -397,38 +491,58 @@ class LmdbWriter:
         self._pending.append((key, value))
         self._pending_bytes += len(key) + len(value)
         self.puts += 1
-        if self._digest is not None and self._keys_increasing:
-            if self._last_key is not None and key <= self._last_key:
-                self._keys_increasing = False  # LMDB's key order is not put order any more
-            else:
-                self._digest.update(key, value)
-                self._last_key = key
+        if self._keys_increasing and self._last_key is not None and key <= self._last_key:
+            self._keys_increasing = False  # LMDB's key order is not put order any more
+        if self._keys_increasing:
+            if self._digest is not None:
+                self._digest.update(key, value, hashed)
+            self._last_key = key
+        else:
+            self._pending_append = False
         if len(self._pending) >= self.commit_every or self._pending_bytes >= self.commit_bytes:
             self.commit()
 
     def commit(self) -> None:
-        """Write the pending records in one transaction, doubling the map while it is full."""
-        if not self._pending:
-            return
+        """Hand the pending records to the commit thread (waiting while COMMITS_IN_FLIGHT
+        transactions are already queued)."""
+        if self._pending:
+            batch, append = self._pending, self._pending_append
+            self._pending, self._pending_bytes = [], 0
+            self._pending_append = self._keys_increasing
+            self._in_flight.append(self._committer.submit(self._write, batch, append))
+        while len(self._in_flight) > COMMITS_IN_FLIGHT:
+            self._in_flight.popleft().result()  # re-raises the commit thread's error
+
+    def wait(self) -> None:
+        """Commit what is pending and wait until the commit thread has written everything."""
+        self.commit()
+        while self._in_flight:
+            self._in_flight.popleft().result()
+
+    def _write(self, batch: list[tuple[bytes, bytes]], append: bool) -> None:
+        """One transaction, on the commit thread; the map is doubled while it is full."""
         with lmdb_errors(self.path, "cannot write the LMDB"):  # a full disk, say
             while True:
                 try:
                     with self.env.begin(write=True) as txn:
-                        for key, value in self._pending:
-                            txn.put(key, value)
+                        if append:
+                            txn.cursor().putmulti(batch, append=True)
+                        else:
+                            for key, value in batch:
+                                txn.put(key, value)
                     break
                 except lmdb.MapFullError:
                     # db_lmdb.cpp DoubleMapSize(): the aborted transaction is simply redone.
+                    # No other transaction of this environment is open (this thread owns them).
                     self.map_size *= 2
                     self.env.set_mapsize(self.map_size)
-        self.count += len(self._pending)
-        self._pending.clear()
-        self._pending_bytes = 0
+        self.count += len(batch)
         self._flusher.request()
 
     def finish(self) -> Path:
         """Commit, flush to disk and move the DB into place; returns its path."""
-        self.commit()
+        self.wait()
+        self._committer.shutdown(wait=True)
         with lmdb_errors(self.path, "cannot write the LMDB"):
             self._flusher.close()
             self.env.sync(True)  # what the flusher has not written yet, and the meta pages
@@ -459,6 +573,10 @@ class LmdbWriter:
 
     def abort(self) -> None:
         """Throw the partial build away."""
+        for future in self._in_flight:
+            future.cancel()
+        self._committer.shutdown(wait=True)  # the transaction being written ends first
+        self._in_flight.clear()
         with contextlib.suppress(OSError):  # what failed is already being reported
             self._flusher.close()
         if not self._closed:

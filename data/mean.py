@@ -35,7 +35,8 @@ import numpy as np
 from data.convert import available_cores
 from data.datum import decode_datum_bytes, parse_datum_header, raw_datum_prefix, write_blobproto
 from data.errors import ImagenetError
-from data.lmdb_io import LmdbReader
+from data.lmdb_io import LmdbReader, release_pages
+from data.pixelsum import SavedSum, mean_of
 from data.progress import Progress
 
 ACCUMULATIONS = {
@@ -204,6 +205,9 @@ class _ThreadSum:
             except BaseException as err:  # noqa: BLE001 - re-raised by compute_image_mean
                 cursor.fail(index, err)
                 return
+            # Passed records leave our resident set (they stay in the page cache): RSS stays
+            # flat instead of growing to the size of the DB (lmdb_io.release_pages).
+            release_pages([value for _, value in chunk])
 
 
 def _total(sums: list[_ThreadSum], count: int) -> np.ndarray:
@@ -301,3 +305,15 @@ def compute_image_mean(
         out = Path(output_file)
         write_blobproto(out, mean, legacy_4d=True)
     return MeanResult(mean, _channel_means(mean), count, out, time.monotonic() - started)
+
+
+def mean_from_sum(saved: SavedSum, output_file: str | os.PathLike | None = None) -> MeanResult:
+    """The mean of records whose exact sum a conversion kept (data/pixelsum.py): the same
+    file compute_image_mean writes for their LMDB (default accumulation), without reading it."""
+    started = time.monotonic()
+    mean = mean_of(saved.total, saved.count)
+    out = None
+    if output_file is not None:
+        out = Path(output_file)
+        write_blobproto(out, mean, legacy_4d=True)
+    return MeanResult(mean, _channel_means(mean), saved.count, out, time.monotonic() - started)

@@ -251,3 +251,33 @@ def test_lmdb_errors_name_the_db_the_errno_and_what_to_do(tmp_path: Path) -> Non
     with pytest.raises(ImagenetError, match="corrupt or not an LMDB; rebuild it"):
         with lmdb_errors(tmp_path / "db"):
             raise lmdb.CorruptedError("mdb_get: MDB_CORRUPTED: Located page was wrong type", -30796)
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_release_pages_drops_passed_records_from_rss(tmp_path: Path) -> None:
+    """What keeps the mean's RSS flat: the pages of records read leave the resident set (and
+    reading them again still gives the same bytes)."""
+    from data.lmdb_io import release_pages
+
+    db = tmp_path / "db"
+    records = _records(64, size=256 * 1024)  # 16 MiB, one overflow run per record
+    with LmdbWriter(db) as writer:
+        for key, value in records:
+            writer.put(key, value)
+    with LmdbReader(db) as reader, reader.env.begin(buffers=True) as txn:
+        views = [value for _, value in txn.cursor().iternext()]
+        import numpy as np
+        assert sum(int(np.frombuffer(v, np.uint8)[::4096].sum()) for v in views) > 0  # every page
+        before = _rss_file_kib()
+        released = release_pages(views)
+        after = _rss_file_kib()
+        assert released >= 16 * 2**20
+        assert before - after >= 12 * 1024, (before, after)
+        assert [bytes(v) for v in views] == [v for _, v in records]

@@ -1,0 +1,76 @@
+"""data/pixelsum.py: the sums a conversion keeps give compute_image_mean's file bit for bit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data import pixelsum
+from data.convert import convert_imageset
+from data.mean import compute_image_mean, mean_from_sum
+
+
+def _images(folder: Path, n: int) -> Path:
+    """n small photos of different sizes (so the resize matters) and a listing of them."""
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(n):
+        h, w = int(rng.integers(20, 40)), int(rng.integers(20, 40))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"img{i}.jpg"), img)
+        lines.append(f"img{i}.jpg {i % 3}\n")
+    listing = folder / "list.txt"
+    listing.write_text("".join(lines))
+    return listing
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_sum_from_conversion_gives_the_mean_file_bit_for_bit(tmp_path: Path, gray: bool,
+                                                             monkeypatch) -> None:
+    # Fold every 3 records, so the float32 -> float64 folding is exercised on 2 workers too.
+    monkeypatch.setattr(pixelsum, "RECORDS_PER_FLOAT32_SUM", 3)
+    listing = _images(tmp_path, 11)
+    db = tmp_path / "db"
+    result = convert_imageset(tmp_path, listing, db, resize_height=12, resize_width=10,
+                              gray=gray, workers=2, pixel_sum=True)
+    assert result.pixel_sum is not None and result.pixel_sum.shape == (1 if gray else 3, 12, 10)
+    saved = pixelsum.load(pixelsum.save(pixelsum.sum_path(db), result.pixel_sum, result.count,
+                                        result.digest))
+    assert saved is not None and saved.digest == result.digest and saved.count == 11
+    fresh = compute_image_mean(db, tmp_path / "read.binaryproto")
+    free = mean_from_sum(saved, tmp_path / "free.binaryproto")
+    assert (tmp_path / "free.binaryproto").read_bytes() == (tmp_path / "read.binaryproto").read_bytes()
+    assert free.channel_means == fresh.channel_means and free.count == fresh.count
+
+
+def test_no_sum_where_records_are_not_one_raw_size(tmp_path: Path) -> None:
+    listing = _images(tmp_path, 3)
+    kept = convert_imageset(tmp_path, listing, tmp_path / "a", pixel_sum=True)  # no resize
+    encoded = convert_imageset(tmp_path, listing, tmp_path / "b", resize_height=8,
+                               resize_width=8, encoded=True, encode_type="png", pixel_sum=True)
+    assert kept.pixel_sum is None and encoded.pixel_sum is None
+
+
+def test_unreadable_sums_file_reads_as_none(tmp_path: Path) -> None:
+    bad = tmp_path / "x.pixel-sum.npz"
+    bad.write_bytes(b"not a zip")
+    assert pixelsum.load(bad) is None and pixelsum.load(tmp_path / "missing.npz") is None
+
+
+def test_conversion_checks_free_space_first(tmp_path: Path, monkeypatch) -> None:
+    import shutil as real_shutil
+
+    from data import download
+    from data.errors import ImagenetError
+
+    listing = _images(tmp_path, 4)
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(download.shutil, "disk_usage",
+                        lambda path: usage._replace(free=100_000))
+    with pytest.raises(ImagenetError, match=r"not enough free space for converting 4 images .*"
+                       r"estimated .* GiB.*need \d[\d,]* bytes, 100,000 free"):
+        convert_imageset(tmp_path, listing, tmp_path / "db", resize_height=256,
+                         resize_width=256)
+    assert not (tmp_path / "db").exists()
