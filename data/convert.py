@@ -13,8 +13,8 @@ Where we differ on purpose: the shuffle is reproducible (--seed; the seed used i
 images are decoded in parallel (the DB is byte for byte the same for any number of workers,
 because one writer puts the records in line order); a truncated JPEG is counted and warned
 about; a decompression bomb is refused from its header; --max-skipped turns too many skips into
-a failure; a failed or interrupted build never leaves a finished-looking DB (LmdbWriter); the free space
-the DB will take is checked before the first image is read.
+a failure; a failed or interrupted build never leaves a finished-looking DB (LmdbWriter); the
+free space the DB will take is checked before the first image is read.
 
 At ImageNet's size (1.28 M records, ~257 GB) the one ordered writer is what limits many cores,
 so it does as little as possible: the workers also hash each record for the content digest and

@@ -15,8 +15,8 @@ It writes, byte-for-byte reproducibly for a given seed:
 
 Images are mostly 500x375 / 375x500 JPEGs (profile "mini"; profile "ilsvrc" draws the sizes,
 pixel counts and ~110 KB file sizes of real ILSVRC2012 photos, for benchmarks/scale.py). Any
-number of the 1000 real WNIDs (data/ilsvrc12_synset_words.txt) can be used. Each class is a shape/texture (circle, stripes,
-checker...) in a class palette, at a random position, scale and rotation, over a noisy gradient:
+number of the 1000 real WNIDs (data/ilsvrc12_synset_words.txt) can be used. Each class is a
+shape/texture (circle, stripes, checker...) in a class palette, at a random position, scale and rotation, over a noisy gradient:
 a small convnet learns them at 64x64 within a few hundred iterations, and no two images are alike.
 Every dataset contains the dirty files real ILSVRC2012 has: a grayscale JPEG, a CMYK JPEG and a
 PNG named .JPEG (like n02105855_2933.JPEG).

@@ -41,7 +41,8 @@ def test_sum_from_conversion_gives_the_mean_file_bit_for_bit(tmp_path: Path, gra
     assert saved is not None and saved.digest == result.digest and saved.count == 11
     fresh = compute_image_mean(db, tmp_path / "read.binaryproto")
     free = mean_from_sum(saved, tmp_path / "free.binaryproto")
-    assert (tmp_path / "free.binaryproto").read_bytes() == (tmp_path / "read.binaryproto").read_bytes()
+    read = (tmp_path / "read.binaryproto").read_bytes()
+    assert (tmp_path / "free.binaryproto").read_bytes() == read
     assert free.channel_means == fresh.channel_means and free.count == fresh.count
 
 
