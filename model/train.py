@@ -10,8 +10,9 @@ Owns the training loop around a pure, jitted `train_step(state, batch, hyper)`:
 - hyper: the float32 learning rate of this iteration (model/solver.py computes it on the host
   in double, like Caffe).
 
-Around it, the order of src/caffe/solver.cpp: test at iter % test_interval == 0 (iteration 0 only
-with test_initialization), forward/backward iter_size times, smoothed loss over average_loss,
+Around it, `Solver` has the shape of src/caffe/solver.cpp (solve, step, test_all/test, snapshot,
+restore: one method per Caffe function) and its order: test at iter % test_interval == 0
+(iteration 0 only with test_initialization), forward/backward iter_size times, smoothed loss over average_loss,
 display "Iteration N (x iter/s, ys/D iters), loss = L" + net outputs, ApplyUpdate with
 "Iteration N, lr = R", ++iter, snapshot every `snapshot` iterations; after max_iter a snapshot
 (snapshot_after_train), one more TRAIN forward printed as "Iteration N, loss = L", the final
@@ -44,7 +45,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.errors import ImagenetError
-from data.pipeline import SOURCE_TYPES, BatchSource, HostBatch, Prefetcher, open_source
+from data.pipeline import (DEFAULT_PREFETCH, SOURCE_TYPES, BatchSource, HostBatch, Prefetcher,
+                           open_source)
 from data.proto import caffe_pb2
 from data.transform import transform_batch
 from model import snapshot as snap
@@ -347,11 +349,12 @@ class TrainResult:
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM -> snapshot, then stop (Caffe's --sigint_effect; Solve snapshots after an
-    early exit because snapshot_after_train defaults to true)."""
+    """While active, SIGINT/SIGTERM call `request(signal name)`: the Solver snapshots, then
+    stops (Caffe's --sigint_effect; Solve snapshots after an early exit because
+    snapshot_after_train defaults to true). Handlers exist only in the main thread."""
 
-    def __init__(self) -> None:
-        self.requested: str | None = None
+    def __init__(self, request: Callable[[str], None]) -> None:
+        self.request = request
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopRequest":
@@ -361,7 +364,7 @@ class _StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -484,6 +487,8 @@ def update_smoothed_loss(losses: list[float], smoothed: np.float32, loss: np.flo
     losses[idx] = float(loss)
     return smoothed
 
+# ----------------------------------------------------------------------------- the Solver
+
 def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None = None,
           weights: str | Sequence[str] | None = None,
           devices: str | Sequence[int] | None = None, stop_at_iter: int | None = None,
@@ -491,373 +496,522 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
           on_progress: Callable[[int, int], None] | None = None,
           on_test: Callable[[int, dict[str, float]], None] | None = None,
           workdir: str | os.PathLike | None = None, precision: str = "fp32",
-          prefetch: int = 3) -> TrainResult:
-    """Run `caffe train --solver=solver_path [--snapshot | --weights] [--gpu]`.
+          prefetch: int = DEFAULT_PREFETCH) -> TrainResult:
+    """Run `caffe train --solver=solver_path [--snapshot | --weights] [--gpu]`
+    (tools/caffe.cpp train(): build the Solver, Restore or CopyLayers, Solve).
 
     Relative paths in the solver and nets (net, sources, mean files, snapshot_prefix) resolve
     against `workdir` (default: the current directory, as in Caffe). `stop_at_iter` trains up to
     that iteration, snapshots there and returns (one snapshot interval per pipeline task).
     `precision="bf16"` computes in bfloat16 with float32 master weights and optimizer state.
     """
-    opened: list[FedNet] = []
-    try:
-        return _train(solver_path, snapshot=snapshot, weights=weights, devices=devices,
-                      stop_at_iter=stop_at_iter, log=log, on_progress=on_progress,
-                      on_test=on_test, workdir=workdir, precision=precision,
-                      prefetch=prefetch, opened=opened)
-    finally:
-        # the databases close on every path out (errors included): py-lmdb allows one open
-        # environment per path and process
-        for f in opened:
+    solver = Solver(solver_path, snapshot=snapshot, weights=weights, devices=devices,
+                    stop_at_iter=stop_at_iter, log=log, on_progress=on_progress,
+                    on_test=on_test, workdir=workdir, precision=precision, prefetch=prefetch)
+    with solver:
+        return solver.solve()
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A snapshot to resume from, read before the nets are built: its side file fixes the
+    seed, which the fillers and the data order depend on."""
+
+    given: str          # the --snapshot argument, as logged
+    solverstate: Path
+    state: snap.SolverStateData
+    caffemodel: Path
+    side: dict[str, Any] | None  # None: written by real Caffe (no exact-resume record)
+
+
+def read_resume_point(snapshot: str | os.PathLike, root: Path, n_devices: int) -> ResumePoint:
+    """The .solverstate, its learned_net and our side file; refuses a side file written with
+    another device count (the global batch, hence the data order, would differ)."""
+    path = Path(snapshot)
+    if not path.is_absolute() and not path.exists():
+        path = root / path
+    state = snap.read_solverstate(path)
+    if not state.learned_net:
+        raise ImagenetError(f"{path}: no learned_net (HDF5 snapshots are not supported)")
+    learned = snap.resolve_learned_net(state.learned_net, path, root)
+    side = snap.read_side(path, learned)
+    if side is not None and side.get("devices", n_devices) != n_devices:
+        raise ImagenetError(f"{path} was written by a {side['devices']}-device run; "
+                            f"resume it on {side['devices']} devices (got {n_devices}) so the "
+                            "global batch and data order stay the same")
+    return ResumePoint(given=str(snapshot), solverstate=path, state=state, caffemodel=learned, side=side)
+
+
+def choose_seed(param: caffe_pb2.SolverParameter, resume: ResumePoint | None) -> int:
+    """The run's seed: the resumed run's, else random_seed, else random (Caffe's default -1)."""
+    if resume is not None and resume.side is not None:
+        return int(resume.side["seed"])
+    if param.random_seed >= 0:
+        return int(param.random_seed)
+    return int.from_bytes(os.urandom(4), "little")
+
+
+@dataclass
+class DataPosition:
+    """Host bookkeeping of Solver::Step that Caffe loses on resume and we keep (side file):
+    batches consumed by the train net and each test net, and UpdateSmoothedLoss's window."""
+
+    train_batches: int = 0
+    test_batches: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: np.float32 = field(default_factory=lambda: np.float32(0))
+    start_iter: int = 0  # where the smoothing window's ring index counts from
+
+
+@dataclass
+class _Pending:
+    """An iteration dispatched to the device whose loss the host has not read yet."""
+
+    it: int
+    metrics: Any
+    hyper: dict[str, Any]
+    display: bool
+    multistep: str
+
+
+class Solver:
+    """Caffe's Solver (src/caffe/solver.cpp) around the jitted `train_step`.
+
+    The constructor is Solver::Init (solver parameters, seed, InitTrainNet, InitTestNets) plus
+    caffe.cpp train()'s --weights (CopyLayers) and --snapshot (Restore). Then:
+      solve()    Solver::Solve      step to max_iter, final snapshot, forward and test
+      step(n)    Solver::Step       n iterations: test, forward/backward, display, update
+      test_all() Solver::TestAll    every test net, via test(k) = Solver::Test
+      snapshot() Solver::Snapshot   .caffemodel + .solverstate + our resume side file
+      restore(p) Solver::Restore    weights, history, iteration and data position
+    Hooks for callers: on_progress(iter, max_iter) after each update, on_test(iter, outputs)
+    after each TestAll, request_stop(reason) (SIGINT/SIGTERM call it) to snapshot and stop.
+    Use it as a context manager (or call close()): the LMDB readers close on every path out.
+    """
+
+    def __init__(self, solver_path: str | os.PathLike, *,
+                 snapshot: str | os.PathLike | None = None,
+                 weights: str | Sequence[str] | None = None,
+                 devices: str | Sequence[int] | None = None, stop_at_iter: int | None = None,
+                 log: LogFn | logging.Logger | None = None,
+                 on_progress: Callable[[int, int], None] | None = None,
+                 on_test: Callable[[int, dict[str, float]], None] | None = None,
+                 workdir: str | os.PathLike | None = None, precision: str = "fp32",
+                 prefetch: int = DEFAULT_PREFETCH) -> None:
+        self.t_start = time.time()
+        self.log = CaffeLog(log)
+        self.root = Path(workdir) if workdir is not None else Path.cwd()
+        path = Path(solver_path)
+        self.solver_path = path if path.is_absolute() or path.exists() else self.root / path
+        if snapshot is not None and weights:
+            raise ImagenetError("Give a snapshot to resume training or weights to finetune but "
+                                "not both.")
+        self.param = sp = read_solver(str(self.solver_path))
+        self.devices = select_devices(devices, int(sp.solver_mode), int(sp.device_id))
+        self.log("Use CPU." if self.devices[0].platform == "cpu"
+                 else f"Using devices {self.devices}", "caffe.cpp:197")
+        resume = (read_resume_point(snapshot, self.root, len(self.devices))
+                  if snapshot is not None else None)
+        self.seed = choose_seed(sp, resume)
+        self.precision, self.prefetch = precision, prefetch
+        self.on_progress, self.on_test = on_progress, on_test
+        self.max_iter = int(sp.max_iter)
+        self.stop_iter = (self.max_iter if stop_at_iter is None
+                          else min(int(stop_at_iter), self.max_iter))
+        self.iter, self.current_step = 0, 0
+        self.requested_stop: str | None = None
+        self.last_snapshot: tuple[str, str] | None = None
+        self.final_test: dict[str, float] = {}
+        self.loss_log: dict[int, float] = {}
+        self.images = 0
+        self.opened: list[FedNet] = []
+        try:
+            self.log("Initializing solver from parameters: \n" + str(sp), "solver.cpp:45")
+            self._init_nets()
+            self._init_params(weights)
+            self._init_state()
+            self.position = DataPosition(test_batches=[0] * len(self.tests))
+            if resume is not None:
+                self.restore(resume)
+            self.prefix = self._snapshot_prefix()
+            self.metrics = MetricsWriter(
+                self.prefix.with_name(self.prefix.name + "_metrics.jsonl"),
+                self.prefix.with_name(self.prefix.name + "_plot.png"),
+                self.iter if resume is not None else 0)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- Solver::Init: nets, parameters, device state
+
+    def _init_nets(self) -> None:
+        """Solver::InitTrainNet and InitTestNets, then the update rule (SGDSolver's ctor)."""
+        sp, root = self.param, self.root
+        train_param, train_src = _net_param(sp, root, "train")
+        self.log(f"Creating training net from net file: {train_src}", "solver.cpp:102")
+        self.train_net = build_fed_net(
+            train_param, "TRAIN", root=root, seed=self.seed, stream=TRAIN_STREAM,
+            n_devices=len(self.devices),
+            state=sp.train_state if sp.HasField("train_state") else None,
+            source_name=None if train_src.endswith("param") else str(root / train_src))
+        self.opened.append(self.train_net)
+        self.net = self.train_net.net
+        self.tests: list[FedNet] = []
+        for k in range(num_test_nets(sp)):
+            tparam, tsrc = _net_param(sp, root, "test", k)
+            self.log(f"Creating test net (#{k}) specified by {tsrc}", "solver.cpp:190")
+            # Caffe tests on the root solver only, at the prototxt's batch size: test batches
+            # are replicated, not split over the devices
+            self.tests.append(build_fed_net(
+                tparam, "TEST", root=root, seed=self.seed, stream=TEST_STREAM + k, n_devices=1,
+                state=sp.test_state[k] if k < len(sp.test_state) else None))
+            self.opened.append(self.tests[-1])
+        refs = self.net.learnable_params
+        self.rule = build_solver(sp, [r.lr_mult for r in refs], [r.decay_mult for r in refs])
+        self.log("Solver scaffolding done.", "solver.cpp:57")
+
+    def _init_params(self, weights: str | Sequence[str] | None) -> None:
+        """Fillers from the seed, then caffe.cpp's CopyLayers for --weights (by layer name)."""
+        self.params = self.net.init(jax.random.PRNGKey(self.seed))
+        self.test_inits = [_test_init(t.net, self.params, self.seed) for t in self.tests]
+        if weights:
+            sources = _load_weights(weights, self.root)
+            for w in (weights.split(",") if isinstance(weights, str) else weights):
+                self.log(f"Finetuning from {w.strip()}", "caffe.cpp:124")
+            self._copy_layers(sources)
+
+    def _copy_layers(self, sources: list[dict[str, list[np.ndarray]]]) -> None:
+        """Net::CopyTrainedLayersFrom into the train net and every test net."""
+        def copy_log(m: str) -> None:
+            self.log(m, "net.cpp:746")
+        self.params = copy_layers(self.net, self.params, sources, log=copy_log)
+        self.test_inits = [copy_layers(t.net, p, sources, log=copy_log)
+                           for t, p in zip(self.tests, self.test_inits)]
+
+    def _init_state(self) -> None:
+        """Device placement (params replicated, batches split along N) and the jitted
+        train step, train forward and test forwards."""
+        mesh = Mesh(np.array(self.devices), ("data",))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.sharded = NamedSharding(mesh, PartitionSpec(None, "data"))  # (iter_size, N, ...)
+        self.state = self._place_state(flatten_params(self.net, self.params), None, 0)
+        self.step_fn = jax.jit(
+            make_train_step(self.train_net, self.rule, self.params, precision=self.precision),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+        self.fwd_train = jax.jit(make_forward(self.train_net, self.params, train=True,
+                                              precision=self.precision))
+        self.test_fns = [jax.jit(make_forward(t, ti, train=False, precision=self.precision))
+                         for t, ti in zip(self.tests, self.test_inits)]
+
+    def _place_state(self, flat: tuple, history: Sequence[np.ndarray] | None,
+                     iteration: int) -> TrainState:
+        opt_state = self.rule.init(flat)
+        if history is not None:
+            opt_state = self.rule.with_history(opt_state, history)
+        state = TrainState(flat, opt_state, jnp.asarray(iteration, jnp.int32),
+                           jax.random.PRNGKey(self.seed))
+        return jax.device_put(state, self.replicated)
+
+    def _snapshot_prefix(self) -> Path:
+        prefix = self.param.snapshot_prefix or ""
+        if not prefix and (self.param.snapshot or self.param.snapshot_after_train):
+            prefix = str(self.solver_path.with_suffix(""))  # Caffe: the solver file name
+        self.prefix_str = prefix
+        return Path(prefix) if Path(prefix).is_absolute() else self.root / prefix
+
+    def close(self) -> None:
+        # py-lmdb allows one open environment per path and process: close on every path out
+        for f in self.opened:
             for src in f.sources.values():
                 src.close()
+        self.opened = []
 
+    def __enter__(self) -> "Solver":
+        return self
 
-def _train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None,
-           weights: str | Sequence[str] | None, devices: str | Sequence[int] | None,
-           stop_at_iter: int | None, log: LogFn | logging.Logger | None,
-           on_progress: Callable[[int, int], None] | None,
-           on_test: Callable[[int, dict[str, float]], None] | None,
-           workdir: str | os.PathLike | None, precision: str, prefetch: int,
-           opened: list[FedNet]) -> TrainResult:
-    t_start = time.time()
-    clog = CaffeLog(log)
-    root = Path(workdir) if workdir is not None else Path.cwd()
-    solver_path = Path(solver_path)
-    if not solver_path.is_absolute() and not solver_path.exists():
-        solver_path = root / solver_path
-    if snapshot is not None and weights:
-        raise ImagenetError("Give a snapshot to resume training or weights to finetune but "
-                            "not both.")
-    sp = read_solver(str(solver_path))
-    devs = select_devices(devices, int(sp.solver_mode), int(sp.device_id))
-    n_dev = len(devs)
-    clog("Use CPU." if devs[0].platform == "cpu" else f"Using devices {devs}", "caffe.cpp:197")
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
-    # 1. resume information first: it fixes the seed
-    resume: snap.SolverStateData | None = None
-    side: dict[str, Any] | None = None
-    snapshot_path: Path | None = None
-    if snapshot is not None:
-        snapshot_path = Path(snapshot)
-        if not snapshot_path.is_absolute() and not snapshot_path.exists():
-            snapshot_path = root / snapshot_path
-        resume = snap.read_solverstate(snapshot_path)
-        if resume.learned_net:
-            learned = snap.resolve_learned_net(resume.learned_net, snapshot_path, root)
+    def request_stop(self, reason: str) -> None:
+        """Snapshot after the current iteration, then stop (Caffe's SolverAction::STOP)."""
+        self.requested_stop = reason
+
+    # ---- Solver::Solve
+
+    def solve(self) -> TrainResult:
+        """Solver::Solve: Step up to max_iter (or stop_at_iter, snapshotting there), then the
+        snapshot_after_train snapshot, one more TRAIN forward to print the final loss, a last
+        TestAll and "Optimization Done."."""
+        sp = self.param
+        it0 = self.iter
+        self.log("Starting Optimization", "caffe.cpp:239")
+        self.log(f"Solving {self.net.name}", "solver.cpp:289")
+        self.log(f"Learning Rate Policy: {sp.lr_policy}", "solver.cpp:290")
+        self._solve_from = self._iters_last = self.iter
+        self._t_loop = self._timer = time.time()
+        stopped = self.step(self.stop_iter - self.iter)
+        train_seconds = time.time() - self._t_loop
+        if stopped:
+            self.log("Optimization stopped early.", "solver.cpp:319")
+        elif self.iter < self.max_iter:
+            # stop_at_iter: leave a snapshot at that iteration for the next task to resume
+            if self.last_snapshot is None or not self.last_snapshot[0].endswith(
+                    f"_iter_{self.iter}.caffemodel"):
+                self.snapshot()
         else:
-            raise ImagenetError(f"{snapshot_path}: no learned_net (HDF5 snapshots are not "
-                                "supported)")
-        side = snap.read_side(snapshot_path, learned)
-        if side is not None and side.get("devices", n_dev) != n_dev:
-            raise ImagenetError(f"{snapshot_path} was written by a {side['devices']}-device run; "
-                                f"resume it on {side['devices']} devices (got {n_dev}) so the "
-                                "global batch and data order stay the same")
-    if side is not None:
-        seed = int(side["seed"])
-    elif sp.random_seed >= 0:
-        seed = int(sp.random_seed)
-    else:
-        seed = int.from_bytes(os.urandom(4), "little")
+            if sp.snapshot_after_train and (not sp.snapshot or self.iter % sp.snapshot != 0):
+                self.snapshot()
+            if sp.display and self.iter % sp.display == 0:
+                self._final_forward()
+            if self._test_due(final=True):
+                self.test_all()
+            self.log("Optimization Done.", "solver.cpp:332")
+        if self.metrics.records:
+            self.metrics.plot()
+        done = self.iter - it0
+        return TrainResult(
+            final_iter=self.iter, last_snapshot=self.last_snapshot,
+            metrics_path=str(self.metrics.path), plot_path=str(self.metrics.plot_path),
+            final_test_outputs=self.final_test, seconds=time.time() - self.t_start,
+            images_per_second=(self.images / train_seconds) if done and train_seconds > 0
+            else 0.0, losses=self.loss_log)
 
-    clog("Initializing solver from parameters: \n" + str(sp), "solver.cpp:45")
-    # 2. nets
-    train_param, train_src = _net_param(sp, root, "train")
-    clog(f"Creating training net from net file: {train_src}", "solver.cpp:102")
-    train_state = sp.train_state if sp.HasField("train_state") else None
-    fed = build_fed_net(train_param, "TRAIN", root=root, seed=seed, stream=TRAIN_STREAM,
-                        n_devices=n_dev, state=train_state, source_name=str(root / train_src)
-                        if not train_src.endswith("param") else None)
-    opened.append(fed)
-    net = fed.net
-    tests: list[FedNet] = []
-    for k in range(num_test_nets(sp)):
-        tparam, tsrc = _net_param(sp, root, "test", k)
-        clog(f"Creating test net (#{k}) specified by {tsrc}", "solver.cpp:190")
-        tstate = sp.test_state[k] if k < len(sp.test_state) else None
-        # Caffe tests on the root solver only, at the prototxt's batch size: test batches are
-        # replicated, not split over the devices
-        tests.append(build_fed_net(tparam, "TEST", root=root, seed=seed, stream=TEST_STREAM + k,
-                                   n_devices=1, state=tstate))
-        opened.append(tests[-1])
-    solver = build_solver(sp, [r.lr_mult for r in net.learnable_params],
-                          [r.decay_mult for r in net.learnable_params])
-    clog("Solver scaffolding done.", "solver.cpp:57")
+    def _final_forward(self) -> None:
+        """Solve's extra TRAIN forward on the next batch after the last update, printed as
+        "Iteration N, loss = L" (the loss only: Caffe does not update after it)."""
+        batches = [{name: src.batch(self.position.train_batches)
+                    for name, src in self.train_net.sources.items()}]
+        arrays = self._put_train_batch(batches)
+        rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, self.iter), 0)
+        loss, _ = self.fwd_train(self.state.params, arrays, rng)
+        loss = np.float32(loss)
+        self._smooth(loss, self.iter)
+        self.log(f"Iteration {self.iter}, loss = {fmt(self.position.smoothed)}",
+                 "solver.cpp:327")
 
-    # 3. parameters: fillers from the seed, then --weights or the snapshot's learned_net
-    params = net.init(jax.random.PRNGKey(seed))
-    test_inits = [_test_init(t.net, params, seed) for t in tests]
-    if weights:
-        sources = _load_weights(weights, root)
-        for w in (weights.split(",") if isinstance(weights, str) else weights):
-            clog(f"Finetuning from {w.strip()}", "caffe.cpp:124")
-        params = copy_layers(net, params, sources, log=lambda m: clog(m, "net.cpp:746"))
-        test_inits = [copy_layers(t.net, p, sources, log=lambda m: clog(m, "net.cpp:746"))
-                      for t, p in zip(tests, test_inits)]
-    it0, current_step = 0, 0
-    history = None
-    if resume is not None:
-        clog(f"Resuming from {snapshot}", "caffe.cpp:235")
-        model = load_caffemodel(learned)
-        params = copy_layers(net, params, [model], log=lambda m: clog(m, "net.cpp:746"))
-        test_inits = [copy_layers(t.net, p, [model], log=lambda m: clog(m, "net.cpp:746"))
-                      for t, p in zip(tests, test_inits)]
-        it0, current_step, history = resume.iter, resume.current_step, resume.history
-        clog("SGDSolver: restoring history", "sgd_solver.cpp:336")
+    def _test_due(self, final: bool = False) -> bool:
+        sp = self.param
+        return bool(sp.test_interval and self.iter % sp.test_interval == 0 and self.tests
+                    and (final or self.iter > 0 or sp.test_initialization))
 
-    # 4. device placement: params replicated, batches split along N
-    mesh = Mesh(np.array(devs), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec(None, "data"))  # (iter_size, N, ...)
-    flat = flatten_params(net, params)
-    opt_state = solver.init(flat)
-    if history is not None:
-        opt_state = solver.with_history(opt_state, history)
-    state = TrainState(flat, opt_state, jnp.asarray(it0, jnp.int32),
-                       jax.random.PRNGKey(seed))
-    state = jax.device_put(state, replicated)
-    step_fn = jax.jit(make_train_step(fed, solver, params, precision=precision),
-                      out_shardings=(replicated, replicated), donate_argnums=(0,))
-    fwd_train = jax.jit(make_forward(fed, params, train=True, precision=precision))
-    test_fns = [jax.jit(make_forward(t, ti, train=False, precision=precision))
-                for t, ti in zip(tests, test_inits)]
+    # ---- Solver::Step
 
-    def put_batch(arrays: dict[str, Any]) -> dict[str, Any]:
-        return jax.device_put(arrays, sharded)
+    def step(self, iters: int) -> bool:
+        """Solver::Step: `iters` iterations of [TestAll when due], iter_size forward/backward
+        passes, UpdateSmoothedLoss + display, ApplyUpdate, ++iter, [Snapshot when due or on a
+        stop request]. Returns True when a stop request ended it early.
 
-    def test_params(k: int, flat_now: tuple) -> tuple:
-        # Caffe's ShareTrainedLayersWith: a test-net blob shares the train blob of the same
-        # layer name; test-only layers keep their own values
-        tnet = tests[k].net
-        train_vals = unflatten_params(net, flat_now, params)
+        Iteration i's loss is read back (`_finish`) after iteration i+1 was dispatched, so the
+        host prepares batches while the device computes; nothing is tested or snapshotted
+        before the losses of all iterations in it were checked."""
+        sp = self.param
+        stop_iter = self.iter + iters
+        feeds = self._prefetchers(self.train_net, self.position.train_batches, self.prefetch)
+        pending: _Pending | None = None
+        try:
+            with _StopRequest(self.request_stop):
+                while self.iter < stop_iter:
+                    if self._test_due():
+                        self._finish(pending)
+                        pending = None
+                        self.test_all()
+                    display = bool(sp.display) and self.iter % sp.display == 0
+                    arrays = self._put_train_batch(self._next_passes(feeds))
+                    before = self.current_step
+                    hyper, self.current_step = self.rule.step_hyper(self.iter, self.current_step)
+                    multistep = (f"MultiStep Status: Iteration {self.iter}, step = "
+                                 f"{self.current_step}" if sp.lr_policy == "multistep"
+                                 and self.current_step != before else "")
+                    # the double rate stays on the host (logs); the step takes float32 values
+                    self.state, m = self.step_fn(self.state, arrays,
+                                                 {k: v for k, v in hyper.items() if k != "lr"})
+                    self._finish(pending)
+                    pending = _Pending(self.iter, m, hyper, display, multistep)
+                    self.iter += 1
+                    if self.on_progress is not None:
+                        self.on_progress(self.iter, self.max_iter)
+                    stop = self.requested_stop
+                    if (sp.snapshot and self.iter % sp.snapshot == 0) or stop:
+                        self._finish(pending)  # never snapshot weights whose loss is unchecked
+                        pending = None
+                        self.snapshot()
+                        self.metrics.plot()
+                    if stop:
+                        self.log(f"Received {stop}: stopping after the snapshot",
+                                 "solver.cpp:305")
+                        return True
+                self._finish(pending)
+        finally:
+            for p in feeds.values():
+                p.close()
+        return False
+
+    def _next_passes(self, feeds: Mapping[str, Prefetcher]) -> list[dict[str, HostBatch]]:
+        """The host batches of one iteration: iter_size passes of every Data layer."""
+        passes = [{name: next(p) for name, p in feeds.items()}
+                  for _ in range(int(self.param.iter_size))]
+        if any(b.wrapped for p in passes for b in p.values()):
+            self.log("Restarting data prefetching from start.", "data_layer.cpp:73")
+        self.position.train_batches += len(passes)
+        return passes
+
+    def _put_train_batch(self, passes: Sequence[Mapping[str, HostBatch]]) -> dict[str, Any]:
+        return jax.device_put(stack_batches(self.train_net, passes), self.sharded)
+
+    def _finish(self, p: _Pending | None) -> None:
+        """The display half of Step for iteration p.it: NaN check, UpdateSmoothedLoss,
+        "Iteration N (x iter/s, ...), loss = L", the train outputs, ApplyUpdate's lr line."""
+        if p is None:
+            return
+        sp, i = self.param, p.it
+        loss = np.float32(jax.device_get(p.metrics["loss"]))
+        if not np.isfinite(loss):
+            where = (f"; the last good snapshot is {self.last_snapshot[1]}"
+                     if self.last_snapshot else "")
+            raise ImagenetError(f"loss is {loss} at iteration {i} (lr {fmt(p.hyper['lr'])}): "
+                                f"training diverged, stopping{where}")
+        if i == self._solve_from:  # the first step includes compilation: time from its end
+            self._t_loop = time.time()
+        else:
+            self.images += int(sp.iter_size) * fed_batch_size(self.train_net)
+        self._smooth(loss, i)
+        rows: list[tuple[str, float, float]] = []
+        if p.display:
+            lapse = time.time() - self._timer
+            per_s = (i - self._iters_last) / (lapse if lapse else 1)
+            self.log(f"Iteration {i} ({fmt(per_s)} iter/s, {fmt(lapse)}s/{sp.display} "
+                     f"iters), loss = {fmt(self.position.smoothed)}", "solver.cpp:239")
+            rows = _output_lines(jax.device_get(p.metrics["outputs"]),
+                                 self.train_net.loss_weight)
+            for j, (name, v, w) in enumerate(rows):
+                self.log(_out_msg("Train", j, name, v, w), "solver.cpp:258")
+        if p.multistep:  # printed by GetLearningRate, inside ApplyUpdate
+            self.log(p.multistep, "sgd_solver.cpp:53")
+        if p.display:
+            self.log(f"Iteration {i}, lr = {fmt(p.hyper['lr'])}", "sgd_solver.cpp:112")
+            self.metrics.add({"kind": "train", "iter": i, "loss": float(self.position.smoothed),
+                              "lr": float(p.hyper["lr"]),
+                              "outputs": {n: v for n, v, _ in rows}})
+            self._timer, self._iters_last = time.time(), i
+
+    def _smooth(self, loss: np.float32, it: int) -> None:
+        """Solver::UpdateSmoothedLoss, and the per-iteration loss record."""
+        pos = self.position
+        self.loss_log[it] = float(loss)
+        pos.smoothed = update_smoothed_loss(pos.losses, pos.smoothed, loss,
+                                            it - pos.start_iter, int(self.param.average_loss))
+
+    def _prefetchers(self, f: FedNet, start: int, count: int) -> dict[str, Prefetcher]:
+        return {name: Prefetcher(src, start, depth=max(1, min(self.prefetch, count)))
+                for name, src in f.sources.items()}
+
+    # ---- Solver::TestAll / Test
+
+    def test_all(self) -> dict[str, float]:
+        """Solver::TestAll: every test net in turn. Returns (and passes to on_test) one dict per
+        test point: net 0's outputs by name, further nets' as "net<k>/name"."""
+        merged: dict[str, float] = {}
+        for k in range(len(self.tests)):
+            result = self.test(k)
+            merged.update(result if k == 0 else {f"net{k}/{n}": v for n, v in result.items()})
+        self.final_test = merged
+        if self.on_test is not None and self.tests:
+            self.on_test(self.iter, dict(merged))
+        if self.tests:
+            self.metrics.plot()
+        return merged
+
+    def test(self, k: int) -> dict[str, float]:
+        """Solver::Test: test net k's outputs averaged over test_iter[k] batches, its loss
+        ("Test loss") when test_compute_loss, each printed as Caffe does."""
+        t, n_iter = self.tests[k], int(self.param.test_iter[k])
+        self.log(f"Iteration {self.iter}, Testing net (#{k})", "solver.cpp:347")
+        params = self._test_params(k)
+        scores: dict[str, np.ndarray] = {}
+        loss_sum = np.float32(0)
+        feeds = self._prefetchers(t, self.position.test_batches[k], n_iter)
+        try:
+            for _ in range(n_iter):
+                batch = {name: next(p) for name, p in feeds.items()}
+                arrays = jax.device_put(stack_batches(t, [batch]), self.replicated)
+                loss, outs = self.test_fns[k](params, arrays, None)
+                loss_sum += np.float32(loss)
+                for name, v in jax.device_get(outs).items():
+                    v = np.asarray(v, np.float32).ravel()
+                    scores[name] = v if name not in scores else scores[name] + v
+        finally:
+            for p in feeds.values():
+                p.close()
+        self.position.test_batches[k] += n_iter
+        if self.param.test_compute_loss:
+            self.log(f"Test loss: {fmt(loss_sum / np.float32(n_iter))}", "solver.cpp:399")
+        result: dict[str, float] = {}
+        j = 0
+        for name, total in scores.items():
+            for e, v in enumerate(total):
+                mean = np.float32(v) / np.float32(n_iter)
+                self.log(_out_msg("Test", j, name, float(mean), t.loss_weight.get(name, 0.0)),
+                         "solver.cpp:414")
+                result[name if total.size == 1 else f"{name}[{e}]"] = float(mean)
+                j += 1
+        self.metrics.add({"kind": "test", "iter": self.iter, "net": k, "outputs": result})
+        return result
+
+    def _test_params(self, k: int) -> tuple:
+        """Net::ShareTrainedLayersWith: a test-net blob is the train blob of the same layer
+        name; test-only layers keep their own values."""
+        train_vals = unflatten_params(self.net, self.state.params, self.params)
         out = []
-        for r in tnet.learnable_params:
+        for r in self.tests[k].net.learnable_params:
             if r.layer in train_vals and train_vals[r.layer][r.index] is not None:
                 out.append(train_vals[r.layer][r.index])
             else:
-                out.append(jax.device_put(jnp.asarray(test_inits[k][r.layer][r.index]),
-                                          replicated))
+                out.append(jax.device_put(jnp.asarray(self.test_inits[k][r.layer][r.index]),
+                                          self.replicated))
         return tuple(out)
 
-    # 5. bookkeeping restored from the side file (exact resume) or fresh (Caffe semantics)
-    iter_size = int(sp.iter_size)
-    average_loss = int(sp.average_loss)
-    max_iter = int(sp.max_iter)
-    stop_iter = max_iter if stop_at_iter is None else min(int(stop_at_iter), max_iter)
-    if side is not None:
-        train_cursor = int(side["train_batches"])
-        test_cursors = [int(c) for c in side["test_batches"]]
-        losses = [float(x) for x in side["losses"]]
-        smoothed = np.float32(side["smoothed_loss"])
-        start_iter = int(side["start_iter"])
-    else:
-        # Caffe restarts every data reader at the first record (and the RNG from the seed)
-        train_cursor, test_cursors = 0, [0] * len(tests)
-        losses, smoothed, start_iter = [], np.float32(0), it0
-    prefix = sp.snapshot_prefix or ""
-    if not prefix and (sp.snapshot or sp.snapshot_after_train):
-        prefix = str(solver_path.with_suffix(""))  # Caffe: the solver file name
-    prefix_path = Path(prefix) if Path(prefix).is_absolute() else root / prefix
-    metrics = MetricsWriter(prefix_path.with_name(prefix_path.name + "_metrics.jsonl"),
-                            prefix_path.with_name(prefix_path.name + "_plot.png"),
-                            it0 if resume is not None else 0)
+    # ---- Solver::Snapshot / Restore
 
-    it = it0
-    last_snapshot: tuple[str, str] | None = None
-    final_test: dict[str, float] = {}
-    loss_log: dict[int, float] = {}
-    images = 0
+    def snapshot(self) -> None:
+        """Solver::Snapshot: the TRAIN net as .caffemodel, SGDSolver's .solverstate (history,
+        current_step), and our side file with what exact resume needs (model/snapshot.py)."""
+        host_params = unflatten_params(self.net, jax.device_get(self.state.params), self.params)
+        model_bytes = net_to_proto(self.net, host_params).SerializeToString()
+        history = [np.asarray(h) for h in
+                   jax.device_get(self.rule.history(self.state.opt_state))]
+        files = snap.write_snapshot(prefix=self.prefix_str, iteration=self.iter, root=self.root,
+                                    caffemodel=model_bytes, history=history,
+                                    current_step=self.current_step, side=self._side_record(),
+                                    log=lambda m: self.log(m, "solver.cpp:464"))
+        self.last_snapshot = (str(files.caffemodel), str(files.solverstate))
 
-    def side_record() -> dict[str, Any]:
-        return {"seed": seed, "devices": n_dev, "train_batches": train_cursor,
-                "test_batches": test_cursors, "losses": [float(x) for x in losses],
-                "smoothed_loss": float(smoothed), "start_iter": start_iter,
-                "iter_size": iter_size}
+    def _side_record(self) -> dict[str, Any]:
+        pos = self.position
+        return {"seed": self.seed, "devices": len(self.devices),
+                "train_batches": pos.train_batches, "test_batches": list(pos.test_batches),
+                "losses": [float(x) for x in pos.losses], "smoothed_loss": float(pos.smoothed),
+                "start_iter": pos.start_iter, "iter_size": int(self.param.iter_size)}
 
-    def do_snapshot() -> None:
-        nonlocal last_snapshot
-        host_flat = jax.device_get(state.params)
-        host_params = unflatten_params(net, host_flat, params)
-        model_bytes = net_to_proto(net, host_params).SerializeToString()
-        hist = [np.asarray(h) for h in jax.device_get(solver.history(state.opt_state))]
-        files = snap.write_snapshot(prefix=prefix, iteration=it, root=root,
-                                    caffemodel=model_bytes, history=hist,
-                                    current_step=current_step, side=side_record(),
-                                    log=lambda m: clog(m, "solver.cpp:464"))
-        last_snapshot = (str(files.caffemodel), str(files.solverstate))
-
-    def run_tests() -> None:
-        nonlocal final_test
-        merged: dict[str, float] = {}
-        for k, t in enumerate(tests):
-            clog(f"Iteration {it}, Testing net (#{k})", "solver.cpp:347")
-            n_iter = int(sp.test_iter[k])
-            tp = test_params(k, state.params)
-            scores: dict[str, np.ndarray] = {}
-            loss_sum = np.float32(0)
-            pf = _prefetchers(t, test_cursors[k], n_iter)
-            try:
-                for _ in range(n_iter):
-                    hb = {name: next(p) for name, p in pf.items()}
-                    arrays = jax.device_put(stack_batches(t, [hb]), replicated)
-                    loss, outs = test_fns[k](tp, arrays, None)
-                    outs = jax.device_get(outs)
-                    loss_sum += np.float32(loss)
-                    for name, v in outs.items():
-                        v = np.asarray(v, np.float32).ravel()
-                        scores[name] = v if name not in scores else scores[name] + v
-            finally:
-                for p in pf.values():
-                    p.close()
-            test_cursors[k] += n_iter
-            if sp.test_compute_loss:
-                clog(f"Test loss: {fmt(loss_sum / np.float32(n_iter))}", "solver.cpp:399")
-            result: dict[str, float] = {}
-            j = 0
-            for name, total in scores.items():
-                for e, v in enumerate(total):
-                    mean = np.float32(v) / np.float32(n_iter)
-                    clog(_out_msg("Test", j, name, float(mean), t.loss_weight.get(name, 0.0)),
-                         "solver.cpp:414")
-                    key = name if total.size == 1 else f"{name}[{e}]"
-                    result[key] = float(mean)
-                    j += 1
-            metrics.add({"kind": "test", "iter": it, "net": k, "outputs": result})
-            # one dict per test point: net 0's outputs by name, further nets' as "net<k>/name"
-            merged.update(result if k == 0 else {f"net{k}/{n}": v for n, v in result.items()})
-        final_test = merged
-        if on_test is not None and tests:
-            on_test(it, dict(merged))
-        if tests:
-            metrics.plot()
-
-    def _prefetchers(f: FedNet, start: int, count: int) -> dict[str, Prefetcher]:
-        return {name: Prefetcher(src, start, depth=max(1, min(prefetch, count)))
-                for name, src in f.sources.items()}
-
-    clog("Starting Optimization", "caffe.cpp:239")
-    clog(f"Solving {net.name}", "solver.cpp:289")
-    clog(f"Learning Rate Policy: {sp.lr_policy}", "solver.cpp:290")
-    train_pf = {name: Prefetcher(src, train_cursor, depth=prefetch)
-                for name, src in fed.sources.items()}
-    stopped_early = False
-    t_loop = time.time()
-    timer, iters_last = time.time(), it
-
-    def finish_step(p: dict[str, Any]) -> None:
-        """Read back iteration p["it"]'s loss (one step behind the dispatch, so the host
-        prepares the next batch while the device computes): NaN check, smoothing, display."""
-        nonlocal smoothed, images, t_loop, timer, iters_last
-        i, hyper = p["it"], p["hyper"]
-        loss = np.float32(jax.device_get(p["metrics"]["loss"]))
-        if not np.isfinite(loss):
-            where = f"; the last good snapshot is {last_snapshot[1]}" if last_snapshot else ""
-            raise ImagenetError(f"loss is {loss} at iteration {i} (lr {fmt(hyper['lr'])}): "
-                                f"training diverged, stopping{where}")
-        loss_log[i] = float(loss)
-        if i == it0:  # the first step includes compilation: time from its end
-            t_loop = time.time()
+    def restore(self, point: ResumePoint) -> None:
+        """Solver::Restore + SGDSolver::RestoreSolverStateFromBinaryProto: the learned_net's
+        weights, the history blobs, iter and current_step; from our side file also the data
+        position and the smoothing window (Caffe restarts its readers: BVLC/caffe#1059)."""
+        self.log(f"Resuming from {point.given}", "caffe.cpp:235")
+        self._copy_layers([load_caffemodel(point.caffemodel)])
+        self.iter, self.current_step = point.state.iter, point.state.current_step
+        self.log("SGDSolver: restoring history", "sgd_solver.cpp:336")
+        self.state = self._place_state(flatten_params(self.net, self.params),
+                                       point.state.history, self.iter)
+        side = point.side
+        if side is None:
+            self.position = DataPosition(test_batches=[0] * len(self.tests),
+                                         start_iter=self.iter)
         else:
-            images += iter_size * fed_batch_size(fed)
-        smoothed = update_smoothed_loss(losses, smoothed, loss, i - start_iter, average_loss)
-        rows: list[tuple[str, float, float]] = []
-        if p["display"]:
-            lapse = time.time() - timer
-            per_s = (i - iters_last) / (lapse if lapse else 1)
-            clog(f"Iteration {i} ({fmt(per_s)} iter/s, {fmt(lapse)}s/{sp.display} "
-                 f"iters), loss = {fmt(smoothed)}", "solver.cpp:239")
-            rows = _output_lines(jax.device_get(p["metrics"]["outputs"]), fed.loss_weight)
-            for j, (name, v, w) in enumerate(rows):
-                clog(_out_msg("Train", j, name, v, w), "solver.cpp:258")
-        if p["multistep"]:  # printed by GetLearningRate, inside ApplyUpdate
-            clog(p["multistep"], "sgd_solver.cpp:53")
-        if p["display"]:
-            clog(f"Iteration {i}, lr = {fmt(hyper['lr'])}", "sgd_solver.cpp:112")
-            metrics.add({"kind": "train", "iter": i, "loss": float(smoothed),
-                         "lr": float(hyper["lr"]), "outputs": {n: v for n, v, _ in rows}})
-            timer, iters_last = time.time(), i
-
-    pending: dict[str, Any] | None = None
-    try:
-        with _StopRequest() as stop:
-            while it < stop_iter:
-                if sp.test_interval and it % sp.test_interval == 0 and (
-                        it > 0 or sp.test_initialization) and tests:
-                    if pending is not None:
-                        finish_step(pending)
-                        pending = None
-                    run_tests()
-                display = bool(sp.display) and it % sp.display == 0
-                passes = [{name: next(p) for name, p in train_pf.items()}
-                          for _ in range(iter_size)]
-                if any(b.wrapped for p in passes for b in p.values()):
-                    clog("Restarting data prefetching from start.", "data_layer.cpp:73")
-                train_cursor += iter_size
-                arrays = put_batch(stack_batches(fed, passes))
-                before_step = current_step
-                hyper, current_step = solver.step_hyper(it, current_step)
-                multistep = (f"MultiStep Status: Iteration {it}, step = {current_step}"
-                             if sp.lr_policy == "multistep" and current_step != before_step
-                             else "")
-                # the double rate stays on the host (logs); the step takes the float32 values
-                state, m = step_fn(state, arrays, {k: v for k, v in hyper.items() if k != "lr"})
-                if pending is not None:
-                    finish_step(pending)
-                pending = {"it": it, "metrics": m, "hyper": hyper, "display": display,
-                           "multistep": multistep}
-                it += 1
-                if on_progress is not None:
-                    on_progress(it, max_iter)
-                if (sp.snapshot and it % sp.snapshot == 0) or stop.requested:
-                    # never snapshot weights whose loss was not checked
-                    finish_step(pending)
-                    pending = None
-                    do_snapshot()
-                    metrics.plot()
-                if stop.requested:
-                    clog(f"Received {stop.requested}: stopping after the snapshot",
-                         "solver.cpp:305")
-                    stopped_early = True
-                    break
-            if pending is not None:
-                finish_step(pending)
-                pending = None
-    finally:
-        for p in train_pf.values():
-            p.close()
-    train_seconds = time.time() - t_loop
-    if not stopped_early and it < max_iter:
-        # stop_at_iter: leave a snapshot at that iteration for the next task to resume
-        if last_snapshot is None or not last_snapshot[0].endswith(f"_iter_{it}.caffemodel"):
-            do_snapshot()
-    elif not stopped_early:
-        if sp.snapshot_after_train and (not sp.snapshot or it % sp.snapshot != 0):
-            do_snapshot()
-        if sp.display and it % sp.display == 0:
-            # Solve(): one more TRAIN forward on the next batch, to print the final loss
-            passes = [{name: src.batch(train_cursor) for name, src in fed.sources.items()}]
-            arrays = put_batch(stack_batches(fed, passes))
-            loss, _ = fwd_train(state.params, arrays,
-                                jax.random.fold_in(jax.random.fold_in(state.rng, it), 0))
-            loss = np.float32(loss)
-            smoothed = update_smoothed_loss(losses, smoothed, loss, it - start_iter,
-                                            average_loss)
-            loss_log[it] = float(loss)
-            clog(f"Iteration {it}, loss = {fmt(smoothed)}", "solver.cpp:327")
-        if sp.test_interval and it % sp.test_interval == 0 and tests:
-            run_tests()
-        clog("Optimization Done.", "solver.cpp:332")
-    else:
-        clog("Optimization stopped early.", "solver.cpp:319")
-    if metrics.records:
-        metrics.plot()
-    done = it - it0
-    return TrainResult(
-        final_iter=it, last_snapshot=last_snapshot, metrics_path=str(metrics.path),
-        plot_path=str(metrics.plot_path), final_test_outputs=final_test,
-        seconds=time.time() - t_start,
-        images_per_second=(images / train_seconds) if done and train_seconds > 0 else 0.0,
-        losses=loss_log)
+            self.position = DataPosition(
+                train_batches=int(side["train_batches"]),
+                test_batches=[int(c) for c in side["test_batches"]],
+                losses=[float(x) for x in side["losses"]],
+                smoothed=np.float32(side["smoothed_loss"]), start_iter=int(side["start_iter"]))
 
 
 def _test_init(tnet: Net, train_params: Params, seed: int) -> Params:
