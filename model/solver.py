@@ -150,8 +150,10 @@ class CaffeState(NamedTuple):
 
 def _history_init(n_per_param: int) -> Callable[[Params], CaffeState]:
     def init(params: Params) -> CaffeState:
-        zeros = tuple(jnp.zeros_like(p) for p in params)
-        return CaffeState(history=zeros * n_per_param)
+        # one buffer per history blob (not the same zeros repeated): the jitted step donates
+        # its state, and XLA refuses to donate one buffer twice
+        return CaffeState(history=tuple(jnp.zeros_like(p) for _ in range(n_per_param)
+                                        for p in params))
     return init
 
 

@@ -171,7 +171,9 @@ def test_solver_update_matches_float64_reference(kind: str, reg: str) -> None:
     ref_h = [[np.zeros_like(x) for _ in range(HISTORY_PER_PARAM[kind])] for x in ref_w]
     fp = f32_fields({k: v for k, v in p.items() if k != "reg"})
     fp["reg"] = reg
-    update = jax.jit(solver.update)
+    # the state is donated, as the trainer's jitted step donates it: every history blob must
+    # be a buffer of its own
+    update = jax.jit(solver.update, donate_argnums=(1,))
     step, worst = 0, 0.0
     for it in range(ITERS):
         grads = tuple(rng.normal(size=x.shape).astype(np.float32) for x in w)
