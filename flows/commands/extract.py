@@ -1,5 +1,5 @@
-"""`imagenet extract ARCHIVE --to DIR [--kind auto|train|val|archive]`: safe, resumable
-extraction (data/extract.py). `auto` treats ILSVRC2012_img_train*.tar as the tar of per-synset
+"""`imagenet extract ARCHIVE --to DIR [--kind auto|train|val|archive] [--workers N]`: safe,
+resumable extraction (data/extract.py). `auto` treats ILSVRC2012_img_train*.tar as the tar of per-synset
 tars (-> DIR/train/<wnid>/), ILSVRC2012_img_val*.tar as the flat val tar (-> DIR/val/), and
 anything else as a plain archive extracted into DIR.
 """
@@ -28,11 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "to", required=True, help="data root (train/ and val/ go inside it)")
     add_flag(parser, "kind", default="auto",
              help=f"auto (by file name) or one of: {', '.join(EXTRACTORS)}")
+    add_flag(parser, "workers", type=int, default=None,
+             help="synset tars of a train archive extracted at once (default: one per core)")
 
 
 def run(args: argparse.Namespace) -> int:
     kind = guess_kind(args.archive) if args.kind == "auto" else args.kind
     with byte_progress(f"extract {kind}") as progress:
-        result = extract(args.archive, args.to, kind, progress=progress)
+        result = extract(args.archive, args.to, kind, progress=progress, workers=args.workers)
     print(describe(result))
     return 0

@@ -52,6 +52,28 @@ def test_extract_train_builds_the_tree_and_rerun_skips(mini_tiny, tmp_path):
     assert (again.files, again.synsets_skipped) == (0, 3)
 
 
+@pytest.mark.parametrize("workers,compress", [(1, False), (3, False), (3, True)])
+def test_same_tree_for_any_worker_count_and_compressed_outer_tars(mini_tiny, tmp_path, workers,
+                                                                  compress):
+    """Synsets are read at their own offsets by `workers` threads (a gzip outer tar: in one
+    stream); the tree, the counts and the final progress are the same."""
+    import gzip
+
+    archive = mini_tiny.train_tar
+    if compress:
+        archive = tmp_path / "train.tar.gz"
+        archive.write_bytes(gzip.compress(mini_tiny.train_tar.read_bytes()))
+    seen = []
+    result = ex.extract_train(archive, tmp_path / "out", workers=workers,
+                              progress=lambda d, t: seen.append((d, t)))
+    want = expected_train_tree(mini_tiny.train_tar)
+    assert tree(tmp_path / "out" / "train") == want
+    assert (result.files, result.synsets_extracted) == (len(want), 3)
+    assert seen[-1][0] == seen[-1][1]
+    with pytest.raises(ImagenetError, match="workers must be >= 1, got 0"):
+        ex.extract_train(archive, tmp_path / "out", workers=0)
+
+
 KILL_SCRIPT = """
 import sys, time
 from data.extract import extract_train
