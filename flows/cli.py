@@ -1,28 +1,115 @@
 """The `imagenet` command line: Caffe's tools (convert_imageset, compute_image_mean, caffe
 train/test/time) under one binary, plus the ILSVRC12 and pipeline commands.
 
-Errors a user can fix (ImagenetError, missing files) print one line and exit 1; usage errors
-exit 2. Nothing here holds logic: every command module calls the libraries.
+The error contract, the same for every command (nothing here holds logic: every command module
+calls the libraries):
+- an expected failure (ImagenetError from the libraries, an OSError such as EACCES, EROFS,
+  ENOSPC or ENOENT) prints ONE line, `imagenet <command>: error: <what, where, what to do>`,
+  and exits 1; bad flags exit 2 with one line (argparse's usage block is left out);
+- anything else is a bug: one line naming the exception and the file its full traceback was
+  written to (TRACEBACK_DIR_ENV, else the temp folder), exit 70 (sysexits' EX_SOFTWARE);
+- IMAGENET_DEBUG=1 lets every exception through with its traceback;
+- Ctrl-C exits 130 with one line; a closed stdout (`| head`) ends quietly.
+Commands leave their target as it was when they fail: the libraries write to temporary names
+and rename (data/atomic.py, data/lmdb_io.py).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
 import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn
 
-from data.errors import ImagenetError
+from data.errors import ImagenetError, os_error_message
 from flows import allocator
 from flows.commands import COMMANDS
 from flows.flags import caffe_style_argv
+
+# IMAGENET_DEBUG=1: exceptions keep their tracebacks (for bug reports and development).
+DEBUG_ENV = "IMAGENET_DEBUG"
+# Where the traceback of an unexpected exception is written (default: the temp folder).
+TRACEBACK_DIR_ENV = "IMAGENET_TRACEBACK_DIR"
+# Exit statuses: an error the user can fix, a bad flag (argparse's), a bug, Ctrl-C.
+EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130
 
 # Commands that run a net on XLA: the console script restarts them under jemalloc when it is
 # installed (flows/allocator.py; IMAGENET_ALLOCATOR=system turns it off).
 ALLOCATOR_COMMANDS = frozenset({"train", "test", "time"})
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (what is wrong, where to read more), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}; see "
+                              f"'{self.prog} --help'\n")
+
+
+def one_line(text: str) -> str:
+    """A message on one line: lines joined with '; ' (a pydantic report, say)."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def write_traceback(command: str, err: BaseException) -> Path:
+    """The full traceback of `err` in a new file; returns its path."""
+    folder = Path(os.environ.get(TRACEBACK_DIR_ENV) or _temp_dir())
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"imagenet-{command}-{stamp}-{os.getpid()}.traceback"
+    text = "".join(traceback.format_exception(err))
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(path, "x", encoding="utf-8") as fh:
+        fh.write(f"imagenet {command}: argv {sys.argv!r}\n{text}")
+    return path
+
+
+def _temp_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """No flag value may hold a NUL byte (the OS cannot take one as a path; a caller of main()
+    can pass one)."""
+    for name, value in vars(args).items():
+        if isinstance(value, (str, Path)) and "\0" in str(value):
+            raise ImagenetError(f"--{name} {str(value)!r} contains a NUL byte; fix the value")
+
+
+def _report_bug(name: str, err: BaseException) -> int:
+    where = f"imagenet {name}: error: unexpected {type(err).__name__}: {one_line(str(err))[:300]}"
+    try:
+        path = write_traceback(name, err)
+    except OSError as write_err:
+        print(f"{where} (a bug; its traceback could not be written: "
+              f"{os_error_message(write_err)}; rerun with {DEBUG_ENV}=1 to see it)",
+              file=sys.stderr)
+    else:
+        print(f"{where} (a bug; full traceback in {path}; please report it with that file)",
+              file=sys.stderr)
+    return EXIT_BUG
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away (`imagenet ... | head`): send the rest to /dev/null so the
+    interpreter's final flush does not print a BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="imagenet",
         description="Caffe's ImageNet workflow on JAX/XLA and Prefect. "
         "Flags accept Caffe's spellings (--resize_height=256, -gpu 0, --shuffle=true).",
@@ -34,27 +121,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `imagenet` command; returns its exit status (see the module docstring).
+    argparse's own exits (--help, a bad flag) raise SystemExit as usual."""
     argv = caffe_style_argv(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
-        return 2
+        return EXIT_USAGE
     name, rest = argv[0], argv[1:]
-    module_name, summary = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"imagenet {name}", description=summary)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
     try:
+        module_name, summary = COMMANDS[name]
+        module = importlib.import_module(module_name)
+        parser = OneLineParser(prog=f"imagenet {name}", description=summary)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        _check_text_args(args)
         return int(module.run(args) or 0)
-    except ImagenetError as err:
-        print(f"imagenet {name}: error: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-        print(f"imagenet {name}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - the contract: one line for every failure
+        if debug_enabled():
+            raise
+        return _report(name, err)
+
+
+def _report(name: str, err: BaseException) -> int:
+    """Print the one line for `err`; returns the exit status."""
+    if isinstance(err, KeyboardInterrupt):
         print(f"imagenet {name}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    if isinstance(err, BrokenPipeError):
+        _quiet_stdout()
+        return EXIT_ERROR
+    if isinstance(err, ImagenetError):
+        message = one_line(str(err))
+    elif isinstance(err, OSError):
+        message = os_error_message(err)
+    elif isinstance(err, MemoryError):
+        message = "out of memory; use smaller inputs (batch, resize) or free memory"
+    else:
+        return _report_bug(name, err)
+    print(f"imagenet {name}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def entry() -> None:
@@ -67,8 +174,13 @@ def entry() -> None:
                                             ["-m", "flows.cli", *argv])
         except ImagenetError as err:
             print(f"imagenet: error: {allocator.CHOICE_ENV}: {err}", file=sys.stderr)
-            sys.exit(1)
-    sys.exit(main())
+            sys.exit(EXIT_ERROR)
+    status = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+    sys.exit(status)
 
 
 if __name__ == "__main__":

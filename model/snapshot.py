@@ -78,7 +78,7 @@ def read_solverstate(path: str | Path) -> SolverStateData:
         try:
             history.append(blobproto_to_array(bp))
         except ImagenetError as exc:
-            raise ImagenetError(f"{p}: history blob {i}: {exc}") from None
+            raise ImagenetError(f"{path}: history blob {i}: {exc}") from None
     return SolverStateData(iter=int(state.iter), learned_net=state.learned_net,
                            history=history, current_step=int(state.current_step))
 

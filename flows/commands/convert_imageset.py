@@ -11,7 +11,7 @@ import logging
 import sys
 
 from data.convert import check_options, convert_imageset, read_listing
-from flows.flags import add_flag, check_backend
+from flows.flags import add_flag, check_backend, int_at_least
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "shuffle", type=bool, default=False,
              help="shuffle the listing before converting (reproducible with --seed)")
     add_flag(parser, "backend", default="lmdb", help="lmdb (leveldb is not supported)")
-    add_flag(parser, "resize_width", type=int, default=0,
+    add_flag(parser, "resize_width", type=int_at_least(0), default=0,
              help="resize to this width (needs --resize_height too; 0 = keep)")
-    add_flag(parser, "resize_height", type=int, default=0,
+    add_flag(parser, "resize_height", type=int_at_least(0), default=0,
              help="resize to this height (needs --resize_width too; 0 = keep)")
     add_flag(parser, "check_size", type=bool, default=False,
              help="fail if the images do not all have the same size")
@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="re-encode as this format (jpg, png, ...); implies --encoded")
     add_flag(parser, "seed", type=int, default=None,
              help="seed for --shuffle (default: random, and printed so it can be replayed)")
-    add_flag(parser, "workers", type=int, default=None,
+    add_flag(parser, "workers", type=int_at_least(1), default=None,
              help="decode/resize threads (default: all cores); the DB is the same for any")
-    add_flag(parser, "max_skipped", type=int, default=None,
+    add_flag(parser, "max_skipped", type=int_at_least(0), default=None,
              help="fail (and write no DB) if more than this many images cannot be converted")
     add_flag(parser, "overwrite", type=bool, default=False,
              help="replace an existing DB_NAME (only once the new one is complete)")

@@ -9,8 +9,9 @@ import contextlib
 from typing import Callable, Iterator
 
 from data.download import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DownloadResult, download
+from data.errors import ImagenetError
 from data.progress import Progress
-from flows.flags import add_flag
+from flows.flags import add_flag, int_at_least
 
 MB = 2**20
 
@@ -42,13 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", help="http(s):// or file:// URL, or a path")
     add_flag(parser, "to", required=True, help="folder to download into")
     add_flag(parser, "md5", help="expected md5 (default: the official one for ILSVRC2012 names)")
-    add_flag(parser, "retries", type=int, default=DEFAULT_RETRIES,
+    add_flag(parser, "retries", type=int_at_least(0), default=DEFAULT_RETRIES,
              help="retries of transient failures (each resumes)")
     add_flag(parser, "timeout", type=float, default=DEFAULT_TIMEOUT_S,
              help="seconds without data before a connection counts as lost")
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.timeout > 0:
+        raise ImagenetError(f"--timeout must be > 0 seconds, got {args.timeout}")
     with byte_progress("download") as progress:
         result = download(args.source, args.to, md5=args.md5, retries=args.retries,
                           timeout=args.timeout, progress=progress)

@@ -25,7 +25,7 @@ from data.extract import extract_train, extract_val
 from data.listings import write_listings
 from flows.commands.download import byte_progress, describe
 from flows.commands.extract import describe as describe_extract
-from flows.flags import add_flag
+from flows.flags import add_flag, int_at_least
 
 DOWNLOADS_DIR = "downloads"
 
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "checksums", help="md5sum-format file (path or URL) for non-official archives")
     add_flag(parser, "data_root", required=True, help="where train/, val/ and the listings go")
     add_flag(parser, "downloads", help=f"where downloads go (default DATA_ROOT/{DOWNLOADS_DIR})")
-    add_flag(parser, "retries", type=int, default=DEFAULT_RETRIES,
+    add_flag(parser, "retries", type=int_at_least(0), default=DEFAULT_RETRIES,
              help="retries of transient download failures (each resumes)")
 
 

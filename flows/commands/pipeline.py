@@ -49,10 +49,61 @@ def _value(name: str, text: str, field: Any) -> Any:
     return text  # pydantic converts (and rejects) ints
 
 
+def read_params_file(path: Path) -> dict[str, Any]:
+    """The JSON object in --params FILE; a file that is missing, not JSON or not an object is
+    an ImagenetError naming the file (and line:column for a syntax error)."""
+    from data.errors import ImagenetError, from_os_error
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise from_os_error(err, "cannot read --params file") from None
+    except UnicodeDecodeError as err:
+        raise ImagenetError(f"--params {path}: not UTF-8 text ({err.reason} at byte "
+                            f"{err.start}); save it as UTF-8 JSON") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ImagenetError(f"--params {path}:{err.lineno}:{err.colno}: not valid JSON "
+                            f"({err.msg}); fix the file (it holds one JSON object of flow "
+                            "parameters)") from None
+    if not isinstance(data, dict):
+        raise ImagenetError(f"--params {path}: holds a JSON {type(data).__name__}, expected an "
+                            "object of flow parameters like {\"data_root\": \"data\"}")
+    return data
+
+
+def describe_validation_error(err: Any) -> str:
+    """pydantic's multi-line report as one line: 'field: problem (got value)'; ..."""
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e.get("loc", ())) or "parameters"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        parts.append(f"{field}: {e.get('msg', 'invalid')}{got}")
+    return "; ".join(parts)
+
+
+def _refuse_unknown_keys(data: dict[str, Any], where: Path) -> None:
+    """A misspelt key in --params FILE would otherwise be dropped without a word."""
+    from data.errors import ImagenetError
+    from flows.imagenet import PipelineParams, Sources
+
+    for keys, model, prefix in ((data, PipelineParams, ""),
+                                (data.get("sources") or {}, Sources, "sources.")):
+        if not isinstance(keys, dict):
+            continue
+        unknown = sorted(set(keys) - set(model.model_fields))
+        if unknown:
+            raise ImagenetError(f"--params {where}: unknown parameter {prefix + unknown[0]!r}; "
+                                f"valid: {', '.join(prefix + k for k in model.model_fields)}")
+
+
 def build_params(args: argparse.Namespace) -> Any:
     from flows.imagenet import PipelineParams
 
-    data: dict[str, Any] = json.loads(args.params.read_text()) if args.params else {}
+    data: dict[str, Any] = read_params_file(args.params) if args.params else {}
+    if args.params:
+        _refuse_unknown_keys(data, args.params)
     sources = dict(data.get("sources") or {})
     for name in SOURCE_FLAGS:
         if getattr(args, name) is not None:
@@ -75,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = build_params(args)
     except ValidationError as err:
-        raise ImagenetError(f"bad parameters: {err}") from err
+        raise ImagenetError(f"bad pipeline parameters: {describe_validation_error(err)}; see "
+                            "'imagenet pipeline --help'") from None
     from flows.imagenet import imagenet
 
     result = imagenet(params=params)

@@ -8,7 +8,7 @@ import argparse
 
 from data.errors import ImagenetError
 from flows.commands.train import parse_gpu
-from flows.flags import add_flag
+from flows.flags import add_flag, int_at_least
 from model.train import evaluate
 
 # caffe.cpp: DEFINE_int32(iterations, 50, ...)
@@ -18,7 +18,7 @@ DEFAULT_ITERATIONS = 50
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "model", help="the model definition protocol buffer text file")
     add_flag(parser, "weights", help="the pretrained weights (comma-separated caffemodels)")
-    add_flag(parser, "iterations", type=int, default=DEFAULT_ITERATIONS,
+    add_flag(parser, "iterations", type=int_at_least(1), default=DEFAULT_ITERATIONS,
              help="the number of batches to run")
     add_flag(parser, "gpu", help="optional; devices to use ('all', '0,1', -1 for the CPU)")
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from data.errors import ImagenetError
 from flows.allocator import allocator_in_use
-from flows.flags import add_flag
+from flows.flags import add_flag, int_at_least
 
 # caffe time's defaults (tools/caffe.cpp): 50 iterations, TRAIN phase.
 DEFAULT_ITERATIONS = 50
@@ -35,16 +35,16 @@ MS_PER_S = 1000.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "model", help="the net prototxt to time (required)")
-    add_flag(parser, "iterations", type=int, default=DEFAULT_ITERATIONS,
+    add_flag(parser, "iterations", type=int_at_least(1), default=DEFAULT_ITERATIONS,
              help=f"timed iterations (default {DEFAULT_ITERATIONS})")
     add_flag(parser, "phase", default=DEFAULT_PHASE, help="TRAIN or TEST (default TRAIN)")
     add_flag(parser, "level", type=int, default=0, help="net state level (Caffe's --level)")
     add_flag(parser, "stage", default="", help="comma-separated net state stages")
     add_flag(parser, "gpu", default=None,
              help="run on GPU: an id or 'all' (times one device); default: JAX's default device")
-    add_flag(parser, "batch_size", type=int, default=0,
+    add_flag(parser, "batch_size", type=int_at_least(0), default=0,
              help="override the batch size of every input layer (0: the prototxt's)")
-    add_flag(parser, "warmup", type=int, default=DEFAULT_WARMUP,
+    add_flag(parser, "warmup", type=int_at_least(0), default=DEFAULT_WARMUP,
              help=f"untimed iterations after compiling (default {DEFAULT_WARMUP})")
     add_flag(parser, "seed", type=int, default=0, help="seed of the random weights and data")
 

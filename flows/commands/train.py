@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from data.errors import ImagenetError
-from flows.flags import add_flag
+from flows.flags import add_flag, int_at_least
 from model.train import PRECISIONS, train
 
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "cannot be set with --snapshot")
     add_flag(parser, "gpu", help="optional; run in data-parallel mode on these devices: 'all', "
              "'0,1', or -1 for the CPU (default: the solver's first device)")
-    add_flag(parser, "iterations", type=int, default=None,
+    add_flag(parser, "iterations", type=int_at_least(1), default=None,
              help="optional; stop (and snapshot) at this iteration instead of max_iter")
     add_flag(parser, "precision", default="fp32",
              help=f"compute precision: {', '.join(PRECISIONS)} (bf16 keeps float32 weights)")

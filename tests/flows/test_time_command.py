@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from flows.cli import main
 
 TINY = """
@@ -36,4 +38,8 @@ def test_time_rejects_bad_flags(tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.prototxt").write_text(TINY)
     assert main(["time", "--model=tiny.prototxt", "--phase=VALIDATE"]) == 1
     assert "VALIDATE" in capsys.readouterr().err
-    assert main(["time", "--iterations=0", "--model=tiny.prototxt"]) == 1
+    # A bad flag value is a usage error (exit 2), refused by the parser before any work.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["time", "--iterations=0", "--model=tiny.prototxt"])
+    assert exit_info.value.code == 2
+    assert "--iterations/-iterations: must be >= 1, got 0" in capsys.readouterr().err
