@@ -12,15 +12,18 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-from tasks.cache import file_digest, write_manifest
+from tasks.cache import file_digest, manifest_matches, read_manifest, write_manifest
 from tasks.stage import ProgressArtifact, RecordedKey, StageResult
 
 LMDB_DIR = "lmdb"
 # Caffe's names (examples/imagenet/create_imagenet.sh, make_imagenet_mean.sh).
 LMDB_NAMES = {"train": "ilsvrc12_train_lmdb", "val": "ilsvrc12_val_lmdb"}
 MEAN_FILE = "imagenet_mean.binaryproto"
-CONVERT_CODE = ("data.convert", "data.datum", "data.lmdb_io", "data.images")
-MEAN_CODE = ("data.mean", "data.datum", "data.lmdb_io")
+CONVERT_CODE = ("data.convert", "data.datum", "data.lmdb_io", "data.images", "data.pixelsum")
+MEAN_CODE = ("data.mean", "data.datum", "data.lmdb_io", "data.pixelsum")
+# How the mean stage got the mean (its record's "source").
+MEAN_FROM_SUMS = "pixel sums kept by convert (the LMDB was not read)"
+MEAN_FROM_LMDB = "read from the LMDB"
 SKIPPED_EXAMPLES = 5
 # Threads, not processes: a forkserver pool started from inside a flow run (`python -m
 # flows.demo`) hung here with its workers idle; OpenCV's decode and resize release the GIL, so
@@ -51,6 +54,7 @@ def convert_lmdb(
     workers: int = 0,
 ) -> StageResult:
     """convert_imageset IMAGE_ROOT/ LISTFILE lmdb/ilsvrc12_<split>_lmdb, replacing what is there."""
+    from data import pixelsum
     from data.convert import convert_imageset
     from data.lmdb_io import lmdb_content_digest
 
@@ -63,10 +67,17 @@ def convert_lmdb(
         resize_height=resize_height, resize_width=resize_width,
         shuffle=shuffle_seed is not None, seed=shuffle_seed or 0, gray=gray,
         encoded=encoded, workers=workers or None, overwrite=True, progress=progress,
-        pool=CONVERT_POOL,
+        pool=CONVERT_POOL, pixel_sum=split == "train",
     )
     progress.finish()
     digest = result.digest or lmdb_content_digest(db)
+    # The train LMDB's pixel sums make the mean stage free (compute_mean); written before the
+    # manifest, and tied to this digest, so they are used only with these records.
+    sums = pixelsum.sum_path(db)
+    if result.pixel_sum is not None:
+        pixelsum.save(sums, result.pixel_sum, result.count, digest)
+    else:
+        sums.unlink(missing_ok=True)
     # Skipped images are counted and named (the first few), never dropped silently.
     record = {"count": int(result.count), "skipped": len(result.skipped),
               "truncated": len(result.truncated), "total_lines": int(result.total_lines),
@@ -86,20 +97,30 @@ def convert_lmdb(
 
 @task(cache_policy=RecordedKey())
 def compute_mean(cache_key: str, data_root: str, train_lmdb: str) -> StageResult:
-    """compute_image_mean lmdb/ilsvrc12_train_lmdb lmdb/imagenet_mean.binaryproto."""
-    from data.mean import compute_image_mean
+    """compute_image_mean lmdb/ilsvrc12_train_lmdb lmdb/imagenet_mean.binaryproto: from the
+    pixel sums the train conversion kept when they belong to the LMDB's current records (its
+    manifest's digest, the LMDB unchanged since), else by reading the LMDB. Same file either
+    way (data/pixelsum.py)."""
+    from data import pixelsum
+    from data.mean import compute_image_mean, mean_from_sum
 
     log = get_run_logger()
     out = mean_path(data_root)
-    progress = ProgressArtifact("mean over the train LMDB (images)")
-    result = compute_image_mean(train_lmdb, out, progress=progress)
-    progress.finish()
+    saved = pixelsum.load(pixelsum.sum_path(train_lmdb))
+    manifest = read_manifest(train_lmdb)
+    if (saved is not None and manifest is not None and manifest_matches(train_lmdb)
+            and manifest.get("digest") == saved.digest):
+        result, source = mean_from_sum(saved, out), MEAN_FROM_SUMS
+    else:
+        progress = ProgressArtifact("mean over the train LMDB (images)")
+        result, source = compute_image_mean(train_lmdb, out, progress=progress), MEAN_FROM_LMDB
+        progress.finish()
     seconds = float(result.seconds)
     channel_means = [float(c) for c in result.channel_means]
-    record = {"count": int(result.count), "channel_means": channel_means}
+    record = {"count": int(result.count), "channel_means": channel_means, "source": source}
     write_manifest(out, stage="mean", key=cache_key, digest=file_digest(out), record=record)
     rate = result.count / seconds if seconds > 0 else 0.0
-    log.info("mean of %d images written to %s; channel means (BGR) %s", result.count, out,
-             ", ".join(f"{c:.3f}" for c in channel_means))
+    log.info("mean of %d images written to %s (%s); channel means (BGR) %s", result.count, out,
+             source, ", ".join(f"{c:.3f}" for c in channel_means))
     return StageResult(stage="mean", key=cache_key, outputs={"mean": str(out)}, record=record,
                        seconds=seconds, throughput=f"{rate:.0f} img/s")

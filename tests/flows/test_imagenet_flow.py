@@ -70,6 +70,32 @@ def test_full_flow_then_everything_cached(first_run, data_root, make_params):
     assert second["top1"] == first_run["top1"] and second["top5"] == first_run["top5"]
 
 
+def test_mean_comes_from_convert_sums_and_is_reread_for_a_foreign_lmdb(first_run, data_root,
+                                                                        make_params, tmp_path):
+    """The mean stage did not read the train LMDB (convert kept the sums), yet wrote the file
+    compute_image_mean writes; without sums that match the LMDB, it reads the LMDB."""
+    from data import pixelsum
+    from data.mean import compute_image_mean
+    from flows.imagenet import imagenet
+
+    assert first_run["records"]["mean"]["source"] == convert_tasks.MEAN_FROM_SUMS
+    train_db = convert_tasks.lmdb_path(data_root, "train")
+    mean_file = convert_tasks.mean_path(data_root)
+    compute_image_mean(train_db, tmp_path / "read.binaryproto")
+    assert mean_file.read_bytes() == (tmp_path / "read.binaryproto").read_bytes()
+
+    sums = pixelsum.sum_path(train_db)
+    kept = sums.read_bytes()
+    saved = pixelsum.load(sums)
+    pixelsum.save(sums, saved.total, saved.count, "digest of some other LMDB")
+    try:
+        forced = imagenet(params=make_params(data_root, stages=["mean"], force=["mean"]))
+        assert forced["records"]["mean"]["source"] == convert_tasks.MEAN_FROM_LMDB
+        assert mean_file.read_bytes() == (tmp_path / "read.binaryproto").read_bytes()
+    finally:
+        sums.write_bytes(kept)
+
+
 def test_changing_resize_reruns_convert_and_downstream_only(first_run, data_root, make_params):
     from flows.imagenet import imagenet
 
