@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flows.commands.train", "train a net from a Caffe solver.prototxt"),
     "test": ("flows.commands.test", "score a trained model on its TEST-phase data"),
     "time": ("flows.commands.time", "time forward/backward passes of a net"),
+    "classify": ("flows.commands.classify",
+                 "top-k classes of images with a trained net (ten-crop, as Caffe's classifier)"),
     "fetch": ("flows.commands.fetch",
               "download, verify and extract ILSVRC12 and write Caffe's listings"),
     "download": ("flows.commands.download", "download one archive with resume and checksum"),
