@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module_name, summary = COMMANDS[name]
         module = importlib.import_module(module_name)
+        prepare = getattr(module, "prepare", None)
+        if prepare is not None:  # what must be set before the flags' modules import (Prefect)
+            prepare(rest)
         parser = OneLineParser(prog=f"imagenet {name}", description=summary)
         module.add_arguments(parser)
         args = parser.parse_args(rest)

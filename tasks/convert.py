@@ -120,7 +120,8 @@ def compute_mean(cache_key: str, data_root: str, train_lmdb: str) -> StageResult
     record = {"count": int(result.count), "channel_means": channel_means, "source": source}
     write_manifest(out, stage="mean", key=cache_key, digest=file_digest(out), record=record)
     rate = result.count / seconds if seconds > 0 else 0.0
+    throughput = "from convert's sums" if source == MEAN_FROM_SUMS else f"{rate:.0f} img/s"
     log.info("mean of %d images written to %s (%s); channel means (BGR) %s", result.count, out,
              source, ", ".join(f"{c:.3f}" for c in channel_means))
     return StageResult(stage="mean", key=cache_key, outputs={"mean": str(out)}, record=record,
-                       seconds=seconds, throughput=f"{rate:.0f} img/s")
+                       seconds=seconds, throughput=throughput)

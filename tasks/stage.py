@@ -139,12 +139,18 @@ def submit_stage(
     options, bypass = stage_options(results_root, cache_key, outputs, force)
     start = time.monotonic()
     future = task.with_options(task_run_name=name, **options).submit(cache_key=cache_key, **kwargs)
+    # Its own end, not the moment the flow got round to waiting for it: the flow waits for
+    # concurrent stages one after the other, and each would otherwise show the group's time.
+    finished: list[float] = []
+    future.add_done_callback(lambda _: finished.append(time.monotonic()))
 
     def wait() -> StageRun:
         future.wait()
         state = future.state
         result = state.result()
-        return StageRun(name, result, *_timed(state, bypass, start))
+        status, _, why = _timed(state, bypass, start)
+        end = finished[0] if finished else time.monotonic()  # callback not run yet: just now
+        return StageRun(name, result, status, end - start, why)
 
     return wait
 

@@ -4,12 +4,17 @@ Every flow parameter is a flag (the PipelineParams model is the single list): --
 --resize_height, --solver, --max_iter, --stages=convert,mean, --force=convert, ... and the
 archive sources --train/--val/--aux/--checksums. `--params FILE` starts from a JSON file of
 parameters (the same JSON the Prefect UI shows). Without PREFECT_API_URL the flow runs against
-an ephemeral Prefect (project-local PREFECT_HOME); with it, the run shows in that server's UI.
+an ephemeral Prefect; with it, the run shows in that server's UI. Prefect's state (PREFECT_HOME:
+its database, logs and the JAX compilation cache) goes to DATA_ROOT/.prefect unless the
+environment sets PREFECT_HOME: with the data, never in the checkout (prepare(), which runs
+before anything imports Prefect).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,45 @@ from flows import prefect_env
 from flows.flags import add_flag, parse_bool
 
 SOURCE_FLAGS = ("train", "val", "aux", "checksums")
+# PipelineParams.data_root's default (flows/imagenet.py), known here without importing Prefect.
+DEFAULT_DATA_ROOT = "ilsvrc12-data"
+HELP_FLAGS = frozenset({"-h", "--help"})
 NONE_WORDS = {"none", "null", ""}
+
+
+# Said in --help (the cli prints the module's summary as the description).
+HOME_HELP = ("Prefect's state for this run (PREFECT_HOME: database, logs, JAX compilation "
+             "cache) goes to DATA_ROOT/.prefect unless PREFECT_HOME is set; the stage cache "
+             "is DATA_ROOT/.prefect-results.")
+
+
+def prepare(argv: list[str]) -> Path:
+    """Point PREFECT_HOME at the data root the flags (or --params) name, before Prefect is
+    imported (it reads PREFECT_HOME once, at import); returns the PREFECT_HOME in force. Bad
+    flags are left for the real parse to report."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--params", default=None)
+    add_flag(pre, "data_root", default=None)
+    known, _ = pre.parse_known_args(argv)
+    data_root = known.data_root
+    if data_root is None and known.params:
+        try:
+            data_root = json.loads(Path(known.params).read_text(encoding="utf-8")).get(
+                "data_root")
+        except (OSError, ValueError, AttributeError):
+            data_root = None  # reported by the real parse
+    if not isinstance(data_root, str) or not data_root:
+        data_root = DEFAULT_DATA_ROOT
+    prefect_env.configure(PREFECT_HOME=str(prefect_env.pipeline_home(data_root)))
+    home = Path(os.environ["PREFECT_HOME"])
+    if HELP_FLAGS.isdisjoint(argv):
+        # Prefect creates its home at import, but not the folders above it.
+        home.mkdir(parents=True, exist_ok=True)
+    else:
+        # --help runs nothing: no data root is created for it, and Prefect's warning that it
+        # could not create its home there is noise.
+        warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
+    return home
 
 
 def _fields() -> dict[str, Any]:
@@ -28,6 +71,7 @@ def _fields() -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = HOME_HELP
     parser.add_argument("--params", type=Path, default=None,
                         help="JSON file of flow parameters to start from (flags override it)")
     for name in SOURCE_FLAGS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 
@@ -36,3 +37,32 @@ def test_bad_values_fail_before_a_run():
         pipeline.build_params(_parse(["--stages=convert,nonsense"]))
     with pytest.raises(Exception, match="resize_height"):
         pipeline.build_params(_parse(["--resize_height=-3"]))
+
+
+def test_prefect_state_goes_to_the_data_root_not_the_checkout(tmp_path, monkeypatch):
+    """PREFECT_HOME is chosen from --data_root (or --params' data_root, or the default data
+    root) before Prefect is imported; a PREFECT_HOME in the environment wins."""
+    from flows import prefect_env
+    from flows.imagenet import PipelineParams
+
+    assert PipelineParams().data_root == pipeline.DEFAULT_DATA_ROOT
+    for name in ("PREFECT_HOME", "JAX_COMPILATION_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    home = pipeline.prepare(["--data_root", str(tmp_path / "root"), "--stages=convert"])
+    assert home == tmp_path / "root" / ".prefect"
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(home / "jax-cache")
+    assert prefect_env.PROJECT_ROOT not in home.parents
+
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"data_root": str(tmp_path / "json-root")}))
+    monkeypatch.delenv("PREFECT_HOME")
+    assert pipeline.prepare(["--params", str(params)]) == tmp_path / "json-root" / ".prefect"
+    monkeypatch.delenv("PREFECT_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert pipeline.prepare([]) == tmp_path / pipeline.DEFAULT_DATA_ROOT / ".prefect"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "mine"))
+    assert pipeline.prepare(["--data_root", "/elsewhere"]) == tmp_path / "mine"
+
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    assert "DATA_ROOT/.prefect" in parser.format_help()

@@ -116,3 +116,57 @@ def test_report_table_and_curve(tmp_path):
     text = report.format_text_table([{"stage": "mean", "status": "cached"}])
     assert text.splitlines()[0].split() == ["stage", "status"]
     assert text.splitlines()[2].split() == ["mean", "cached"]
+
+
+def test_concurrent_stages_each_report_their_own_wall_time():
+    """Downloads run concurrently and are waited for one after the other: each row gets the
+    time to its own end, not the group's (a fake task stands in for Prefect's)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.stage import StageResult, submit_stage
+
+    class State:
+        name = "Completed"
+
+        def __init__(self, result):
+            self._result = result
+
+        def result(self):
+            return self._result
+
+    class Future:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def add_done_callback(self, fn):
+            self._inner.add_done_callback(lambda _: fn(self))
+
+        def wait(self):
+            self._inner.result()
+
+        @property
+        def state(self):
+            return State(self._inner.result())
+
+    class FakeTask:
+        def __init__(self, pool, delay):
+            self.pool, self.delay = pool, delay
+
+        def with_options(self, **options):
+            return self
+
+        def submit(self, cache_key, **kwargs):
+            def body():
+                time.sleep(self.delay)
+                return StageResult(stage="download", key=cache_key)
+
+            return Future(self.pool.submit(body))
+
+    with ThreadPoolExecutor(2) as pool:
+        slow = submit_stage(FakeTask(pool, 0.6), "slow", results_root="/nonexistent",
+                            cache_key="k1", outputs=[])
+        fast = submit_stage(FakeTask(pool, 0.05), "fast", results_root="/nonexistent",
+                            cache_key="k2", outputs=[])
+        runs = [slow(), fast()]
+    assert runs[0].wall_seconds >= 0.5 and runs[1].wall_seconds < 0.4
