@@ -15,8 +15,9 @@ restore: one method per Caffe function) and its order: test at iter % test_inter
 (iteration 0 only with test_initialization), forward/backward iter_size times, smoothed loss over average_loss,
 display "Iteration N (x iter/s, ys/D iters), loss = L" + net outputs, ApplyUpdate with
 "Iteration N, lr = R", ++iter, snapshot every `snapshot` iterations; after max_iter a snapshot
-(snapshot_after_train), one more TRAIN forward printed as "Iteration N, loss = L", the final
-test and "Optimization Done.". Logs carry glog-style prefixes so Caffe's tools/extra/parse_log.py
+(snapshot_after_train), one more TRAIN forward printed as "Iteration N, loss = L" (which, as a
+TRAIN forward, updates BatchNorm's running statistics after the snapshot), the final test and
+"Optimization Done.". Logs carry glog-style prefixes so Caffe's tools/extra/parse_log.py
 reads them. Beside the snapshots: `<prefix>_metrics.jsonl` and `<prefix>_plot.png`.
 
 Where we differ from Caffe on purpose: resume is exact (the data position, test-net cursors,
@@ -266,6 +267,18 @@ def unflatten_params(net: Net, flat: Sequence[Any], template: Params) -> Params:
     return out
 
 
+def merge_statistics(net: Net, flat: tuple, updates: Mapping[str, Sequence[Any]]) -> tuple:
+    """The flat params with the blobs a TRAIN forward wrote itself (BatchNorm's running
+    statistics, Net.apply_with_updates) replaced by their new values."""
+    if not updates:
+        return flat
+    out = list(flat)
+    for i, r in enumerate(net.learnable_params):
+        if not r.learnable and r.layer in updates:
+            out[i] = updates[r.layer][r.index].astype(jnp.float32)
+    return tuple(out)
+
+
 def make_train_step(fed: FedNet, solver: CaffeSolver, template: Params, *,
                     precision: str = "fp32") -> Callable:
     """train_step(state, batch, hyper) -> (new_state, metrics); pure, jit it.
@@ -301,14 +314,7 @@ def make_train_step(fed: FedNet, solver: CaffeSolver, template: Params, *,
             # Caffe accumulates diffs over the iter_size passes, then Normalize divides
             grads = g if grads is None else tuple(a + b for a, b in zip(grads, g))
             total_loss = total_loss + loss
-            if frozen and updates:
-                # BatchNorm statistics are written by the forward pass itself
-                flat = list(flat)
-                for i in frozen:
-                    r = refs[i]
-                    if r.layer in updates:
-                        flat[i] = updates[r.layer][r.index].astype(jnp.float32)
-                flat = tuple(flat)
+            flat = merge_statistics(net, flat, updates)
         new_params, opt_state = solver.update(grads, state.opt_state, flat, hyper)
         if frozen:
             new_params = tuple(flat[i] if i in frozen else p for i, p in enumerate(new_params))
@@ -330,6 +336,22 @@ def make_forward(fed: FedNet, template: Params, *, train: bool, precision: str =
         feed = _net_inputs(fed, batch, 0, compute)
         tops, loss = net.apply(p, feed, rng, train=train)
         return loss.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in tops.items()}
+
+    return forward
+
+
+def make_train_forward(fed: FedNet, template: Params, *, precision: str = "fp32") -> Callable:
+    """forward(flat_params, batch, rng) -> (loss, flat_params with the statistics this TRAIN
+    forward wrote): a Net::Forward in TRAIN, which updates BatchNorm's running statistics
+    (batch_norm_layer.cpp) without any parameter update."""
+    net = fed.net
+    compute = jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+    def forward(flat, batch, rng):
+        p = unflatten_params(net, [x.astype(compute) for x in flat], template)
+        feed = _net_inputs(fed, batch, 0, compute)
+        _, loss, updates = net.apply_with_updates(p, feed, rng, train=True)
+        return loss.astype(jnp.float32), merge_statistics(net, flat, updates)
 
     return forward
 
@@ -698,8 +720,8 @@ class Solver:
         self.step_fn = jax.jit(
             make_train_step(self.train_net, self.rule, self.params, precision=self.precision),
             out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-        self.fwd_train = jax.jit(make_forward(self.train_net, self.params, train=True,
-                                              precision=self.precision))
+        self.fwd_train = jax.jit(make_train_forward(self.train_net, self.params,
+                                                    precision=self.precision))
         self.test_fns = [jax.jit(make_forward(t, ti, train=False, precision=self.precision))
                          for t, ti in zip(self.tests, self.test_inits)]
 
@@ -778,12 +800,17 @@ class Solver:
 
     def _final_forward(self) -> None:
         """Solve's extra TRAIN forward on the next batch after the last update, printed as
-        "Iteration N, loss = L" (the loss only: Caffe does not update after it)."""
+        "Iteration N, loss = L". No weight update follows, but being a TRAIN forward it updates
+        BatchNorm's running statistics, which the test net shares: the final TestAll sees them
+        (solver.cpp runs it after this forward), while the snapshot, written before, keeps the
+        previous ones, so `caffe test` on that snapshot differs from the log's last test, as
+        in Caffe (caffe-golden/resnet-mini README)."""
         batches = [{name: src.batch(self.position.train_batches)
                     for name, src in self.train_net.sources.items()}]
         arrays = self._put_train_batch(batches)
         rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, self.iter), 0)
-        loss, _ = self.fwd_train(self.state.params, arrays, rng)
+        loss, params = self.fwd_train(self.state.params, arrays, rng)
+        self.state = self.state._replace(params=params)
         loss = np.float32(loss)
         self._smooth(loss, self.iter)
         self.log(f"Iteration {self.iter}, loss = {fmt(self.position.smoothed)}",
