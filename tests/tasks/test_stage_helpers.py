@@ -170,3 +170,38 @@ def test_concurrent_stages_each_report_their_own_wall_time():
                             cache_key="k2", outputs=[])
         runs = [slow(), fast()]
     assert runs[0].wall_seconds >= 0.5 and runs[1].wall_seconds < 0.4
+
+
+def test_numbers_at_four_significant_digits():
+    assert report.sig(0.044999998062849045) == "0.045"
+    assert report.sig(0.99500000476837158) == "0.995"
+    assert report.sig(1234567.0) == "1.235e+06" and report.sig(7) == "7"
+    rows = report.rounded_rows([{"iter": 100, "accuracy": 0.044999998062849045}])
+    assert rows == [{"iter": 100, "accuracy": 0.045}]
+    line = report.final_line({"top1": 0.9949999, "top5": 1.0}, "/d/snap_iter_300.caffemodel",
+                             data_root="/d")
+    assert line == ("pipeline finished: top-1 = 0.995, top-5 = 1 on the val LMDB; "
+                    "final weights /d/snap_iter_300.caffemodel")
+
+
+def test_curve_has_a_loss_and_an_accuracy_panel(tmp_path):
+    import cv2
+
+    both = [{"iter": i, "train loss": 2.3 - i / 200} for i in range(0, 301, 10)]
+    both += [{"iter": i, "loss": 2.0 - i / 300, "accuracy": i / 330, "accuracy_top5": 0.5 + i / 700}
+             for i in (0, 100, 200, 300)]
+    two = cv2.imread(str(report.render_curve(both, tmp_path / "two.png")))
+    one = cv2.imread(str(report.render_curve([{"iter": 0, "accuracy": 0.1},
+                                              {"iter": 10, "accuracy": 0.3}], tmp_path / "one.png")))
+    assert two.shape[1] == one.shape[1] == report.CURVE_WIDTH
+    assert two.shape[0] > 2 * one.shape[0] - report.MARGIN_TOP
+    # Nothing is drawn right of the plots except the legend rows: the legend never covers data.
+    legend = two[:, report.CURVE_WIDTH - report.LEGEND_WIDTH + 2:]
+    rows_with_ink = {y for y in range(legend.shape[0]) if (legend[y] < 200).any()}
+    assert rows_with_ink and len(rows_with_ink) < legend.shape[0] / 4
+
+
+def test_nice_ticks_cover_the_range():
+    assert report.nice_ticks(0, 300) == [0, 100, 200, 300]
+    assert report.nice_ticks(0, 2.31) == [0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert report.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
