@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from pydantic import BaseModel
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from tasks.cache import canonical_json, code_digest, file_digest, input_fingerprint, write_manifest
-from tasks.stage import ProgressArtifact, RecordedKey, StageResult
+from tasks.eta import Schedule, TrainingClock, duration
+from tasks.stage import ProgressArtifact, RecordedKey, StageResult, fail_in_one_line
 
 TRAINING_DIR = "training"
 TRAIN_CODE = ("model",)
@@ -46,6 +48,14 @@ TOP5 = 5
 TOP5_SUFFIX = "_top5"
 # Training losses kept per segment for the summary's curve (the metrics file has them all).
 LOSS_POINTS_PER_SEGMENT = 50
+# force: [train] moves the configuration's earlier snapshots here (inside its run dir), named by
+# the UTC time of the move, and trains from iteration 0.
+PREVIOUS_DIR = "previous-{stamp}"
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+# The evaluate stage's `why` when the val LMDB was rebuilt in the same run.
+WHY_VAL_REBUILT = "val LMDB rebuilt in this run"
+# The estimate of the whole training is logged when first known, then at most this often.
+ETA_LOG_INTERVAL_S = 600
 _SNAP_RE = re.compile(r"_iter_(\d+)\.solverstate$")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,6 +227,35 @@ def newest_snapshot(prefix: str, at_most: int) -> int | None:
     return best
 
 
+def read_schedule(solver: str | Path) -> Schedule:
+    """The work a solver describes (tasks.eta): iterations, test passes and batch sizes."""
+    sp = _read(Path(solver), caffe_pb2.SolverParameter())
+    net = _read(_resolve(sp.net, Path(solver).parent), caffe_pb2.NetParameter())
+    batch = {phase: 0 for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST)}
+    for layer in net.layer:
+        phase = _phase_of(layer)
+        if layer.type == "Data" and phase in batch:
+            batch[phase] = layer.data_param.batch_size
+    return Schedule(max_iter=sp.max_iter, test_interval=sp.test_interval,
+                    test_batches=sum(sp.test_iter), test_initialization=sp.test_initialization,
+                    train_images_per_iter=batch[caffe_pb2.TRAIN] * max(sp.iter_size, 1),
+                    test_batch_size=batch[caffe_pb2.TEST])
+
+
+def move_snapshots_aside(snapshot_prefix: str) -> tuple[Path, int]:
+    """Move every file of this snapshot prefix (snapshots, their side files and manifests, the
+    metrics and plot) into previous-<UTC time>/ beside them; (folder, files moved)."""
+    prefix = Path(snapshot_prefix)
+    files = sorted(p for p in prefix.parent.glob(prefix.name + "_*") if p.is_file())
+    stamp = datetime.now(timezone.utc).strftime(STAMP_FORMAT)
+    folder = prefix.parent / PREVIOUS_DIR.format(stamp=stamp)
+    if files:
+        folder.mkdir(exist_ok=True)
+        for path in files:
+            os.replace(path, folder / path.name)
+    return folder, len(files)
+
+
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a training segment on anything but a user error (a bad prototxt stays bad)."""
     try:
@@ -248,6 +287,7 @@ def _injected_failure_hook(run_dir: Path, start: int, end: int):
 
 @task(cache_policy=RecordedKey(), retries=TRAIN_RETRIES, retry_delay_seconds=TRAIN_RETRY_DELAY_S,
       retry_condition_fn=retry_unless_user_error)
+@fail_in_one_line
 def train_segment(
     cache_key: str,
     solver: str,
@@ -256,12 +296,20 @@ def train_segment(
     end_iter: int,
     max_iter: int,
     devices: list[int] | None = None,
+    restart: bool = False,
 ) -> StageResult:
-    """Train from the newest snapshot <= end_iter (normally start_iter's) to end_iter."""
+    """Train from the newest snapshot <= end_iter (normally start_iter's) to end_iter.
+
+    `restart` (force: [train], first segment): move this configuration's earlier snapshots
+    aside first, so training starts again from iteration 0."""
     from model.train import train
 
     log = get_run_logger()
     run_dir = Path(solver).parent
+    if restart:
+        folder, moved = move_snapshots_aside(snapshot_prefix)
+        log.info("force train: moved %d files of this configuration's earlier training to %s; "
+                 "training from iteration 0", moved, folder)
     resume = newest_snapshot(snapshot_prefix, end_iter)
     caffemodel, solverstate = snapshot_files(snapshot_prefix, end_iter)
     rows: list[dict[str, Any]] = []
@@ -278,22 +326,40 @@ def train_segment(
         snapshot = str(snapshot_files(snapshot_prefix, resume)[1]) if resume else None
         log.info("training iterations %d -> %d%s", resume or 0, end_iter,
                  f" (resuming from {snapshot})" if snapshot else " (from scratch)")
-        progress = ProgressArtifact(f"training iterations {start_iter}->{end_iter} of {max_iter}")
+        clock = TrainingClock(read_schedule(solver), resume or 0, end_iter)
+        progress = ProgressArtifact(f"training iterations {resume or 0}->{end_iter} of {max_iter}")
         inject = _injected_failure_hook(run_dir, resume or 0, end_iter)
+        logged_eta = [-math.inf]
+
+        def show() -> None:
+            """The artifact's bar covers this segment (it ends at 100%), its text says the rate
+            and the time left; the whole training's estimate also goes to the log, once known
+            and then every ETA_LOG_INTERVAL_S."""
+            progress.describe(clock.describe())
+            progress(clock.iteration - clock.start, clock.end - clock.start)
+            total = clock.seconds_left(max_iter)
+            now = time.monotonic()
+            if total is not None and now - logged_eta[0] >= ETA_LOG_INTERVAL_S:
+                logged_eta[0] = now
+                _, measured = clock.seconds_per_iteration
+                log.info("training time left: %s to iteration %d (%s)", duration(total), max_iter,
+                         "measured" if measured else "estimated from the test speed: a training "
+                         "image costs about 3 forward passes")
 
         def on_progress(it: int, total: int) -> None:
-            progress(it, max_iter)
+            clock.on_iteration(it)
+            show()
             if inject is not None:
                 inject(it)
 
         def on_test(it: int, outputs: dict[str, Any]) -> None:
             rows.append({"iter": int(it), **{k: float(v) for k, v in outputs.items()}})
             log.info("test at iteration %d: %s", it,
-                     ", ".join(f"{k} = {float(v):.4f}" for k, v in outputs.items()))
+                     ", ".join(f"{k} = {float(v):.4g}" for k, v in outputs.items()))
 
         result = train(solver, snapshot=snapshot, devices=devices, stop_at_iter=end_iter,
-                       on_progress=on_progress, on_test=on_test, workdir=str(run_dir),
-                       log=lambda line: log.info("%s", line))
+                       on_progress=on_progress, on_test=on_test,
+                       workdir=str(run_dir), log=lambda line: log.info("%s", line))
         losses = sorted(result.losses.items())
         step = max(1, len(losses) // LOSS_POINTS_PER_SEGMENT)
         loss_rows = [{"iter": int(i), "train loss": float(v)} for i, v in losses[::step]]
@@ -302,6 +368,9 @@ def train_segment(
         if newest_snapshot(snapshot_prefix, end_iter) != end_iter:
             raise RuntimeError(f"training stopped at {result.final_iter} without writing "
                                f"{solverstate} (solver snapshot settings?)")
+        rate = clock.iterations_per_second
+        progress.finish(f"iterations {clock.start}->{end_iter} of {max_iter} done in "
+                        f"{duration(seconds)}" + (f" ({rate:.3g} iterations/s)" if rate else ""))
     for path in (caffemodel, solverstate):
         write_manifest(path, stage="train", key=cache_key, digest=file_digest(path),
                        record={"iter": end_iter})
@@ -321,6 +390,7 @@ def eval_path(plan: TrainingPlan, it: int) -> Path:
 
 
 @task(cache_policy=RecordedKey())
+@fail_in_one_line
 def evaluate_weights(
     cache_key: str,
     net: str,
@@ -335,8 +405,12 @@ def evaluate_weights(
 
     log = get_run_logger()
     start = time.monotonic()
-    outputs = {k: float(v) for k, v in evaluate(net, weights, iterations, devices=devices).items()}
+    progress = ProgressArtifact(f"evaluate {Path(weights).name} on the val LMDB "
+                                f"({iterations} batches)")
+    outputs = {k: float(v) for k, v in
+               evaluate(net, weights, iterations, devices=devices).items()}
     seconds = time.monotonic() - start
+    progress.finish()
     by_k = {k: outputs[name] for name, k in accuracy_top_k.items() if name in outputs}
     record = {"outputs": outputs, "top1": by_k.get(1), "top5": by_k.get(5),
               "iterations": iterations}
@@ -346,7 +420,7 @@ def evaluate_weights(
     os.replace(tmp, out)
     write_manifest(out, stage="evaluate", key=cache_key, digest=file_digest(out))
     log.info("evaluation of %s over %d iterations: %s", weights, iterations,
-             ", ".join(f"{k} = {v:.4f}" for k, v in outputs.items()))
+             ", ".join(f"{k} = {v:.4g}" for k, v in outputs.items()))
     return StageResult(stage="evaluate", key=cache_key, outputs={"metrics": str(out)},
                        record=record, seconds=seconds)
 
