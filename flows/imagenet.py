@@ -1,29 +1,40 @@
 """The `imagenet` flow: Caffe's ImageNet workflow as one Prefect DAG.
 
-download (train, val, aux; concurrently) -> extract (train, val) -> listings -> convert (train
-and val LMDBs) -> mean -> train (one task per snapshot interval) -> evaluate -> summary.
+[mini ILSVRC12] -> download (train, val, aux; concurrently) -> extract (train, val) -> listings
+-> convert (train and val LMDBs) -> mean -> train (one task per snapshot interval) -> evaluate
+-> summary.
 
 The flow only wires tasks: for each stage it computes the cache key (tasks.cache.stage_key), asks
 whether the stage's recorded outputs are intact, and calls the task with refresh_cache=True when
-they are not or when the user forces the stage. Its parameters are one pydantic model, so the
-Prefect UI shows them as a form and `imagenet pipeline` can build the same model from flags.
+they are not or when the user forces the stage. Each task run is given the states of the task
+runs it depends on (`wait_for`), so the run's graph in the Prefect UI draws the DAG's edges.
+
+Its parameters sit at the top level (data_root, sources, resize_height, ..., stages, force), so
+`prefect deployment run imagenet/convert-lmdb --param data_root=D` combines with the
+deployment's presets; the flow checks them once into the typed `PipelineParams`, the same model
+`imagenet pipeline` builds from flags. A stage that cannot run (a missing input, a bad prototxt)
+ends the flow run Failed with one line, "stage NAME: cause", as its state message; the traceback
+goes to the DEBUG log only, and no folder is created for a stage that never ran.
 """
 from __future__ import annotations
 
+import logging
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
-from pydantic import BaseModel, Field, field_validator
+from prefect.states import Failed, State
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.ilsvrc12 import TRAIN_LIST, VAL_LIST, parse_md5sums
 from tasks import acquire, convert, report
 from tasks import train as training
 from tasks.cache import read_manifest, stage_key
-from tasks.stage import StageRun, call_stage, submit_stage
+from tasks.stage import USER_ERRORS, StageFailed, StageRun, call_stage, one_line, submit_stage
 
 Stage = Literal["download", "extract", "listings", "convert", "mean", "train", "evaluate"]
 STAGES: tuple[str, ...] = ("download", "extract", "listings", "convert", "mean", "train", "evaluate")
@@ -34,31 +45,40 @@ DEFAULT_TRAIN_URL = "https://image-net.org/data/ILSVRC/2012/ILSVRC2012_img_train
 DEFAULT_VAL_URL = "https://image-net.org/data/ILSVRC/2012/ILSVRC2012_img_val.tar"
 DEFAULT_AUX_URL = "http://dl.caffe.berkeleyvision.org/caffe_ilsvrc12.tar.gz"
 DEFAULT_SOLVER = "model/zoo/bvlc_alexnet/solver.prototxt"
+DEFAULT_DATA_ROOT = "ilsvrc12-data"
+DEFAULT_RESIZE = 256  # examples/imagenet/create_imagenet.sh
+DEFAULT_SHUFFLE_SEED = 0
 CHECKSUMS_TIMEOUT_S = 60
 
 
 class Sources(BaseModel):
-    """Where each archive comes from: an http(s)/file URL or a local path (used in place)."""
+    """Where each archive comes from: an http(s)/file URL, a local path (used in place), or
+    `mini` / `mini:tiny` for the built-in mini ILSVRC12, built under the data root."""
 
     train: str = Field(DEFAULT_TRAIN_URL, description="ILSVRC2012_img_train.tar")
     val: str = Field(DEFAULT_VAL_URL, description="ILSVRC2012_img_val.tar")
     aux: str = Field(DEFAULT_AUX_URL, description="Caffe's caffe_ilsvrc12.tar.gz (listings)")
     checksums: str | None = Field(
         None, description="md5sum-format file (URL or path) for archives that are not the "
-        "official ones; the official ones are checked against their known md5s")
+        "official ones; the official ones are checked against their known md5s (the mini's "
+        "MD5SUMS is used for `mini` sources)")
 
 
 class PipelineParams(BaseModel):
-    """Everything a run of the `imagenet` flow depends on."""
+    """Everything a run of the `imagenet` flow depends on: exactly the flow's parameters."""
 
-    sources: Sources = Field(default_factory=Sources)
-    data_root: str = Field("ilsvrc12-data", description="where archives, images, LMDBs, "
+    data_root: str = Field(DEFAULT_DATA_ROOT, description="where archives, images, LMDBs, "
                            "snapshots and the stage cache live")
-    resize_height: int = Field(256, ge=0, description="convert_imageset --resize_height (0: keep)")
-    resize_width: int = Field(256, ge=0, description="convert_imageset --resize_width (0: keep)")
+    sources: Sources = Field(default_factory=Sources, description="where the three archives come "
+                             "from (URL, path, or `mini` for the built-in mini ILSVRC12)")
+    resize_height: int = Field(DEFAULT_RESIZE, ge=0,
+                               description="convert_imageset --resize_height (0: keep)")
+    resize_width: int = Field(DEFAULT_RESIZE, ge=0,
+                              description="convert_imageset --resize_width (0: keep)")
     encoded: bool = Field(False, description="convert_imageset --encoded: store JPEG bytes")
-    shuffle_seed: int | None = Field(0, description="shuffle the listings with this seed "
-                                     "(reproducible, unlike Caffe's --shuffle); null: keep order")
+    shuffle_seed: int | None = Field(DEFAULT_SHUFFLE_SEED, description="shuffle the listings "
+                                     "with this seed (reproducible, unlike Caffe's --shuffle); "
+                                     "null: keep order")
     solver: str = Field(DEFAULT_SOLVER, description="solver.prototxt (its `net:` is the "
                         "train_val prototxt; its Data layers are pointed at this run's LMDBs)")
     max_iter: int | None = Field(None, gt=0, description="override the solver's max_iter")
@@ -68,13 +88,22 @@ class PipelineParams(BaseModel):
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES),
                                 description="which stages to run (others use what is on disk)")
     force: list[Stage] = Field(default_factory=list, description="stages to recompute even "
-                               "when cached")
-    workers: int = Field(0, ge=0, description="conversion worker processes (0: one per core)")
+                               "when cached (force: [train] trains again from iteration 0)")
+    workers: int = Field(0, ge=0, description="conversion workers (0: one per core)")
 
     @field_validator("stages", "force")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return sorted(set(value), key=STAGES.index)
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """Keyword arguments for `imagenet(...)` (the flow's parameters are these fields)."""
+        return dict(self)
+
+
+def parameter_errors(err: ValidationError) -> str:
+    """pydantic's report as one line: `resize_height: Input should be >= 0; stages.1: ...`."""
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def _read_checksums(source: str | None) -> dict[str, str]:
@@ -89,11 +118,13 @@ def _read_checksums(source: str | None) -> dict[str, str]:
 
 
 class _Runner:
-    """Per-run bookkeeping: which stages were asked for and forced, and what each did."""
+    """Per-run bookkeeping: which stages were asked for and forced, what each did, and the
+    final state of each stage's task run (what downstream stages wait for)."""
 
     def __init__(self, p: PipelineParams, root: Path) -> None:
         self.p, self.root = p, root
         self.runs: list[StageRun] = []
+        self.states: dict[str, State] = {}
 
     def wanted(self, stage: str) -> bool:
         return stage in self.p.stages
@@ -101,55 +132,152 @@ class _Runner:
     def forced(self, stage: str) -> bool:
         return stage in self.p.force
 
-    def call(self, stage: str, task: Any, name: str, *, key: str, outputs: list[Path],
-             force: bool = False, **kwargs: Any) -> StageRun:
-        run = call_stage(task, name, results_root=self.root, cache_key=key, outputs=outputs,
-                         force=force or self.forced(stage), **kwargs)
+    def after(self, *names: str) -> list[State | None]:
+        """The states of these task runs, where they ran (or came from the cache) in this run."""
+        return [self.states.get(name) for name in names]
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Failures while preparing or running stage `name` become StageFailed (one line)."""
+        try:
+            yield
+        except StageFailed:
+            raise
+        except USER_ERRORS as err:
+            raise StageFailed(name, one_line(err)) from err
+
+    def record(self, run: StageRun) -> StageRun:
         self.runs.append(run)
+        if run.state is not None:
+            self.states[run.name] = run.state
         return run
+
+    def call(self, stage: str, task: Any, name: str, *, key: str, outputs: list[Path],
+             force: bool | str = False, **kwargs: Any) -> StageRun:
+        with self.stage(name):
+            return self.record(call_stage(
+                task, name, results_root=self.root, cache_key=key, outputs=outputs,
+                force=force or self.forced(stage), **kwargs))
 
 
 @flow(name="imagenet", log_prints=True, persist_result=False)
-def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
-    """Run Caffe's ImageNet workflow; every stage is cached and reruns only when needed."""
-    p = params
+def imagenet(
+    data_root: str = DEFAULT_DATA_ROOT,
+    sources: Sources = Sources(),
+    resize_height: int = DEFAULT_RESIZE,
+    resize_width: int = DEFAULT_RESIZE,
+    encoded: bool = False,
+    shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+    solver: str = DEFAULT_SOLVER,
+    max_iter: int | None = None,
+    snapshot_interval: int | None = None,
+    devices: list[int] | None = None,
+    stages: list[Stage] = list(STAGES),
+    force: list[Stage] = [],
+    workers: int = 0,
+) -> dict[str, Any] | State:
+    """Run Caffe's ImageNet workflow; every stage is cached and reruns only when needed.
+
+    Args:
+        data_root: where archives, images, LMDBs, snapshots and the stage cache live
+        sources: where the three archives come from (URL, path, or `mini` / `mini:tiny` for
+            the built-in mini ILSVRC12, built once under the data root)
+        resize_height: convert_imageset --resize_height (0: keep)
+        resize_width: convert_imageset --resize_width (0: keep)
+        encoded: convert_imageset --encoded: store JPEG bytes
+        shuffle_seed: shuffle the listings with this seed (reproducible); null: keep order
+        solver: solver.prototxt; its Data layers are pointed at this run's LMDBs
+        max_iter: override the solver's max_iter
+        snapshot_interval: training segment length (default: the solver's snapshot)
+        devices: accelerator ids (default: all / CPU)
+        stages: which stages to run (others use what is on disk)
+        force: stages to recompute even when cached ([train]: train again from iteration 0)
+        workers: conversion workers (0: one per core)
+    """
     log = get_run_logger()
-    root = Path(p.data_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    r = _Runner(p, root)
+    try:
+        # The parameters are exactly PipelineParams' fields (tests/flows checks the two agree).
+        p = PipelineParams(**{name: value for name, value in locals().items()
+                              if name in PipelineParams.model_fields})
+    except ValidationError as err:
+        return _failed(log, f"parameters: {parameter_errors(err)}", err)
+    r = _Runner(p, Path(p.data_root).resolve())
+    try:
+        return _run_stages(r, log)
+    except StageFailed as err:
+        return _failed(log, str(err), err)
+
+
+def _failed(log: logging.LoggerAdapter, message: str, err: BaseException) -> State:
+    """End the flow run Failed with `message` (one line) as its state message; the traceback
+    only at DEBUG."""
+    log.debug("the flow run failed", exc_info=err)
+    log.error("%s", message)
+    return Failed(message=message)
+
+
+def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
+    p, root = r.p, r.root
     sources = {kind: getattr(p.sources, kind) for kind in ARCHIVES}
+    checksums = p.sources.checksums
+
+    # 0. The built-in mini ILSVRC12, when the sources name it (part of the download stage).
+    with r.stage("mini-ilsvrc12"):
+        sizes = {acquire.mini_size(src) for src in sources.values()} - {None}
+    if len(sizes) > 1:
+        raise StageFailed("mini-ilsvrc12", f"sources name different mini sizes {sorted(sizes)}: "
+                          "use one")
+    if sizes:
+        size = sizes.pop()
+        mini = acquire.mini_outputs(root, size)
+        if r.wanted("download"):
+            key = stage_key("mini", code=acquire.MINI_CODE,
+                            params={"size": size, "seed": acquire.MINI_SEED})
+            r.call("download", acquire.build_mini, "mini-ilsvrc12", key=key,
+                   outputs=list(mini.values()), data_root=str(root), size=size)
+        sources = {kind: str(mini[kind]) if acquire.mini_size(src) else src
+                   for kind, src in sources.items()}
+        checksums = checksums or str(mini["checksums"])
     archives = {kind: acquire.archive_path(root, src) for kind, src in sources.items()}
 
     # 1. Downloads, concurrently (each retried on transient network errors).
     if r.wanted("download"):
-        md5s = _read_checksums(p.sources.checksums)
+        with r.stage("download"):
+            md5s = _read_checksums(checksums)
         waits = []
         for kind, src in sources.items():
-            md5 = md5s.get(acquire.archive_name(src))
-            key = stage_key("download", code=acquire.DOWNLOAD_CODE,
-                            params=acquire.download_identity(src, md5))
-            waits.append(submit_stage(
-                acquire.download_archive, f"download-{kind}", results_root=root, cache_key=key,
-                outputs=[archives[kind]], force=r.forced("download"),
-                source=src, data_root=str(root), md5=md5))
-        r.runs.extend(wait() for wait in waits)
+            with r.stage(f"download-{kind}"):
+                md5 = md5s.get(acquire.archive_name(src))
+                key = stage_key("download", code=acquire.DOWNLOAD_CODE,
+                                params=acquire.download_identity(src, md5))
+                waits.append(submit_stage(
+                    acquire.download_archive, f"download-{kind}", results_root=root,
+                    cache_key=key, outputs=[archives[kind]], force=r.forced("download"),
+                    after=r.after("mini-ilsvrc12"), source=src, data_root=str(root), md5=md5))
+        for wait in waits:
+            r.record(wait())
 
     # 2. Extraction.
     trees = {"train": root / "train", "val": root / "val"}
     if r.wanted("extract"):
         for kind, task in (("train", acquire.extract_train), ("val", acquire.extract_val)):
-            key = stage_key(f"extract_{kind}", code=acquire.EXTRACT_CODE,
-                            inputs={"archive": archives[kind]})
+            with r.stage(f"extract-{kind}"):
+                key = stage_key(f"extract_{kind}", code=acquire.EXTRACT_CODE,
+                                inputs={"archive": archives[kind]})
             r.call("extract", task, f"extract-{kind}", key=key, outputs=[trees[kind]],
-                   archive=str(archives[kind]), data_root=str(root))
+                   after=r.after(f"download-{kind}"), archive=str(archives[kind]),
+                   data_root=str(root))
 
     # 3. Listings (Caffe's synsets.txt, synset_words.txt, train.txt, val.txt).
     listings = acquire.listing_paths(root)
     if r.wanted("listings"):
-        key = stage_key("listings", code=acquire.LISTINGS_CODE,
-                        inputs={"aux": archives["aux"], **trees})
+        with r.stage("listings"):
+            key = stage_key("listings", code=acquire.LISTINGS_CODE,
+                            inputs={"aux": archives["aux"], **trees})
         r.call("listings", acquire.write_listings, "listings", key=key,
-               outputs=list(listings.values()), data_root=str(root), aux=str(archives["aux"]))
+               outputs=list(listings.values()),
+               after=r.after("download-aux", "extract-train", "extract-val"),
+               data_root=str(root), aux=str(archives["aux"]))
 
     # 4. The two LMDBs.
     lmdbs = {split: convert.lmdb_path(root, split) for split in ("train", "val")}
@@ -159,22 +287,24 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
                        "shuffle_seed": p.shuffle_seed, "encoded": p.encoded}
         for split, listname in (("train", TRAIN_LIST), ("val", VAL_LIST)):
             listfile = root / listname
-            key = stage_key(f"convert_{split}", code=convert.CONVERT_CODE,
-                            inputs={"images": trees[split], "listfile": listfile},
-                            params=conv_params)
+            with r.stage(f"convert-{split}"):
+                key = stage_key(f"convert_{split}", code=convert.CONVERT_CODE,
+                                inputs={"images": trees[split], "listfile": listfile},
+                                params=conv_params)
             run = r.call("convert", convert.convert_lmdb, f"convert-{split}", key=key,
-                         outputs=[lmdbs[split]], split=split, data_root=str(root),
-                         image_root=str(trees[split]), listfile=str(listfile),
-                         workers=p.workers, **conv_params)
+                         outputs=[lmdbs[split]], after=r.after("listings", f"extract-{split}"),
+                         split=split, data_root=str(root), image_root=str(trees[split]),
+                         listfile=str(listfile), workers=p.workers, **conv_params)
             if run.ran:
                 converted.add(split)
 
     # 5. The mean file.
     mean_file = convert.mean_path(root)
     if r.wanted("mean"):
-        key = stage_key("mean", code=convert.MEAN_CODE, inputs={"lmdb": lmdbs["train"]})
+        with r.stage("mean"):
+            key = stage_key("mean", code=convert.MEAN_CODE, inputs={"lmdb": lmdbs["train"]})
         r.call("mean", convert.compute_mean, "mean", key=key, outputs=[mean_file],
-               data_root=str(root), train_lmdb=str(lmdbs["train"]))
+               after=r.after("convert-train"), data_root=str(root), train_lmdb=str(lmdbs["train"]))
 
     # 6. Training, one segment per snapshot interval, and 7. evaluation of the final weights.
     test_rows: list[dict[str, Any]] = []
@@ -183,24 +313,31 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     outputs: dict[str, str] = {"train LMDB": str(lmdbs["train"]), "val LMDB": str(lmdbs["val"]),
                                "mean": str(mean_file)}
     plan = None
+    data_after = r.after("convert-train", "convert-val", "mean")
     if r.wanted("train") or r.wanted("evaluate"):
-        plan = training.prepare_training(
-            root, p.solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
-            mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval)
+        with r.stage("train" if r.wanted("train") else "evaluate"):
+            plan = training.prepare_training(
+                root, p.solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
+                mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval)
         data_inputs = {"train": lmdbs["train"], "val": lmdbs["val"], "mean": mean_file}
+    last_segment: list[State | None] = []
     if plan is not None and r.wanted("train"):
         start = 0
         for end in plan.segment_ends:
-            key = stage_key("train", code=training.TRAIN_CODE,
-                            inputs={"solver": plan.solver, "net": plan.net, **data_inputs},
-                            params={"end_iter": end})
-            run = r.call("train", training.train_segment, f"train-{start}-{end}", key=key,
+            name = f"train-{start}-{end}"
+            with r.stage(name):
+                key = stage_key("train", code=training.TRAIN_CODE,
+                                inputs={"solver": plan.solver, "net": plan.net, **data_inputs},
+                                params={"end_iter": end})
+            run = r.call("train", training.train_segment, name, key=key,
                          outputs=list(training.snapshot_files(plan.snapshot_prefix, end)),
+                         after=last_segment or data_after,
                          solver=plan.solver, snapshot_prefix=plan.snapshot_prefix,
                          start_iter=start, end_iter=end, max_iter=plan.max_iter,
-                         devices=p.devices)
+                         devices=p.devices, restart=start == 0 and r.forced("train"))
             test_rows.extend(run.result.record.get("tests", []))
             loss_rows.extend(run.result.record.get("losses", []))
+            last_segment = r.after(name)
             start = end
     if plan is not None:
         weights, _ = training.snapshot_files(plan.snapshot_prefix, plan.max_iter)
@@ -210,13 +347,15 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
         val_count = int(val_manifest.get("record", {}).get("count", 0))
         iterations = training.eval_iterations(val_count, plan.test_batch_size)
         out = training.eval_path(plan, plan.max_iter)
-        key = stage_key("evaluate", code=training.TRAIN_CODE,
-                        inputs={"net": plan.net, "weights": weights, **data_inputs},
-                        params={"iterations": iterations})
+        with r.stage("evaluate"):
+            key = stage_key("evaluate", code=training.TRAIN_CODE,
+                            inputs={"net": plan.net, "weights": weights, **data_inputs},
+                            params={"iterations": iterations})
         # A val LMDB rebuilt in this run is re-scored even when its digest is unchanged: the
         # evaluation is cheap and is the check that the weights score on what is on disk now.
         run = r.call("evaluate", training.evaluate_weights, "evaluate", key=key, outputs=[out],
-                     force="val" in converted, net=plan.net, weights=str(weights),
+                     force=training.WHY_VAL_REBUILT if "val" in converted else False,
+                     after=last_segment or data_after, net=plan.net, weights=str(weights),
                      iterations=iterations, output=str(out),
                      accuracy_top_k=plan.accuracy_top_k, devices=p.devices)
         final = run.result.record
@@ -233,11 +372,11 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     # start of an iteration): one row per iteration, the latest.
     test_rows = sorted({row["iter"]: row for row in test_rows}.values(), key=lambda row: row["iter"])
     if test_rows:
-        create_table_artifact(table=test_rows, key=report.ARTIFACT_KEY_METRICS,
+        create_table_artifact(table=report.rounded_rows(test_rows), key=report.ARTIFACT_KEY_METRICS,
                               description="test outputs per test interval")
     curve = None
     if plan is not None and test_rows:
-        curve = report.render_curve(test_rows + loss_rows, Path(plan.run_dir) / "curve.png")
+        curve = report.render_curve(test_rows + loss_rows, Path(plan.run_dir) / report.CURVE_FILE)
     create_markdown_artifact(
         markdown=report.summary_markdown(r.runs, data_root=str(root), datasets=datasets,
                                          final=final, outputs=outputs, curve=curve),
@@ -248,6 +387,8 @@ def imagenet(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     counts = {status: sum(row["status"] == status for row in table) for status in ("ran", "cached")}
     log.info("stages: %d ran, %d cached (table in the %r artifact)", counts["ran"],
              counts["cached"], report.ARTIFACT_KEY_SUMMARY)
+    log.info("%s", report.final_line(final, outputs.get("final weights") if final else None,
+                                     data_root=str(root)))
     return {
         "stages": table,
         "top1": final.get("top1") if final else None,

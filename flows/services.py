@@ -123,8 +123,27 @@ def up(port: int = DEFAULT_PORT, run_dir: Path = DEFAULT_RUN_DIR, prefect_home: 
     _start("worker", [prefect, "worker", "start", "--pool", POOL, "--type", "process"], run_dir, env)
     (run_dir / "api_url").write_text(api_url(port))
     print(f"Prefect UI: http://{HOST}:{port}   (worker log: {run_dir / 'worker.log'})")
-    print(f"export PREFECT_API_URL={api_url(port)}")
-    print("then: prefect deployment run imagenet/full-pipeline --watch")
+    print(next_commands(port))
+
+
+def _shown_path(path: Path) -> str:
+    """`path` as the user should type it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def next_commands(port: int) -> str:
+    """What to type after `make up` (the README's deployment section, in order)."""
+    prefect = _prefect()
+    shown = _shown_path(Path(prefect)) if os.sep in prefect else prefect
+    return "\n".join([
+        "next:",
+        f"  export PREFECT_API_URL={api_url(port)}",
+        f"  {shown} deployment run imagenet/mini-pipeline --watch",
+        f"  then open http://{HOST}:{port} (Runs -> the newest imagenet run); `make down` stops all",
+    ])
 
 
 def _read_pid(run_dir: Path, name: str) -> int | None:

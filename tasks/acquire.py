@@ -1,9 +1,10 @@
-"""Acquisition stages as Prefect tasks: download each archive, extract train and val, write the
-listings. The work is done by data.download, data.extract and data.listings; this module adds
-retries on transient network errors, progress artifacts and the output manifests.
+"""Acquisition stages as Prefect tasks: build the built-in mini ILSVRC12 when the sources ask for
+it, download each archive, extract train and val, write the listings. The work is done by
+data.mini, data.download, data.extract and data.listings; this module adds retries on transient
+network errors, progress artifacts and the output manifests.
 
 Layout under the data root (data/ilsvrc12.py names it): downloads/<archive>, train/<wnid>/...,
-val/..., synsets.txt, synset_words.txt, train.txt, val.txt.
+val/..., synsets.txt, synset_words.txt, train.txt, val.txt; mini-ilsvrc12-<size>/ for the mini.
 """
 from __future__ import annotations
 
@@ -20,12 +21,21 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from data.errors import ImagenetError
-from data.ilsvrc12 import LISTING_FILES, TRAIN_DIR, VAL_DIR
+from data.ilsvrc12 import AUX_ARCHIVE, LISTING_FILES, TRAIN_ARCHIVE, TRAIN_DIR, VAL_ARCHIVE, VAL_DIR
 from tasks.cache import file_digest, write_manifest
-from tasks.stage import ProgressArtifact, RecordedKey, StageResult
+from tasks.stage import ProgressArtifact, RecordedKey, StageResult, fail_in_one_line
 
 DOWNLOADS_DIR = "downloads"
+# A source spelled `mini` or `mini:<size>` (a data.mini.SIZES preset) is that archive of the
+# built-in mini ILSVRC12, built once under <data root>/mini-ilsvrc12-<size>/ (build_mini).
+MINI_SOURCE = "mini"
+MINI_DEFAULT_SIZE = "default"
+MINI_DIR = "mini-ilsvrc12-{size}"
+MINI_SEED = 0
+MINI_ARCHIVES = {"train": TRAIN_ARCHIVE, "val": VAL_ARCHIVE, "aux": AUX_ARCHIVE}
+MINI_CHECKSUMS = "MD5SUMS"
 # Library modules whose source is part of each stage's cache key.
+MINI_CODE = ("data.mini", "data.matfile")
 DOWNLOAD_CODE = ("data.download",)
 EXTRACT_CODE = ("data.extract",)
 LISTINGS_CODE = ("data.listings", "data.ilsvrc12")
@@ -104,8 +114,65 @@ def archive_path(data_root: Path | str, source: str) -> Path:
     return Path(data_root) / DOWNLOADS_DIR / archive_name(source)
 
 
+def mini_size(source: str | None) -> str | None:
+    """The data.mini.SIZES preset a source names (`mini` -> "default", `mini:tiny` -> "tiny"),
+    or None when it is a real URL or path."""
+    if source is None:
+        return None
+    scheme, colon, size = source.partition(":")
+    if scheme != MINI_SOURCE or (colon and "/" in size):
+        return None
+    from data.mini import SIZES
+
+    size = size or MINI_DEFAULT_SIZE
+    if size not in SIZES:
+        raise ImagenetError(f"source {source!r}: unknown mini size {size!r}; valid: "
+                            f"{', '.join(f'{MINI_SOURCE}:{k}' for k in SIZES)}")
+    return size
+
+
+def mini_dir(data_root: Path | str, size: str) -> Path:
+    return Path(data_root) / MINI_DIR.format(size=size)
+
+
+def mini_outputs(data_root: Path | str, size: str) -> dict[str, Path]:
+    """The mini archives (by kind) and their MD5SUMS ("checksums")."""
+    folder = mini_dir(data_root, size)
+    return {**{kind: folder / name for kind, name in MINI_ARCHIVES.items()},
+            "checksums": folder / MINI_CHECKSUMS}
+
+
+@task(cache_policy=RecordedKey())
+@fail_in_one_line
+def build_mini(cache_key: str, data_root: str, size: str) -> StageResult:
+    """Write the mini ILSVRC12 (data.mini, preset `size`) under the data root: the archives the
+    download stage then verifies against its MD5SUMS and uses in place."""
+    from data.mini import SIZES, make_mini_ilsvrc12
+
+    log = get_run_logger()
+    classes, train, val = SIZES[size]
+    outputs = mini_outputs(data_root, size)
+    progress = ProgressArtifact(f"mini ILSVRC12 ({size}): {classes} classes x ({train} train + "
+                                f"{val} val) images")
+    result = make_mini_ilsvrc12(mini_dir(data_root, size), classes=classes, train_per_class=train,
+                                val_per_class=val, seed=MINI_SEED, progress=progress)
+    progress.finish()
+    for path in outputs.values():
+        write_manifest(path, stage="mini", key=cache_key, digest=file_digest(path))
+    seconds = time.monotonic() - progress.started
+    images = result.train_images + result.val_images
+    log.info("mini ILSVRC12 (%s) written to %s: %d images in %.1f s", size, result.outdir,
+             images, seconds)
+    return StageResult(stage="mini", key=cache_key,
+                       outputs={kind: str(path) for kind, path in outputs.items()},
+                       record={"size": size, "train_images": result.train_images,
+                               "val_images": result.val_images},
+                       seconds=seconds, throughput=f"{images / seconds:.0f} img/s" if seconds > 0 else "")
+
+
 @task(cache_policy=RecordedKey(), retries=DOWNLOAD_RETRIES,
       retry_delay_seconds=DOWNLOAD_RETRY_DELAYS_S, retry_condition_fn=retry_if_transient)
+@fail_in_one_line
 def download_archive(cache_key: str, source: str, data_root: str, md5: str | None = None) -> StageResult:
     """Fetch one archive into downloads/ (resuming, md5-verified). A local path is verified and
     used in place: downloads/<name> becomes a symlink to it, so the manifest has a home."""
@@ -167,12 +234,14 @@ def _extract(kind: str, cache_key: str, archive: str, data_root: str) -> StageRe
 
 
 @task(cache_policy=RecordedKey())
+@fail_in_one_line
 def extract_train(cache_key: str, archive: str, data_root: str) -> StageResult:
     """Extract the train tar of per-synset tars into train/<wnid>/."""
     return _extract("train", cache_key, archive, data_root)
 
 
 @task(cache_policy=RecordedKey())
+@fail_in_one_line
 def extract_val(cache_key: str, archive: str, data_root: str) -> StageResult:
     """Extract the flat val tar into val/."""
     return _extract("val", cache_key, archive, data_root)
@@ -183,6 +252,7 @@ def listing_paths(data_root: Path | str) -> dict[str, Path]:
 
 
 @task(cache_policy=RecordedKey())
+@fail_in_one_line
 def write_listings(cache_key: str, data_root: str, aux: str | None = None) -> StageResult:
     """synsets.txt, synset_words.txt, train.txt, val.txt (Caffe's formats), from the aux
     tarball, checked against the extracted trees."""

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from tasks.cache import file_digest, manifest_matches, read_manifest, write_manifest
-from tasks.stage import ProgressArtifact, RecordedKey, StageResult
+from tasks.stage import ProgressArtifact, RecordedKey, StageResult, fail_in_one_line
 
 LMDB_DIR = "lmdb"
 # Caffe's names (examples/imagenet/create_imagenet.sh, make_imagenet_mean.sh).
@@ -40,6 +40,7 @@ def mean_path(data_root: Path | str) -> Path:
 
 
 @task(cache_policy=RecordedKey())
+@fail_in_one_line
 def convert_lmdb(
     cache_key: str,
     split: str,
@@ -96,6 +97,7 @@ def convert_lmdb(
 
 
 @task(cache_policy=RecordedKey())
+@fail_in_one_line
 def compute_mean(cache_key: str, data_root: str, train_lmdb: str) -> StageResult:
     """compute_image_mean lmdb/ilsvrc12_train_lmdb lmdb/imagenet_mean.binaryproto: from the
     pixel sums the train conversion kept when they belong to the LMDB's current records (its

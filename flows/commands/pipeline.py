@@ -173,9 +173,14 @@ def run(args: argparse.Namespace) -> int:
         raise ImagenetError(f"bad pipeline parameters: {describe_validation_error(err)}; see "
                             "'imagenet pipeline --help'") from None
     from flows.imagenet import imagenet
+    from tasks.report import sig
 
-    result = imagenet(params=params)
+    state = imagenet(**params.flow_parameters(), return_state=True)
+    if not state.is_completed():
+        # The flow's state message is its one line: "stage convert-train: ..."
+        raise ImagenetError(state.message or f"the flow run ended {state.name}")
+    result = state.result()
     print(format_text_table(result["stages"]))
     if result.get("top1") is not None:
-        print(f"top-1 = {result['top1']:.4f}, top-5 = {result['top5']:.4f}")
+        print(f"top-1 = {sig(result['top1'])}, top-5 = {sig(result['top5'])}")
     return 0

@@ -36,11 +36,13 @@ def _api(port: int, path: str, body: dict | None = None):
 
 
 def _run_deployment(name: str, params: dict, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [services._prefect(), "deployment", "run", name, "--watch",
-         "--watch-timeout", str(WATCH_TIMEOUT_S), "--param", "params=" + json.dumps(params)],
-        cwd=services.PROJECT_ROOT, env=env, capture_output=True, text=True,
-        timeout=WATCH_TIMEOUT_S + 60)
+    """`prefect deployment run NAME --watch --param k=v ...` (each value as JSON)."""
+    argv = [services._prefect(), "deployment", "run", name, "--watch",
+            "--watch-timeout", str(WATCH_TIMEOUT_S)]
+    for key, value in params.items():
+        argv += ["--param", f"{key}={json.dumps(value)}"]
+    return subprocess.run(argv, cwd=services.PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=WATCH_TIMEOUT_S + 60)
 
 
 def _latest_flow_run(port: int, deployment: str) -> dict:
@@ -85,12 +87,12 @@ def test_server_deploy_worker_full_pipeline_then_convert_lmdb(tmp_path, make_par
         summary = next(a for a in artifacts if a["key"] == "imagenet-summary")
         assert "data:image/png;base64," in summary["data"]
 
-        # convert-lmdb presets stages/force; a run's --param replaces `params` whole, so pass
-        # the preset together with this test's sources and data root.
+        # convert-lmdb presets stages/force; the run's --param data_root and resize combine
+        # with them (the flow's parameters are top-level).
         deployment = next(d for d in _api(port, "/deployments/filter", {}) if d["name"] == "convert-lmdb")
-        preset = deployment["parameters"]["params"]
-        assert preset == {"stages": ["convert"], "force": ["convert"]}
-        conv = _run_deployment("imagenet/convert-lmdb", {**params, **preset}, env)
+        assert deployment["parameters"] == {"stages": ["convert"], "force": ["convert"]}
+        conv = _run_deployment("imagenet/convert-lmdb", {
+            k: params[k] for k in ("data_root", "resize_height", "resize_width")}, env)
         assert conv.returncode == 0, conv.stdout[-3000:] + conv.stderr[-3000:]
         mark("imagenet/convert-lmdb finished")
         second = _latest_flow_run(port, "convert-lmdb")

@@ -48,7 +48,7 @@ def data_root(tmp_path_factory) -> Path:
 def first_run(data_root, make_params):
     from flows.imagenet import imagenet
 
-    return imagenet(params=make_params(data_root))
+    return imagenet(**make_params(data_root).flow_parameters())
 
 
 def test_full_flow_then_everything_cached(first_run, data_root, make_params):
@@ -63,7 +63,7 @@ def test_full_flow_then_everything_cached(first_run, data_root, make_params):
     assert Path(first_run["outputs"]["final weights"]).is_file()
 
     start = time.monotonic()
-    second = imagenet(params=make_params(data_root))
+    second = imagenet(**make_params(data_root).flow_parameters())
     no_op_seconds = time.monotonic() - start
     print(f"no-op rerun of the whole flow: {no_op_seconds:.1f} s")  # reported, not asserted
     assert statuses(second) == {name: "cached" for name in ALL_STAGES}
@@ -99,12 +99,12 @@ def test_mean_comes_from_convert_sums_and_is_reread_for_a_foreign_lmdb(first_run
 def test_changing_resize_reruns_convert_and_downstream_only(first_run, data_root, make_params):
     from flows.imagenet import imagenet
 
-    changed = imagenet(params=make_params(data_root, resize_height=14, resize_width=14))
+    changed = imagenet(**make_params(data_root, resize_height=14, resize_width=14).flow_parameters())
     assert ran(changed) == {"convert-train", "convert-val", "mean", "train-0-2", "train-2-4",
                             "train-4-6", "evaluate"}
     # Back to the base size: the LMDBs and mean on disk are the 14x14 ones, so they are rebuilt
     # (same digests as the first run's), and the first run's training segments are reused.
-    back = imagenet(params=make_params(data_root))
+    back = imagenet(**make_params(data_root).flow_parameters())
     assert ran(back) == {"convert-train", "convert-val", "mean", "evaluate"}
     assert back["top1"] == first_run["top1"]
 
@@ -115,7 +115,7 @@ def test_deleting_val_lmdb_reruns_its_conversion_and_evaluate(first_run, data_ro
     val = convert_tasks.lmdb_path(data_root, "val")
     digest = read_manifest(val)["digest"]
     shutil.rmtree(val)
-    again = imagenet(params=make_params(data_root))
+    again = imagenet(**make_params(data_root).flow_parameters())
     assert ran(again) == {"convert-val", "evaluate"}
     assert read_manifest(val)["digest"] == digest
 
@@ -124,11 +124,11 @@ def test_convert_lmdb_preset_then_full_run_recomputes_nothing(first_run, data_ro
     from flows.imagenet import imagenet
 
     digests = {s: read_manifest(convert_tasks.lmdb_path(data_root, s))["digest"] for s in ("train", "val")}
-    rebuilt = imagenet(params=make_params(data_root, stages=["convert"], force=["convert"]))
+    rebuilt = imagenet(**make_params(data_root, stages=["convert"], force=["convert"]).flow_parameters())
     assert statuses(rebuilt) == {"convert-train": "ran", "convert-val": "ran"}
     assert {s: read_manifest(convert_tasks.lmdb_path(data_root, s))["digest"]
             for s in ("train", "val")} == digests
-    full = imagenet(params=make_params(data_root))
+    full = imagenet(**make_params(data_root).flow_parameters())
     assert ran(full) == set()
 
 
@@ -140,13 +140,34 @@ def _task_runs(flow_run_id) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
+# Each stage's upstream task runs, as the flow run's graph draws them (cached runs included).
+EDGES = {
+    "extract-train": {"download-train"}, "extract-val": {"download-val"},
+    "listings": {"download-aux", "extract-train", "extract-val"},
+    "convert-train": {"listings", "extract-train"}, "convert-val": {"listings", "extract-val"},
+    "mean": {"convert-train"}, "train-0-2": {"convert-train", "convert-val", "mean"},
+    "train-2-4": {"train-0-2"}, "train-4-6": {"train-2-4"}, "evaluate": {"train-4-6"},
+}
+
+
+def test_task_runs_record_their_upstream_stages(first_run, data_root, make_params):
+    from flows.imagenet import imagenet
+
+    state = imagenet(**make_params(data_root).flow_parameters(), return_state=True)
+    runs = _task_runs(state.state_details.flow_run_id)
+    names = {tr.id: tr.name for tr in runs}
+    upstream = {tr.name: {names[i.id] for i in tr.task_inputs.get("wait_for", [])} for tr in runs}
+    assert {name: upstream[name] for name in EDGES} == EDGES
+    assert all(not upstream[f"download-{kind}"] for kind in ("train", "val", "aux"))
+
+
 def test_injected_segment_failure_retries_from_newest_snapshot(data_root, make_params, monkeypatch):
     from flows.imagenet import imagenet
     from tasks.train import INJECT_FAILURE_ENV
 
     monkeypatch.setenv(INJECT_FAILURE_ENV, "5")
     # max_iter 8 is a new training configuration: all four segments train.
-    state = imagenet(params=make_params(data_root, max_iter=8), return_state=True)
+    state = imagenet(**make_params(data_root, max_iter=8).flow_parameters(), return_state=True)
     result = state.result()
     assert ran(result) == {"train-0-2", "train-2-4", "train-4-6", "train-6-8", "evaluate"}
     runs = {tr.name: tr for tr in _task_runs(state.state_details.flow_run_id)}
@@ -172,7 +193,7 @@ CHILD = textwrap.dedent("""
     from flows import prefect_env
     prefect_env.configure()
     from flows.imagenet import PipelineParams, imagenet
-    result = imagenet(params=PipelineParams.model_validate_json(sys.argv[1]))
+    result = imagenet(**PipelineParams.model_validate_json(sys.argv[1]).flow_parameters())
     print(json.dumps({"stages": result["stages"]}))
 """)
 
@@ -207,7 +228,7 @@ def test_sigkilled_flow_resumes_and_matches_uninterrupted_weights(first_run, mak
     assert killed_after is not None, "the child finished or never snapshotted before the kill"
     assert not (killed_after.parent / "snap_iter_6.caffemodel").exists()
 
-    resumed = imagenet(params=params)
+    resumed = imagenet(**params.flow_parameters())
     status = statuses(resumed)
     assert status["train-4-6"] == "ran"
     records = resumed["records"]
@@ -228,3 +249,27 @@ def _learned_blobs(caffemodel: Path) -> list[tuple[str, list[bytes]]]:
     blobs = [(layer.name, [blob.SerializeToString() for blob in layer.blobs]) for layer in net.layer]
     assert sum(len(b) for _, b in blobs) >= 4  # conv and fc weights and biases
     return blobs
+
+
+def test_a_stage_without_its_inputs_fails_in_one_line_and_creates_nothing(make_params, tmp_path):
+    from flows.imagenet import imagenet
+
+    root = tmp_path / "never-built"
+    state = imagenet(**make_params(root, stages=["convert"], force=["convert"]).flow_parameters(),
+                     return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("stage convert-train: ") and "\n" not in state.message
+    assert "does not exist" in state.message and str(root / "train") in state.message
+    assert not root.exists()
+
+
+def test_bad_parameters_fail_in_one_line(make_params, tmp_path):
+    from flows.imagenet import imagenet
+
+    params = make_params(tmp_path / "root").flow_parameters()
+    state = imagenet(**{**params, "resize_height": -1}, return_state=True)
+    assert state.is_failed() and state.message.startswith("parameters: resize_height: ")
+    state = imagenet(**{**params, "solver": str(tmp_path / "nope.prototxt"),
+                        "stages": ["train"]}, return_state=True)
+    assert state.is_failed() and state.message.startswith("stage train: ")
+    assert not (tmp_path / "root").exists()

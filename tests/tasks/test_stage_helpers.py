@@ -135,6 +135,12 @@ def test_concurrent_stages_each_report_their_own_wall_time():
         def result(self):
             return self._result
 
+        def is_failed(self):
+            return False
+
+        def is_crashed(self):
+            return False
+
     class Future:
         def __init__(self, inner):
             self._inner = inner
