@@ -31,6 +31,7 @@ from prefect.states import Failed, State
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.ilsvrc12 import TRAIN_LIST, VAL_LIST, parse_md5sums
+from flows.commands.pipeline import describe_validation_error
 from tasks import acquire, convert, report
 from tasks import train as training
 from tasks.cache import read_manifest, stage_key
@@ -99,11 +100,6 @@ class PipelineParams(BaseModel):
     def flow_parameters(self) -> dict[str, Any]:
         """Keyword arguments for `imagenet(...)` (the flow's parameters are these fields)."""
         return dict(self)
-
-
-def parameter_errors(err: ValidationError) -> str:
-    """pydantic's report as one line: `resize_height: Input should be >= 0; stages.1: ...`."""
-    return "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def _read_checksums(source: str | None) -> dict[str, str]:
@@ -200,7 +196,7 @@ def imagenet(
         p = PipelineParams(**{name: value for name, value in locals().items()
                               if name in PipelineParams.model_fields})
     except ValidationError as err:
-        return _failed(log, f"parameters: {parameter_errors(err)}", err)
+        return _failed(log, f"parameters: {describe_validation_error(err)}", err)
     r = _Runner(p, Path(p.data_root).resolve())
     try:
         return _run_stages(r, log)

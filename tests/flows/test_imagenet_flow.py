@@ -89,7 +89,7 @@ def test_mean_comes_from_convert_sums_and_is_reread_for_a_foreign_lmdb(first_run
     saved = pixelsum.load(sums)
     pixelsum.save(sums, saved.total, saved.count, "digest of some other LMDB")
     try:
-        forced = imagenet(params=make_params(data_root, stages=["mean"], force=["mean"]))
+        forced = imagenet(**make_params(data_root, stages=["mean"], force=["mean"]).flow_parameters())
         assert forced["records"]["mean"]["source"] == convert_tasks.MEAN_FROM_LMDB
         assert mean_file.read_bytes() == (tmp_path / "read.binaryproto").read_bytes()
     finally:
