@@ -217,6 +217,10 @@ class ImageDataSource(BatchSource):
             labels.append(entry.label)
         return imgs, labels, str(self.path)
 
+    def describe_item(self, index: int, j: int) -> str:
+        entry = self.entries[int(self.entry_indices(index)[j])]
+        return f"{self.path}:{entry.line_no} ({entry.path})"
+
     def close(self) -> None:
         """Nothing to release: images are opened per read."""
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from data.datum import decode_datum_bytes, parse_datum_header
 from data.errors import ImagenetError
+from data.labels import LabelCheck, check_labels
 from data.lmdb_io import LmdbReader
 from data.proto import caffe_pb2
 from data.transform import TransformPlan, crop_uint8
@@ -108,8 +109,10 @@ def _release_reader(path: Path) -> None:
 
 class BatchSource:
     """What every fed input layer's source shares: the transform plan, the batch size, the
-    counter-based RNG and the uint8 batch assembly. Subclasses set `name`, `tops`, `plan`,
-    `batch_size`, `seed`, `stream` and implement `__len__`, `_items(index)` and `close`."""
+    counter-based RNG, the label check and the uint8 batch assembly. Subclasses set `name`,
+    `tops`, `plan`, `batch_size`, `seed`, `stream` and implement `__len__`, `_items(index)`,
+    `describe_item(index, j)` and `close`. The net's builder sets `label_checks` from the
+    layers reading the label top (model/net.py Net.label_checks)."""
 
     name: str
     tops: tuple[str, ...]
@@ -117,6 +120,7 @@ class BatchSource:
     batch_size: int
     seed: int
     stream: int
+    label_checks: tuple[LabelCheck, ...] = ()
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -128,6 +132,10 @@ class BatchSource:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def describe_item(self, index: int, j: int) -> str:
+        """Where item `j` of batch `index` came from, for messages (a record key, a line)."""
+        return f"{self.name}: item {j} of batch {index}"
 
     def record_indices(self, index: int) -> np.ndarray:
         start = index * self.batch_size
@@ -147,6 +155,7 @@ class BatchSource:
     def batch(self, index: int) -> HostBatch:
         """Batch number `index` (0-based) of this layer."""
         images, labels, where = self._items(index)
+        check_labels(labels, self.label_checks, lambda j: self.describe_item(index, j))
         hs = [im.shape[1] for im in images]
         ws = [im.shape[2] for im in images]
         offsets, mirror = self.plan.draw(self.rng(index), hs, ws)
@@ -222,6 +231,10 @@ class DataSource(BatchSource):
             images.append(chw)
             labels.append(label)
         return images, labels, str(self.path)
+
+    def describe_item(self, index: int, j: int) -> str:
+        key = self.keys[int(self.record_indices(index)[j])]
+        return f"{self.path}: record {key.decode('utf-8', 'replace')!r}"
 
     def close(self) -> None:
         # Transactions of other threads die with the environment when its last user releases it.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from data.datum import decode_datum_bytes
 from data.errors import ImagenetError
+from data.labels import LabelCheck
 from data.proto import caffe_pb2
 import model.layers  # noqa: F401  (importing the package registers every layer type)
 from model import fillers, prototxt
@@ -484,6 +485,21 @@ class Net:
             raise ImagenetError(f"net {self.name!r} has no blob(s) {missing}; blobs: "
                                 f"{', '.join(values)}")
         return {b: values[b] for b in names}
+
+    def label_checks(self, blob: str) -> list[LabelCheck]:
+        """What the layers reading `blob` as labels accept (following Split copies of it): the
+        input pipeline checks every batch of that top against these (data/labels.py)."""
+        aliases, checks = {blob}, []
+        for layer in self.layers:
+            for j, bottom in enumerate(layer.param.bottom):
+                if bottom not in aliases:
+                    continue
+                check = layer.label_checks().get(j)
+                if check is not None:
+                    checks.append(check)
+                if layer.type_name == "Split":
+                    aliases.update(layer.param.top)
+        return checks
 
     def layer(self, name: str) -> Layer:
         """The built layer called `name`."""

@@ -15,6 +15,7 @@ from typing import ClassVar, Sequence
 import jax
 
 from data.errors import ImagenetError
+from data.labels import LabelCheck
 from data.proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -96,6 +97,11 @@ class Layer:
         """For layers whose non-learnable blobs change in a TRAIN forward (BatchNorm's
         running statistics): the new values of all blobs, else None."""
         return None
+
+    def label_checks(self) -> dict[int, LabelCheck]:
+        """Bottom index -> the labels this layer accepts there, for layers that read a bottom
+        as class indices (the input pipeline checks every batch against it: data/labels.py)."""
+        return {}
 
     # -- helpers ------------------------------------------------------------------------
     @property

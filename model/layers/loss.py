@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.labels import LabelCheck
 from data.proto import caffe_pb2
 from model.layers.base import Layer, Shape, register
 from model.layers.shapes import canonical_axis, count
@@ -132,6 +133,11 @@ class SoftmaxWithLoss(Layer):
         self.top_shapes = [()] + ([shape] if len(self.param.top) == 2 else [])
         self._fn = make_softmax_loss(shape, self.axis, self.ignore_label, self.normalization)
 
+    def label_checks(self) -> dict[int, LabelCheck]:
+        # softmax_loss_layer.cpp: DCHECK_GE(label_value, 0); DCHECK_LT(label_value, channels).
+        return {1: LabelCheck(self.name, self.type_name, self.bottom_shapes[0][self.axis],
+                              self.ignore_label)}
+
     def forward(self, blobs, bottoms, *, rng, train):
         loss, prob = self._fn(bottoms[0], bottoms[1])
         return [loss] if len(self.top_shapes) == 1 else [loss, prob]
@@ -168,6 +174,10 @@ class Accuracy(Layer):
             raise self.fail(f"top_k {self.top_k} must be between 1 and the number of classes ({self.classes})")
         self.ignore_label = int(ap.ignore_label) if ap.HasField("ignore_label") else None
         self.top_shapes = [()] + ([(self.classes,)] if len(self.param.top) == 2 else [])
+
+    def label_checks(self) -> dict[int, LabelCheck]:
+        # accuracy_layer.cpp: DCHECK_GE(label_value, 0); DCHECK_LT(label_value, num_labels).
+        return {1: LabelCheck(self.name, self.type_name, self.classes, self.ignore_label)}
 
     def forward(self, blobs, bottoms, *, rng, train):
         scores = jax.lax.stop_gradient(bottoms[0]).reshape(self.outer, self.classes, self.inner)
