@@ -9,9 +9,17 @@ shape, current_step). We write the same bytes Caffe would, so real Caffe resumes
 Caffe keeps no RNG state or data position, so its resume is not the interrupted run
 (BVLC/caffe#1059). What exact resume needs goes into `<prefix>_iter_<N>.resume.json`, which
 Caffe never reads: seed, data batches consumed, test-net cursors, the smoothed-loss window, and
-the SHA-256 of the caffemodel and solverstate it belongs to. Each file is written to a temporary
-name and renamed; the side file is written last, so a snapshot counts as complete (and is
-offered by `latest_snapshot`) only when all three exist and the digests match.
+the SHA-256 of the caffemodel and solverstate it belongs to.
+
+Every state a kill can leave on disk resumes exactly. Each file is written to a temporary name
+and renamed (data/atomic.py), in this order: the side file (its digests are of the bytes about
+to be written), the caffemodel, the `.solverstate` LAST. So a `.solverstate` that exists always
+has its side file beside it (a kill between the files leaves a side file and maybe a caffemodel,
+which nothing offers for resuming); a `.solverstate` without a side file is one real Caffe
+wrote (or one whose side file was deleted), resumed with Caffe's semantics. A snapshot counts as
+complete (and is offered by `latest_snapshot`) only when all three exist and the digests match.
+`remove_snapshot_temps` deletes the temporaries a killed writer left; the Solver calls it when
+a run starts.
 """
 from __future__ import annotations
 
@@ -24,9 +32,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.atomic import write_bytes_atomic
+from data.atomic import remove_stale_temps, write_bytes_atomic
 from data.datum import array_to_blobproto, blobproto_to_array, read_proto_file
-from data.errors import ImagenetError
+from data.errors import ImagenetError, from_os_error
 from data.proto import caffe_pb2
 
 CAFFEMODEL_SUFFIX = ".caffemodel"
@@ -111,25 +119,37 @@ def snapshot_files(prefix: str, iteration: int, root: str | Path = ".") -> Snaps
 def write_snapshot(*, prefix: str, iteration: int, root: str | Path, caffemodel: bytes,
                    history: Sequence[np.ndarray], current_step: int, side: dict[str, Any],
                    log=None) -> SnapshotFiles:
-    """Write the three files of snapshot `iteration`; the side file (with both digests) last.
+    """Write the three files of snapshot `iteration`: the side file (with the digests of the
+    other two) first, the caffemodel, then the `.solverstate` last (see the module docstring).
 
     `caffemodel` is the serialized NetParameter; `side` the resume information (JSON-able).
     """
     files = snapshot_files(prefix, iteration, root)
-    files.caffemodel.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        files.caffemodel.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise from_os_error(err, "cannot create the snapshot folder",
+                            files.caffemodel.parent) from None
     stem = snapshot_stem(prefix, iteration)
-    if log:
-        log(f"Snapshotting to binary proto file {stem}{CAFFEMODEL_SUFFIX}")
-    write_bytes_atomic(files.caffemodel, caffemodel)
     # learned_net as Caffe writes it: the model file name built from the prefix, not absolute
     state = solverstate_bytes(iteration, stem + CAFFEMODEL_SUFFIX, history, current_step)
-    if log:
-        log(f"Snapshotting solver state to binary proto file {stem}{SOLVERSTATE_SUFFIX}")
-    write_bytes_atomic(files.solverstate, state)
     record = {"format": SIDE_FORMAT, "iter": int(iteration), **side,
               "caffemodel_sha256": _sha256(caffemodel), "solverstate_sha256": _sha256(state)}
     write_bytes_atomic(files.side, (json.dumps(record, indent=1) + "\n").encode())
+    if log:
+        log(f"Snapshotting to binary proto file {stem}{CAFFEMODEL_SUFFIX}")
+    write_bytes_atomic(files.caffemodel, caffemodel)
+    if log:
+        log(f"Snapshotting solver state to binary proto file {stem}{SOLVERSTATE_SUFFIX}")
+    write_bytes_atomic(files.solverstate, state)
     return files
+
+
+def remove_snapshot_temps(prefix: str, root: str | Path = ".") -> list[Path]:
+    """Delete the temporary files that killed writers of `prefix`'s files (snapshots, and the
+    metrics and plot beside them) left behind; never those of a writer that still runs."""
+    base = Path(root) / prefix
+    return remove_stale_temps(base.parent, base.name + "_")
 
 
 def read_side(solverstate: str | Path, caffemodel: str | Path | None = None

@@ -28,6 +28,7 @@ loss is the mean over the global batch (Caffe prints the root solver's own batch
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
 from data.pipeline import (DEFAULT_PREFETCH, SOURCE_TYPES, BatchSource, HostBatch, Prefetcher,
                            open_source)
@@ -212,6 +214,9 @@ def build_fed_net(net_param: caffe_pb2.NetParameter, phase: str, *, root: Path, 
         for src in sources.values():
             src.close()
         raise
+    for src in sources.values():
+        # Every batch's labels are checked where it is built, against the layers reading them.
+        src.label_checks = tuple(net.label_checks(src.tops[1])) if len(src.tops) > 1 else ()
     means = {name: s.mean(shapes[s.tops[0]][1]) for name, s in sources.items()}
     loss_weight: dict[str, float] = {}
     for layer in net.layers:
@@ -426,9 +431,8 @@ class MetricsWriter:
                 if rec.get("iter", 0) < resume_iter:
                     self.records.append(rec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, path)
+        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records).encode(),
+                           durable=False)
 
     def add(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
@@ -475,9 +479,9 @@ class MetricsWriter:
         d.text((left, h - bottom + 5), str(int(x0)), fill="black")
         d.text((w - right - 40, h - bottom + 5), str(int(x1)), fill="black")
         d.text((w // 2 - 30, h - bottom + 20), "iteration", fill="black")
-        tmp = self.plot_path.with_name(self.plot_path.name + ".tmp.png")
-        img.save(tmp)
-        os.replace(tmp, self.plot_path)
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        write_bytes_atomic(self.plot_path, png.getvalue(), durable=False)
 
 
 # ----------------------------------------------------------------------------- train()
@@ -656,6 +660,9 @@ class Solver:
             if resume is not None:
                 self.restore(resume)
             self.prefix = self._snapshot_prefix()
+            for leftover in snap.remove_snapshot_temps(self.prefix_str, self.root):
+                self.log(f"Removed {leftover.name}, left by an interrupted snapshot",
+                         "solver.cpp:0")
             self.metrics = MetricsWriter(
                 self.prefix.with_name(self.prefix.name + "_metrics.jsonl"),
                 self.prefix.with_name(self.prefix.name + "_plot.png"),
