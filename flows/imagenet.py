@@ -314,8 +314,14 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
         with r.stage("train" if r.wanted("train") else "evaluate"):
             plan = training.prepare_training(
                 root, p.solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
-                mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval)
+                mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval,
+                image_listings={"train": (root / TRAIN_LIST, trees["train"]),
+                                "val": (root / VAL_LIST, trees["val"])})
         data_inputs = {"train": lmdbs["train"], "val": lmdbs["val"], "mean": mean_file}
+        if plan is not None:  # a net with ImageData layers reads the listings and images too
+            data_inputs.update({f"{split}_{i}": Path(x)
+                                for split, xs in plan.image_inputs.items()
+                                for i, x in enumerate(xs)})
     last_segment: list[State | None] = []
     if plan is not None and r.wanted("train"):
         start = 0

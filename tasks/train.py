@@ -7,7 +7,8 @@ skips finished segments, and retries resume from the newest snapshot on disk, so
 at most one interval (Caffe itself can only restart by hand with `caffe train --snapshot`).
 
 `prepare_training` is the thin adapter between the user's solver/net prototxts and this data
-root: it writes copies whose Data layers read this run's LMDBs and mean file and whose
+root: it writes copies whose Data layers read this run's LMDBs and mean file (ImageData layers
+its listings and extracted images) and whose
 snapshot_prefix lives under `training/<config id>/`, a folder named after everything the weights
 depend on, so snapshots of another configuration are never resumed by mistake.
 """
@@ -20,7 +21,7 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from google.protobuf import text_format
 from prefect import task
@@ -76,6 +77,9 @@ class TrainingPlan(BaseModel):
     config_id: str
     test_batch_size: int
     accuracy_top_k: dict[str, int]
+    # Where the net's ImageData layers read ({split: [listing, image folder]}); empty for nets
+    # that read only the LMDBs. These are then inputs of the training and evaluation stages.
+    image_inputs: dict[str, list[str]] = {}
 
 
 def _resolve(path: str, relative_to: Path) -> Path:
@@ -144,8 +148,13 @@ def prepare_training(
     mean_file: Path | str,
     max_iter: int | None = None,
     snapshot_interval: int | None = None,
+    image_listings: Mapping[str, tuple[Path | str, Path | str]] | None = None,
 ) -> TrainingPlan:
-    """Write this data root's copies of the solver and net and cut max_iter into segments."""
+    """Write this data root's copies of the solver and net and cut max_iter into segments.
+
+    Data layers are pointed at the LMDBs; ImageData layers (a net that reads images from a
+    listing) at `image_listings` {"train"|"val": (listing, image folder)}, the listings and
+    extracted trees of this data root. Either kind's mean_file becomes this root's mean."""
     solver_path = _resolve(solver_src, REPO_ROOT)
     solver = _read(solver_path, caffe_pb2.SolverParameter())
     if not solver.net:
@@ -157,21 +166,33 @@ def prepare_training(
     _ensure_top5(net)
     top_k: dict[str, int] = {}
     test_batch = 0
+    image_inputs: dict[str, list[str]] = {}
     for layer in net.layer:
         phase = _phase_of(layer)
+        split = "train" if phase == caffe_pb2.TRAIN else "val"
         if layer.type == "Data":
             layer.data_param.source = str(Path(train_lmdb if phase == caffe_pb2.TRAIN else val_lmdb).resolve())
             layer.data_param.backend = caffe_pb2.DataParameter.LMDB
-            if layer.transform_param.HasField("mean_file"):
-                layer.transform_param.mean_file = str(Path(mean_file).resolve())
             if phase == caffe_pb2.TEST:
                 test_batch = layer.data_param.batch_size
+        elif layer.type == "ImageData":
+            if not image_listings or split not in image_listings:
+                raise ImagenetError(f"{net_path}: layer {layer.name!r} (ImageData) reads images, "
+                                    f"but no {split} listing and image folder were given")
+            listfile, folder = (Path(x).resolve() for x in image_listings[split])
+            layer.image_data_param.source = str(listfile)
+            layer.image_data_param.root_folder = str(folder) + "/"
+            image_inputs[split] = [str(listfile), str(folder)]
+            if phase == caffe_pb2.TEST:
+                test_batch = layer.image_data_param.batch_size
+        if layer.type in ("Data", "ImageData") and layer.transform_param.HasField("mean_file"):
+            layer.transform_param.mean_file = str(Path(mean_file).resolve())
         if layer.type == "Accuracy" and phase in (None, caffe_pb2.TEST):
             for top in layer.top:
                 top_k[top] = layer.accuracy_param.top_k or 1
     if not test_batch:
-        raise ImagenetError(f"{net_path}: no TEST-phase Data layer with a batch_size: "
-                            "the pipeline evaluates on the val LMDB through it")
+        raise ImagenetError(f"{net_path}: no TEST-phase Data or ImageData layer with a "
+                            "batch_size: the pipeline evaluates on the val set through it")
 
     if max_iter is not None:
         solver.max_iter = max_iter
@@ -187,7 +208,9 @@ def prepare_training(
         "solver": text_format.MessageToString(solver),
         "net": text_format.MessageToString(net),
         "data": {name: input_fingerprint(p) for name, p in
-                 (("train", train_lmdb), ("val", val_lmdb), ("mean", mean_file))},
+                 (("train", train_lmdb), ("val", val_lmdb), ("mean", mean_file),
+                  *((f"{split}_{i}", x) for split, xs in image_inputs.items()
+                    for i, x in enumerate(xs)))},
         "code": code_digest(TRAIN_CODE),
     }
     import hashlib
@@ -205,7 +228,8 @@ def prepare_training(
     return TrainingPlan(run_dir=str(run_dir), solver=str(run_dir / SOLVER_FILE),
                         net=str(run_dir / NET_FILE), snapshot_prefix=str(prefix),
                         max_iter=solver.max_iter, segment_ends=ends, config_id=config_id,
-                        test_batch_size=test_batch, accuracy_top_k=top_k)
+                        test_batch_size=test_batch, accuracy_top_k=top_k,
+                        image_inputs=image_inputs)
 
 
 def snapshot_files(prefix: str, it: int) -> tuple[Path, Path]:

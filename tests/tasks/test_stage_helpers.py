@@ -85,6 +85,54 @@ def test_prepare_training_points_the_net_at_this_data_root(tmp_path):
     assert again.segment_ends == [3, 6] and again.run_dir != plan.run_dir
 
 
+def test_image_data_nets_read_this_roots_listings_and_images(tmp_path):
+    """A net with ImageData layers runs as the pipeline's solver: its layers read the root's
+    train.txt/val.txt and extracted trees, which become inputs of the configuration."""
+    d = _data(tmp_path)
+    lists = {}
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        write_manifest(tmp_path / split, stage="test", key="k", digest=split)
+        (tmp_path / f"{split}.txt").write_text("a.JPEG 0\n")
+        lists[split] = (tmp_path / f"{split}.txt", tmp_path / split)
+    src = tmp_path / "src"
+    src.mkdir()
+    image_net = (NET % 10).replace('type: "Data"', 'type: "ImageData"').replace(
+        "data_param { source:", "image_data_param { source:")
+    (src / "net.prototxt").write_text(image_net)
+    (src / "solver.prototxt").write_text(SOLVER)
+    kw = dict(train_lmdb=d["train_lmdb"], val_lmdb=d["val_lmdb"], mean_file=d["mean"])
+    plan = train.prepare_training(tmp_path / "root", str(src / "solver.prototxt"),
+                                  image_listings=lists, **kw)
+    net = text_format.Parse(Path(plan.net).read_text(), caffe_pb2.NetParameter())
+    got = [(l.image_data_param.source, l.image_data_param.root_folder, l.transform_param.mean_file)
+           for l in net.layer if l.type == "ImageData"]
+    assert got == [(str((tmp_path / f"{s}.txt").resolve()), str((tmp_path / s).resolve()) + "/",
+                    str((tmp_path / "mean").resolve())) for s in ("train", "val")]
+    assert plan.test_batch_size == 3
+    assert plan.image_inputs == {s: [str((tmp_path / f"{s}.txt").resolve()),
+                                     str((tmp_path / s).resolve())] for s in ("train", "val")}
+    (tmp_path / "val.txt").write_text("b.JPEG 1\n")  # another val listing: another config
+    assert train.prepare_training(tmp_path / "root", str(src / "solver.prototxt"),
+                                  image_listings=lists, **kw).config_id != plan.config_id
+    with pytest.raises(ImagenetError, match="ImageData.*no train listing"):
+        train.prepare_training(tmp_path / "root", str(src / "solver.prototxt"), **kw)
+
+
+@pytest.mark.parametrize("model", ["bvlc_googlenet", "resnet_50"])
+def test_zoo_nets_run_as_the_pipelines_solver(tmp_path, model):
+    d = _data(tmp_path)
+    plan = train.prepare_training(tmp_path / "root", f"model/zoo/{model}/solver.prototxt",
+                                  train_lmdb=d["train_lmdb"], val_lmdb=d["val_lmdb"],
+                                  mean_file=d["mean"], max_iter=4, snapshot_interval=2)
+    assert plan.segment_ends == [2, 4] and plan.test_batch_size == 50
+    if model == "bvlc_googlenet":  # three heads: the pipeline reports the main one (loss3)
+        assert plan.accuracy_top_k["loss3/top-5"] == 5
+        assert list(plan.accuracy_top_k)[-2:] == ["loss3/top-1", "loss3/top-5"]
+    else:
+        assert plan.accuracy_top_k == {"accuracy": 1, "accuracy_top5": 5}
+
+
 def test_no_top5_twin_for_fewer_than_five_classes(tmp_path):
     assert _prepare(tmp_path, classes=3).accuracy_top_k == {"accuracy": 1}
 
