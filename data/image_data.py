@@ -209,7 +209,7 @@ class ImageDataSource(BatchSource):
 
     def _items(self, index: int) -> tuple[list[np.ndarray], list[int], str]:
         imgs, labels = [], []
-        for i in self.entry_indices(index):
+        for i in self.entry_indices(index)[self.rows()]:
             entry = self.entries[i]
             chw = self.load(entry)
             self.plan.check_image(chw.shape, f"{self.path}:{entry.line_no} ({entry.path})")

@@ -121,20 +121,38 @@ class BatchSource:
     seed: int
     stream: int
     label_checks: tuple[LabelCheck, ...] = ()
+    # (this part, parts): multi-process training reads part p of P of every global batch
+    part: tuple[int, int] = (0, 1)
+
+    def read_part(self, part: int, parts: int) -> None:
+        """Read only images [part*N/parts, (part+1)*N/parts) of each batch of N from now on:
+        a process's share of the global batch, in the global batch's order, with the draws a
+        single process would make for those images."""
+        if not 0 <= part < parts or self.batch_size % parts:
+            raise ImagenetError(f"layer {self.name!r}: cannot read part {part} of {parts} of a "
+                                f"batch of {self.batch_size} (it must split evenly)")
+        self.part = (int(part), int(parts))
+
+    def rows(self) -> slice:
+        """The positions, within each global batch, of the images this source reads."""
+        part, parts = self.part
+        size = self.batch_size // parts
+        return slice(part * size, (part + 1) * size)
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def _items(self, index: int) -> tuple[list[np.ndarray], list[int], str]:
-        """The (C,H,W) uint8 images and labels of batch `index`, and where they came from
-        (for messages)."""
+        """The (C,H,W) uint8 images and labels of batch `index` at positions `rows()`, and
+        where they came from (for messages)."""
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
 
     def describe_item(self, index: int, j: int) -> str:
-        """Where item `j` of batch `index` came from, for messages (a record key, a line)."""
+        """Where item `j` (its position in the whole batch) of batch `index` came from, for
+        messages (a record key, a line)."""
         return f"{self.name}: item {j} of batch {index}"
 
     def record_indices(self, index: int) -> np.ndarray:
@@ -153,12 +171,15 @@ class BatchSource:
         return (start // len(self)) != ((start + self.batch_size - 1) // len(self))
 
     def batch(self, index: int) -> HostBatch:
-        """Batch number `index` (0-based) of this layer."""
+        """Batch number `index` (0-based) of this layer (this source's part of it)."""
         images, labels, where = self._items(index)
-        check_labels(labels, self.label_checks, lambda j: self.describe_item(index, j))
+        first = self.rows().start  # position of this part's first image in the batch
+        check_labels(labels, self.label_checks,
+                     lambda j: self.describe_item(index, first + j))
         hs = [im.shape[1] for im in images]
         ws = [im.shape[2] for im in images]
-        offsets, mirror = self.plan.draw(self.rng(index), hs, ws)
+        offsets, mirror = self.plan.draw(self.rng(index), hs, ws, batch=self.batch_size,
+                                         first=first)
         out_hw = self.plan.output_hw(hs[0], ws[0])
         shapes = {(im.shape[0], *self.plan.output_hw(im.shape[1], im.shape[2])) for im in images}
         if len(shapes) != 1:
@@ -221,7 +242,7 @@ class DataSource(BatchSource):
     def _items(self, index: int) -> tuple[list[np.ndarray], list[int], str]:
         txn = self._txn()
         images, labels = [], []
-        for i in self.record_indices(index):
+        for i in self.record_indices(index)[self.rows()]:
             key = self.keys[int(i)]
             value = txn.get(key)
             if value is None:

@@ -26,6 +26,12 @@ from data.errors import ImagenetError
 from data.proto import caffe_pb2
 
 
+# Uniforms drawn per image: mirror, h_off, w_off (data_transformer.cpp draws the same three).
+DRAWS_PER_IMAGE = 3
+# Caffe mirrors when Rand(2) == 1: probability one half.
+MIRROR_P = 0.5
+
+
 @dataclass(frozen=True)
 class TransformPlan:
     """transform_param made concrete: crop size, mirror, mean (full-size array or per-channel
@@ -87,18 +93,30 @@ class TransformPlan:
             raise ImagenetError(f"{where}: {len(self.mean_values)} mean_value entries for "
                                 f"{c} channels (Caffe wants 1 or one per channel)")
 
-    def draw(self, rng: np.random.Generator, heights: Sequence[int], widths: Sequence[int]
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-image (h_off, w_off) int32 (N, 2) and mirror flags bool (N,)."""
+    def draw(self, rng: np.random.Generator, heights: Sequence[int], widths: Sequence[int],
+             *, batch: int | None = None, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image (h_off, w_off) int32 (n, 2) and mirror flags bool (n,) for the n =
+        len(heights) images first .. first+n-1 of a batch of `batch` (default n) images.
+
+        Every image of the batch gets DRAWS_PER_IMAGE uniforms from `rng` whatever its size,
+        so the draws of one image do not depend on the others': a process reading only its
+        share of a global batch draws exactly what one process reading all of it would.
+        Caffe's Rand(n) (a 32-bit draw mod n) becomes floor(u * n): mirror = Rand(2),
+        h_off = Rand(H - crop + 1), w_off = Rand(W - crop + 1) in TRAIN; TEST crops the
+        centre, (H - crop) / 2."""
         n = len(heights)
+        total = n if batch is None else int(batch)
+        if not 0 <= first <= total - n:
+            raise ImagenetError(f"images {first}..{first + n - 1} are not in a batch of {total}")
+        u = rng.random((total, DRAWS_PER_IMAGE))[first:first + n]
         hs, ws = np.asarray(heights), np.asarray(widths)
-        # Caffe draws mirror first (do_mirror = mirror && Rand(2)), then the offsets.
-        flips = (rng.integers(0, 2, size=n) == 1) if self.mirror else np.zeros(n, bool)
+        flips = (u[:, 0] < MIRROR_P) if self.mirror else np.zeros(n, bool)
         if not self.crop_size:
             offs = np.zeros((n, 2), np.int32)
         elif self.train:
-            offs = np.stack([rng.integers(0, hs - self.crop_size + 1),
-                             rng.integers(0, ws - self.crop_size + 1)], axis=1).astype(np.int32)
+            offs = np.floor(u[:, 1:] * np.stack([hs - self.crop_size + 1,
+                                                 ws - self.crop_size + 1], axis=1))
+            offs = offs.astype(np.int32)
         else:
             offs = np.stack([(hs - self.crop_size) // 2,
                              (ws - self.crop_size) // 2], axis=1).astype(np.int32)

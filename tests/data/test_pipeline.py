@@ -61,6 +61,28 @@ def test_batch_is_pure_function_of_seed_and_index(tmp_path) -> None:
     assert draws != [tuple(a.batch(i).offsets.ravel()) for i in range(4)]
 
 
+def test_parts_of_a_batch_are_its_rows_with_the_same_draws(tmp_path) -> None:
+    """Multi-process training: part p of P of a global batch is exactly those rows of the batch
+    one process reads (records, crops, mirrors, labels), wrap-around included."""
+    make_lmdb(tmp_path / "db", 7)
+    lp = layer("db", 4, "crop_size: 8 mirror: true")
+    whole = DataSource(lp, train=True, seed=42, root=tmp_path)
+    for parts in (2, 4):
+        srcs = [DataSource(lp, train=True, seed=42, root=tmp_path) for _ in range(parts)]
+        for p, s in enumerate(srcs):
+            s.read_part(p, parts)
+        for i in (0, 1, 5):
+            want = whole.batch(i)
+            got = [s.batch(i) for s in srcs]
+            for field in ("images", "offsets", "mirror", "labels"):
+                assert np.array_equal(np.concatenate([getattr(g, field) for g in got]),
+                                      getattr(want, field)), (parts, i, field)
+            assert {g.wrapped for g in got} == {want.wrapped}
+    assert len({tuple(whole.batch(i).offsets.ravel()) for i in range(4)}) > 1  # really random
+    with pytest.raises(ImagenetError, match="cannot read part 0 of 3 of a batch of 4"):
+        whole.read_part(0, 3)
+
+
 def test_prefetcher_yields_consecutive_batches_from_any_start(tmp_path) -> None:
     make_lmdb(tmp_path / "db", 6)
     src = DataSource(layer("db", 4, "crop_size: 8"), train=True, seed=3, root=tmp_path)
