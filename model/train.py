@@ -10,15 +10,22 @@ Owns the training loop around a pure, jitted `train_step(state, batch, hyper)`:
 - hyper: the float32 learning rate of this iteration (model/solver.py computes it on the host
   in double, like Caffe).
 
-Around it, `Solver` has the shape of src/caffe/solver.cpp (solve, step, test_all/test, snapshot,
-restore: one method per Caffe function) and its order: test at iter % test_interval == 0
-(iteration 0 only with test_initialization), forward/backward iter_size times, smoothed loss over average_loss,
-display "Iteration N (x iter/s, ys/D iters), loss = L" + net outputs, ApplyUpdate with
-"Iteration N, lr = R", ++iter, snapshot every `snapshot` iterations; after max_iter a snapshot
-(snapshot_after_train), one more TRAIN forward printed as "Iteration N, loss = L" (which, as a
-TRAIN forward, updates BatchNorm's running statistics after the snapshot), the final test and
-"Optimization Done.". Logs carry glog-style prefixes so Caffe's tools/extra/parse_log.py
-reads them. Beside the snapshots: `<prefix>_metrics.jsonl` and `<prefix>_plot.png`.
+Around it, `Solver` has the shape of src/caffe/solver.cpp (solve, step, test_all/test,
+snapshot, restore: one method per Caffe function) and its order: test at
+iter % test_interval == 0 (iteration 0 only with test_initialization), forward/backward
+iter_size times, smoothed loss over average_loss, display "Iteration N (x iter/s, ys/D iters),
+loss = L" + net outputs, ApplyUpdate with "Iteration N, lr = R", ++iter, snapshot every
+`snapshot` iterations; after max_iter a snapshot (snapshot_after_train), one more TRAIN forward
+printed as "Iteration N, loss = L" (which, as a TRAIN forward, updates BatchNorm's running
+statistics after the snapshot), the final test and "Optimization Done.". Logs carry glog-style
+prefixes so Caffe's tools/extra/parse_log.py reads them. Beside the snapshots:
+`<prefix>_metrics.jsonl` and `<prefix>_plot.png`.
+
+Data parallelism, as Caffe's multi-GPU P2PSync: the global batch is batch_size x devices, split
+along N over a one-axis mesh; params and optimizer state are replicated and XLA all-reduces the
+gradients. The devices may belong to several processes (hosts) joined by model/distributed.py:
+each process then reads only its share of every global batch (data/pipeline.py read_part), in
+the order one process would read it, and process 0 alone logs, tests and snapshots.
 
 Where we differ from Caffe on purpose: resume is exact (the data position, test-net cursors,
 seed and smoothed-loss window are stored in the snapshot's side file, model/snapshot.py);
@@ -37,6 +44,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -44,6 +52,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.atomic import write_bytes_atomic
@@ -102,13 +111,33 @@ def fmt(x: float) -> str:
 
 def select_devices(devices: str | Sequence[int] | None, solver_mode: int | None = None,
                    device_id: int = 0) -> list[jax.Device]:
-    """--gpu semantics on jax.devices(): "all", a list of indices, [-1] (CPU), or None (the
-    solver_mode default: the first device)."""
-    avail = jax.devices()
+    """--gpu semantics: "all", a list of indices, [-1] (CPU), or None (the solver_mode
+    default: the first device). With several processes (jax.distributed) every process applies
+    the same choice to its own local devices; the result lists them all, process by process,
+    so each process's devices hold one contiguous share of the global batch."""
+    if jax.process_count() == 1:
+        return _select_among(jax.devices(), jax.devices("cpu"), devices, solver_mode, device_id)
+    chosen: list[jax.Device] = []
+    for p in range(jax.process_count()):
+        local = sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+        cpus = sorted((d for d in jax.devices("cpu") if d.process_index == p),
+                      key=lambda d: d.id)
+        chosen += _select_among(local, cpus, devices, solver_mode, device_id)
+    per_process = Counter(d.process_index for d in chosen)
+    if len(set(per_process.values())) != 1:
+        raise ImagenetError(f"processes have different device counts {dict(per_process)}: "
+                            "give every process the same number of devices (--gpu)")
+    return chosen
+
+
+def _select_among(avail: Sequence[jax.Device], cpus: Sequence[jax.Device],
+                  devices: str | Sequence[int] | None, solver_mode: int | None,
+                  device_id: int) -> list[jax.Device]:
+    """select_devices on one list of devices (one process's, or all with one process)."""
     if devices is None:
         # caffe.cpp: without --gpu the solver's solver_mode decides (GPU: device_id)
         if solver_mode == SOLVER_MODE_CPU:
-            return [jax.devices("cpu")[0]]
+            return [cpus[0]]
         return [avail[device_id] if 0 <= device_id < len(avail) else avail[0]]
     if isinstance(devices, str):
         if devices == "all":
@@ -116,7 +145,7 @@ def select_devices(devices: str | Sequence[int] | None, solver_mode: int | None 
         devices = [int(d) for d in devices.split(",") if d.strip()]
     devices = list(devices)
     if devices == [-1]:
-        return [jax.devices("cpu")[0]]
+        return [cpus[0]]
     bad = [d for d in devices if not 0 <= d < len(avail)]
     if bad or not devices:
         raise ImagenetError(f"device ids {devices} invalid; {len(avail)} devices available: "
@@ -124,6 +153,12 @@ def select_devices(devices: str | Sequence[int] | None, solver_mode: int | None 
     if len(set(devices)) != len(devices):
         raise ImagenetError(f"device ids repeated: {devices}")
     return [avail[d] for d in devices]
+
+
+def local_copy(tree: Any) -> Any:
+    """This process's copy of replicated arrays: with several processes a global array spans
+    devices this process cannot read, but every process holds all of a replicated one."""
+    return jax.tree.map(lambda a: a.addressable_data(0), tree)
 
 
 # ----------------------------------------------------------------------------- nets + data
@@ -182,9 +217,10 @@ def num_test_nets(solver: caffe_pb2.SolverParameter) -> int:
 
 def build_fed_net(net_param: caffe_pb2.NetParameter, phase: str, *, root: Path, seed: int,
                   stream: int, n_devices: int, state: caffe_pb2.NetState | None = None,
-                  source_name: str | None = None) -> FedNet:
-    """A Net plus sources for its Data and ImageData layers, shapes taken from the data (global batch =
-    batch_size x devices, as Caffe's multi-GPU)."""
+                  source_name: str | None = None, part: tuple[int, int] = (0, 1)) -> FedNet:
+    """A Net plus sources for its Data and ImageData layers, shapes taken from the data (global
+    batch = batch_size x devices, as Caffe's multi-GPU). part=(p, P): this process reads part
+    p of P of every global batch (multi-process training); the net keeps the global shapes."""
     from model.prototxt import filter_net
     stages = list(state.stage) if state is not None else []
     level = int(state.level) if state is not None else 0
@@ -196,8 +232,10 @@ def build_fed_net(net_param: caffe_pb2.NetParameter, phase: str, *, root: Path, 
             src = open_source(lp, train=(phase == "TRAIN"), seed=seed, stream=stream,
                               batch_multiplier=n_devices, root=root)
             sources[lp.name] = src
+            if part[1] > 1:
+                src.read_part(*part)
             first = src.batch(0)
-            shapes[lp.top[0]] = tuple(first.images.shape)
+            shapes[lp.top[0]] = (src.batch_size, *first.images.shape[1:])
             if len(lp.top) > 1:
                 shapes[lp.top[1]] = (src.batch_size,)
         elif lp.type in ("Input",) and n_devices > 1:
@@ -418,9 +456,13 @@ def _out_msg(kind: str, j: int, name: str, value: float, weight: float) -> str:
 class MetricsWriter:
     """JSON-lines metrics and a PNG plot (train loss, test loss, test accuracy vs iteration)."""
 
-    def __init__(self, path: Path, plot_path: Path, resume_iter: int | None) -> None:
+    def __init__(self, path: Path, plot_path: Path, resume_iter: int | None, *,
+                 enabled: bool = True) -> None:
         self.path, self.plot_path = path, plot_path
         self.records: list[dict[str, Any]] = []
+        self.enabled = enabled  # False: processes other than 0 keep records in memory only
+        if not enabled:
+            return
         if resume_iter is not None and path.exists():
             # drop what a killed run logged after the snapshot we resume from
             for line in path.read_text().splitlines():
@@ -436,10 +478,14 @@ class MetricsWriter:
 
     def add(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def plot(self) -> None:
+        if not self.enabled:
+            return
         from PIL import Image, ImageDraw
         train = [(r["iter"], r["loss"]) for r in self.records if r["kind"] == "train"]
         test_loss = [(r["iter"], r["outputs"]["loss"]) for r in self.records
@@ -550,9 +596,11 @@ class ResumePoint:
     side: dict[str, Any] | None  # None: written by real Caffe (no exact-resume record)
 
 
-def read_resume_point(snapshot: str | os.PathLike, root: Path, n_devices: int) -> ResumePoint:
+def read_resume_point(snapshot: str | os.PathLike, root: Path, n_devices: int,
+                      processes: int = 1) -> ResumePoint:
     """The .solverstate, its learned_net and our side file; refuses a side file written with
-    another device count (the global batch, hence the data order, would differ)."""
+    another device count (the global batch, hence the data order, would differ) or another
+    process count."""
     path = Path(snapshot)
     if not path.is_absolute() and not path.exists():
         path = root / path
@@ -561,11 +609,16 @@ def read_resume_point(snapshot: str | os.PathLike, root: Path, n_devices: int) -
         raise ImagenetError(f"{path}: no learned_net (HDF5 snapshots are not supported)")
     learned = snap.resolve_learned_net(state.learned_net, path, root)
     side = snap.read_side(path, learned)
+    if side is not None and side.get("processes", 1) != processes:
+        raise ImagenetError(f"{path} was written by a {side.get('processes', 1)}-process run; "
+                            f"resume it with --num_processes={side.get('processes', 1)} (got "
+                            f"{processes}): every process reads its share of each batch")
     if side is not None and side.get("devices", n_devices) != n_devices:
         raise ImagenetError(f"{path} was written by a {side['devices']}-device run; "
                             f"resume it on {side['devices']} devices (got {n_devices}) so the "
                             "global batch and data order stay the same")
-    return ResumePoint(given=str(snapshot), solverstate=path, state=state, caffemodel=learned, side=side)
+    return ResumePoint(given=str(snapshot), solverstate=path, state=state, caffemodel=learned,
+                       side=side)
 
 
 def choose_seed(param: caffe_pb2.SolverParameter, resume: ResumePoint | None) -> int:
@@ -598,6 +651,11 @@ class _Pending:
     hyper: dict[str, Any]
     display: bool
     multistep: str
+    vote: Any = None  # multi-process: whether any process asked to stop (a device array)
+
+
+def _discard(line: str) -> None:
+    """The log of processes other than 0 (process 0 alone logs, as Caffe's root solver)."""
 
 
 class Solver:
@@ -613,6 +671,11 @@ class Solver:
     Hooks for callers: on_progress(iter, max_iter) after each update, on_test(iter, outputs)
     after each TestAll, request_stop(reason) (SIGINT/SIGTERM call it) to snapshot and stop.
     Use it as a context manager (or call close()): the LMDB readers close on every path out.
+
+    With several processes (model/distributed.py joined them) each process feeds its devices'
+    share of every global batch and the step's gradient reduction spans all devices. Process 0
+    alone logs, tests (on its first device, like Caffe's root solver) and snapshots; a stop
+    request on any process stops all of them at the same iteration (`_vote`).
     """
 
     def __init__(self, solver_path: str | os.PathLike, *,
@@ -625,7 +688,9 @@ class Solver:
                  workdir: str | os.PathLike | None = None, precision: str = "fp32",
                  prefetch: int = DEFAULT_PREFETCH) -> None:
         self.t_start = time.time()
-        self.log = CaffeLog(log)
+        self.processes, self.process = jax.process_count(), jax.process_index()
+        self.is_root = self.process == 0
+        self.log = CaffeLog(log if self.is_root else _discard)
         self.root = Path(workdir) if workdir is not None else Path.cwd()
         path = Path(solver_path)
         self.solver_path = path if path.is_absolute() or path.exists() else self.root / path
@@ -636,7 +701,7 @@ class Solver:
         self.devices = select_devices(devices, int(sp.solver_mode), int(sp.device_id))
         self.log("Use CPU." if self.devices[0].platform == "cpu"
                  else f"Using devices {self.devices}", "caffe.cpp:197")
-        resume = (read_resume_point(snapshot, self.root, len(self.devices))
+        resume = (read_resume_point(snapshot, self.root, len(self.devices), self.processes)
                   if snapshot is not None else None)
         self.seed = choose_seed(sp, resume)
         self.precision, self.prefetch = precision, prefetch
@@ -645,7 +710,8 @@ class Solver:
         self.stop_iter = (self.max_iter if stop_at_iter is None
                           else min(int(stop_at_iter), self.max_iter))
         self.iter, self.current_step = 0, 0
-        self.requested_stop: str | None = None
+        self.requested_stop: str | None = None  # asked here (a signal, a caller)
+        self.agreed_stop: str | None = None     # multi-process: what all processes act on
         self.last_snapshot: tuple[str, str] | None = None
         self.final_test: dict[str, float] = {}
         self.loss_log: dict[int, float] = {}
@@ -656,17 +722,20 @@ class Solver:
             self._init_nets()
             self._init_params(weights)
             self._init_state()
-            self.position = DataPosition(test_batches=[0] * len(self.tests))
+            self.position = DataPosition(test_batches=[0] * self.n_tests)
             if resume is not None:
                 self.restore(resume)
             self.prefix = self._snapshot_prefix()
-            for leftover in snap.remove_snapshot_temps(self.prefix_str, self.root):
+            # process 0 alone writes snapshots, so it alone sweeps their temporaries
+            leftovers = (snap.remove_snapshot_temps(self.prefix_str, self.root)
+                         if self.is_root else [])
+            for leftover in leftovers:
                 self.log(f"Removed {leftover.name}, left by an interrupted snapshot",
                          "solver.cpp:0")
             self.metrics = MetricsWriter(
                 self.prefix.with_name(self.prefix.name + "_metrics.jsonl"),
                 self.prefix.with_name(self.prefix.name + "_plot.png"),
-                self.iter if resume is not None else 0)
+                self.iter if resume is not None else 0, enabled=self.is_root)
         except BaseException:
             self.close()
             raise
@@ -682,11 +751,13 @@ class Solver:
             train_param, "TRAIN", root=root, seed=self.seed, stream=TRAIN_STREAM,
             n_devices=len(self.devices),
             state=sp.train_state if sp.HasField("train_state") else None,
-            source_name=None if train_src.endswith("param") else str(root / train_src))
+            source_name=None if train_src.endswith("param") else str(root / train_src),
+            part=(self.process, self.processes))
         self.opened.append(self.train_net)
         self.net = self.train_net.net
         self.tests: list[FedNet] = []
-        for k in range(num_test_nets(sp)):
+        self.n_tests = num_test_nets(sp)
+        for k in range(self.n_tests if self.is_root else 0):
             tparam, tsrc = _net_param(sp, root, "test", k)
             self.log(f"Creating test net (#{k}) specified by {tsrc}", "solver.cpp:190")
             # Caffe tests on the root solver only, at the prototxt's batch size: test batches
@@ -728,9 +799,13 @@ class Solver:
             make_train_step(self.train_net, self.rule, self.params, precision=self.precision),
             out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
         self.fwd_train = jax.jit(make_train_forward(self.train_net, self.params,
-                                                    precision=self.precision))
+                                                    precision=self.precision),
+                                 out_shardings=self.replicated)
         self.test_fns = [jax.jit(make_forward(t, ti, train=False, precision=self.precision))
                          for t, ti in zip(self.tests, self.test_inits)]
+        # multi-process stop vote: one flag per device, any() of them, replicated
+        self.per_device = NamedSharding(mesh, PartitionSpec("data"))
+        self.any_fn = jax.jit(jnp.any, out_shardings=self.replicated)
 
     def _place_state(self, flat: tuple, history: Sequence[np.ndarray] | None,
                      iteration: int) -> TrainState:
@@ -739,7 +814,8 @@ class Solver:
             opt_state = self.rule.with_history(opt_state, history)
         state = TrainState(flat, opt_state, jnp.asarray(iteration, jnp.int32),
                            jax.random.PRNGKey(self.seed))
-        return jax.device_put(state, self.replicated)
+        # from host values: every process passes the same ones to the replicated placement
+        return jax.device_put(jax.tree.map(np.asarray, state), self.replicated)
 
     def _snapshot_prefix(self) -> Path:
         prefix = self.param.snapshot_prefix or ""
@@ -797,6 +873,9 @@ class Solver:
             self.log("Optimization Done.", "solver.cpp:332")
         if self.metrics.records:
             self.metrics.plot()
+        if self.processes > 1:
+            # nobody returns before process 0 wrote the last snapshot (a caller may resume)
+            multihost_utils.sync_global_devices("imagenet-pipeline Solver::Solve done")
         done = self.iter - it0
         return TrainResult(
             final_iter=self.iter, last_snapshot=self.last_snapshot,
@@ -818,14 +897,14 @@ class Solver:
         rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, self.iter), 0)
         loss, params = self.fwd_train(self.state.params, arrays, rng)
         self.state = self.state._replace(params=params)
-        loss = np.float32(loss)
+        loss = np.float32(jax.device_get(local_copy(loss)))
         self._smooth(loss, self.iter)
         self.log(f"Iteration {self.iter}, loss = {fmt(self.position.smoothed)}",
                  "solver.cpp:327")
 
     def _test_due(self, final: bool = False) -> bool:
         sp = self.param
-        return bool(sp.test_interval and self.iter % sp.test_interval == 0 and self.tests
+        return bool(sp.test_interval and self.iter % sp.test_interval == 0 and self.n_tests
                     and (final or self.iter > 0 or sp.test_initialization))
 
     # ---- Solver::Step
@@ -859,12 +938,13 @@ class Solver:
                     # the double rate stays on the host (logs); the step takes float32 values
                     self.state, m = self.step_fn(self.state, arrays,
                                                  {k: v for k, v in hyper.items() if k != "lr"})
+                    vote = self._vote()
                     self._finish(pending)
-                    pending = _Pending(self.iter, m, hyper, display, multistep)
+                    pending = _Pending(self.iter, m, hyper, display, multistep, vote)
                     self.iter += 1
                     if self.on_progress is not None:
                         self.on_progress(self.iter, self.max_iter)
-                    stop = self.requested_stop
+                    stop = self.requested_stop if self.processes == 1 else self.agreed_stop
                     if (sp.snapshot and self.iter % sp.snapshot == 0) or stop:
                         self._finish(pending)  # never snapshot weights whose loss is unchecked
                         pending = None
@@ -880,6 +960,17 @@ class Solver:
                 p.close()
         return False
 
+    def _vote(self) -> Any:
+        """With several processes, whether any has a stop request: a tiny collective
+        dispatched after each step and read with that step's loss, so every process stops
+        after the same iteration (one later than a single process would). None with one."""
+        if self.processes == 1:
+            return None
+        n_local = len(self.devices) // self.processes
+        flags = np.full(n_local, self.requested_stop is not None)
+        return self.any_fn(jax.make_array_from_process_local_data(
+            self.per_device, flags, (len(self.devices),)))
+
     def _next_passes(self, feeds: Mapping[str, Prefetcher]) -> list[dict[str, HostBatch]]:
         """The host batches of one iteration: iter_size passes of every Data layer."""
         passes = [{name: next(p) for name, p in feeds.items()}
@@ -890,7 +981,11 @@ class Solver:
         return passes
 
     def _put_train_batch(self, passes: Sequence[Mapping[str, HostBatch]]) -> dict[str, Any]:
-        return jax.device_put(stack_batches(self.train_net, passes), self.sharded)
+        """This process's share of the batch (its rows on axis 1) into the global array."""
+        def put(local: np.ndarray) -> jax.Array:
+            shape = (local.shape[0], local.shape[1] * self.processes, *local.shape[2:])
+            return jax.make_array_from_process_local_data(self.sharded, local, shape)
+        return jax.tree.map(put, stack_batches(self.train_net, passes))
 
     def _finish(self, p: _Pending | None) -> None:
         """The display half of Step for iteration p.it: NaN check, UpdateSmoothedLoss,
@@ -898,12 +993,14 @@ class Solver:
         if p is None:
             return
         sp, i = self.param, p.it
-        loss = np.float32(jax.device_get(p.metrics["loss"]))
+        loss = np.float32(jax.device_get(local_copy(p.metrics["loss"])))
         if not np.isfinite(loss):
             where = (f"; the last good snapshot is {self.last_snapshot[1]}"
                      if self.last_snapshot else "")
             raise ImagenetError(f"loss is {loss} at iteration {i} (lr {fmt(p.hyper['lr'])}): "
                                 f"training diverged, stopping{where}")
+        if p.vote is not None and bool(jax.device_get(local_copy(p.vote))):
+            self.agreed_stop = self.requested_stop or "a stop request from another process"
         if i == self._solve_from:  # the first step includes compilation: time from its end
             self._t_loop = time.time()
         else:
@@ -915,7 +1012,7 @@ class Solver:
             per_s = (i - self._iters_last) / (lapse if lapse else 1)
             self.log(f"Iteration {i} ({fmt(per_s)} iter/s, {fmt(lapse)}s/{sp.display} "
                      f"iters), loss = {fmt(self.position.smoothed)}", "solver.cpp:239")
-            rows = _output_lines(jax.device_get(p.metrics["outputs"]),
+            rows = _output_lines(jax.device_get(local_copy(p.metrics["outputs"])),
                                  self.train_net.loss_weight)
             for j, (name, v, w) in enumerate(rows):
                 self.log(_out_msg("Train", j, name, v, w), "solver.cpp:258")
@@ -967,7 +1064,7 @@ class Solver:
         try:
             for _ in range(n_iter):
                 batch = {name: next(p) for name, p in feeds.items()}
-                arrays = jax.device_put(stack_batches(t, [batch]), self.replicated)
+                arrays = jax.device_put(stack_batches(t, [batch]), params[0].device)
                 loss, outs = self.test_fns[k](params, arrays, None)
                 loss_sum += np.float32(loss)
                 for name, v in jax.device_get(outs).items():
@@ -993,26 +1090,33 @@ class Solver:
 
     def _test_params(self, k: int) -> tuple:
         """Net::ShareTrainedLayersWith: a test-net blob is the train blob of the same layer
-        name; test-only layers keep their own values."""
-        train_vals = unflatten_params(self.net, self.state.params, self.params)
+        name; test-only layers keep their own values. On this process's first device: the
+        test nets run there alone (Caffe tests on the root solver)."""
+        local = local_copy(self.state.params)
+        device = local[0].device
+        train_vals = unflatten_params(self.net, local, self.params)
         out = []
         for r in self.tests[k].net.learnable_params:
             if r.layer in train_vals and train_vals[r.layer][r.index] is not None:
                 out.append(train_vals[r.layer][r.index])
             else:
-                out.append(jax.device_put(jnp.asarray(self.test_inits[k][r.layer][r.index]),
-                                          self.replicated))
+                out.append(jax.device_put(np.asarray(self.test_inits[k][r.layer][r.index]),
+                                          device))
         return tuple(out)
 
     # ---- Solver::Snapshot / Restore
 
     def snapshot(self) -> None:
         """Solver::Snapshot: the TRAIN net as .caffemodel, SGDSolver's .solverstate (history,
-        current_step), and our side file with what exact resume needs (model/snapshot.py)."""
-        host_params = unflatten_params(self.net, jax.device_get(self.state.params), self.params)
+        current_step), and our side file with what exact resume needs (model/snapshot.py).
+        Process 0 alone writes; the others hold the same replicated state."""
+        if not self.is_root:
+            return
+        host_params = unflatten_params(self.net, jax.device_get(local_copy(self.state.params)),
+                                       self.params)
         model_bytes = net_to_proto(self.net, host_params).SerializeToString()
         history = [np.asarray(h) for h in
-                   jax.device_get(self.rule.history(self.state.opt_state))]
+                   jax.device_get(local_copy(self.rule.history(self.state.opt_state)))]
         files = snap.write_snapshot(prefix=self.prefix_str, iteration=self.iter, root=self.root,
                                     caffemodel=model_bytes, history=history,
                                     current_step=self.current_step, side=self._side_record(),
@@ -1024,7 +1128,9 @@ class Solver:
         return {"seed": self.seed, "devices": len(self.devices),
                 "train_batches": pos.train_batches, "test_batches": list(pos.test_batches),
                 "losses": [float(x) for x in pos.losses], "smoothed_loss": float(pos.smoothed),
-                "start_iter": pos.start_iter, "iter_size": int(self.param.iter_size)}
+                "start_iter": pos.start_iter, "iter_size": int(self.param.iter_size),
+                # absent: one process (side files of single-process runs stay as they were)
+                **({"processes": self.processes} if self.processes > 1 else {})}
 
     def restore(self, point: ResumePoint) -> None:
         """Solver::Restore + SGDSolver::RestoreSolverStateFromBinaryProto: the learned_net's
@@ -1038,7 +1144,7 @@ class Solver:
                                        point.state.history, self.iter)
         side = point.side
         if side is None:
-            self.position = DataPosition(test_batches=[0] * len(self.tests),
+            self.position = DataPosition(test_batches=[0] * self.n_tests,
                                          start_iter=self.iter)
         else:
             self.position = DataPosition(

@@ -1,11 +1,17 @@
 """`imagenet train --solver=S [--snapshot=X.solverstate | --weights=A.caffemodel[,B...]]
-[--gpu=all|0,1|-1] [--iterations=N]`: Caffe's `caffe train` (tools/caffe.cpp train()).
+[--gpu=all|0,1|-1] [--iterations=N] [--coordinator=HOST:PORT --num_processes=N --process_id=I]`:
+Caffe's `caffe train` (tools/caffe.cpp train()).
 
 Flags keep Caffe's spellings (--solver, -solver, --gpu ...). --snapshot resumes exactly when the
 snapshot has our side file (<prefix>_iter_N.resume.json) and with Caffe's semantics (data from
 the first record) when it was written by real Caffe. --snapshot with --weights is refused, as in
-Caffe. --iterations N stops at iteration N (snapshotting there) instead of max_iter. The logic
-lives in model.train.
+Caffe. --iterations N stops at iteration N (snapshotting there) instead of max_iter.
+
+Several processes (hosts) train one net when each runs this command with the same
+--coordinator (process 0's HOST:PORT) and --num_processes and its own --process_id; under
+SLURM's srun or Open MPI's mpirun the three come from the scheduler's environment. Each process
+reads its share of every global batch from its own copy of the LMDB; process 0 logs and writes
+the snapshots. The logic lives in model.train and model.distributed.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import argparse
 
 from data.errors import ImagenetError
 from flows.flags import add_flag, int_at_least
+from model import distributed
 from model.train import PRECISIONS, train
 
 
@@ -39,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="optional; stop (and snapshot) at this iteration instead of max_iter")
     add_flag(parser, "precision", default="fp32",
              help=f"compute precision: {', '.join(PRECISIONS)} (bf16 keeps float32 weights)")
+    add_flag(parser, "coordinator", help="multi-process training: HOST:PORT of process 0 "
+             "(the same in every process; default: from SLURM/Open MPI, else one process)")
+    add_flag(parser, "num_processes", type=int, default=None,
+             help="multi-process training: how many processes (hosts) train together")
+    add_flag(parser, "process_id", type=int, default=None,
+             help="multi-process training: this process's id, 0 .. num_processes - 1")
     add_flag(parser, "sigint_effect", default="stop",
              help="accepted for Caffe compatibility; SIGINT/SIGTERM always snapshot, then stop")
 
@@ -52,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if args.sigint_effect not in ("stop", "snapshot", "none"):
         raise ImagenetError(f"--sigint_effect={args.sigint_effect!r}; valid: stop, snapshot, "
                             "none")
+    processes = distributed.join(args.coordinator, args.num_processes, args.process_id)
     result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
                    devices=parse_gpu(args.gpu), stop_at_iter=args.iterations,
                    precision=args.precision)
+    if processes > 1 and distributed.process_index() != 0:
+        return 0  # process 0 prints the summary
     print(f"final iteration {result.final_iter}; "
           f"last snapshot {result.last_snapshot[0] if result.last_snapshot else 'none'}; "
           f"metrics {result.metrics_path}; plot {result.plot_path}; "
