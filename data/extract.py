@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, IO
 
 from data import ilsvrc12
+from data.atomic import remove_stale_temps
 from data.convert import available_cores
 from data.download import check_free_space
 from data.errors import ImagenetError, from_os_error
@@ -469,6 +470,7 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
         synsets = _Synsets(tar_path, root, counter, _is_plain_tar(tar_path))
         for d in (synsets.train_dir, synsets.state, synsets.work):
             _mkdirs(d)
+        remove_stale_temps(synsets.state)  # markers a killed run was writing
         check_free_space(root, needed, f"extracting {tar_path.name}")
         if not synsets.plain or workers == 1:
             done = (synsets.extract(member, wnid, outer) for member, wnid in todo)
