@@ -68,3 +68,39 @@ def test_learned_net_resolves_against_cwd_then_beside_the_state(tmp_path) -> Non
         == tmp_path / "run" / "m_iter_5.caffemodel"
     with pytest.raises(ImagenetError, match="not found"):
         resolve_learned_net("nope.caffemodel", state, tmp_path)
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 2])
+def test_every_state_a_kill_leaves_resumes_exactly_or_is_not_offered(tmp_path, monkeypatch,
+                                                                     kill_after) -> None:
+    """A kill after 0, 1 or 2 of the three renames (side file, caffemodel, solverstate): a
+    .solverstate that exists always has its side file (so it resumes exactly), and
+    latest_snapshot never offers the unfinished one; its temporaries are swept by the next run."""
+    import os
+
+    import data.atomic
+    import model.snapshot as snap
+
+    write(tmp_path, 10)
+    real_replace, renames = os.replace, []
+
+    def replace_then_die(src, dst):
+        if len(renames) == kill_after:
+            raise KeyboardInterrupt("killed")  # stands in for SIGKILL between the renames
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data.atomic.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        write(tmp_path, 20, payload=b"model 20")
+    monkeypatch.setattr(data.atomic.os, "replace", real_replace)
+    f20 = snapshot_files("snaps/net", 20, tmp_path)
+    assert [p.name for p in renames] == ["net_iter_20.resume.json", "net_iter_20.caffemodel"][
+        :kill_after]
+    assert not f20.solverstate.exists()  # written last: never there without the other two
+    assert latest_snapshot("snaps/net", tmp_path).solverstate.name == "net_iter_10.solverstate"
+    # A real kill leaves the temporary of the file being written; the next run removes it.
+    stale = tmp_path / "snaps" / ".net_iter_20.solverstate.999999999-0123abcd.tmp"
+    stale.write_bytes(b"partial")
+    assert snap.remove_snapshot_temps("snaps/net", tmp_path) == [stale]
+    assert not stale.exists()
