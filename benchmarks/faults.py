@@ -1,0 +1,597 @@
+"""Kill campaign: each `imagenet` command SIGKILLed at seeded random instants inside its work,
+then rerun; the rerun's outputs must equal an uninterrupted run's byte for byte, and nothing may
+be left behind.
+
+    python benchmarks/faults.py --trials 100 [--commands convert,extract,train,flow] [--seed 0]
+
+Scenarios (SCENARIOS), each on tiny generated inputs built once:
+- convert: `imagenet convert-imageset` of generated JPEGs (resized). The rerun is the same
+  command when the killed run left no DB (a DB that exists must already be the exact one).
+- extract: `imagenet extract` of an ILSVRC2012_img_train-shaped tar of per-synset tars; the rerun
+  is the same command (it resumes per synset).
+- train: `imagenet train` of a tiny net with a snapshot every 2 iterations; the rerun resumes from
+  the highest-iteration `.solverstate` on disk, whatever state the kill left (so every
+  `.solverstate` that can exist must resume exactly), or starts afresh when there is none.
+- flow: `imagenet pipeline --stages convert` on a data root the mini ILSVRC12 was fetched,
+  extracted and listed into; the rerun is the same command. Needs a Prefect API
+  (PREFECT_API_URL); without one the script starts a temporary server for the campaign.
+
+Kill instants: a trial either STEPS the process (after a marker file shows the work has begun,
+it runs for STEP_S, is stopped with SIGSTOP, and so on; it is killed after a seeded number of
+steps drawn below the number the uninterrupted reference run needed) or waits for a seeded
+trigger file to appear (a snapshot's side file, caffemodel or solverstate; a finished DB; a
+synset's marker) and kills at once, which lands between the files of one snapshot.
+
+Each trial reports: whether the kill landed inside the work (a process that had already exited
+is a miss), whether the rerun exited 0 with outputs equal to the reference, and what files the
+kill left that the reference does not have, before and after the rerun. The script prints the
+CPU model and counts per scenario; benchmarks/README.md has the latest figures.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# One running window of a stepped process, and how often a trigger file is looked for.
+STEP_S = 0.005
+POLL_S = 0.0005
+# Seconds a run may take before the campaign gives up on it (a hang is a failure too).
+RUN_TIMEOUT_S = 600
+# Generated inputs: images per scenario and their size; the tiny net's iterations.
+CONVERT_IMAGES = 240
+EXTRACT_SYNSETS, EXTRACT_PER_SYNSET = 8, 30
+IMAGE_WH = (160, 120)
+RESIZE = 32
+TRAIN_RECORDS = 24
+# Files that are not outputs: LMDB's lock file (its reader table differs per run) and the logs.
+IGNORED_NAMES = frozenset({"lock.mdb"})
+IGNORED_DIRS = frozenset({".prefect", "logs"})
+
+TINY_NET = """name: "FaultsTiny"
+layer { name: "data" type: "Data" top: "data" top: "label"
+  transform_param { crop_size: 10 mirror: true mean_value: 120 scale: 0.02 }
+  data_param { source: "train_lmdb" batch_size: 4 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc1" type: "InnerProduct" bottom: "conv1" top: "fc1"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc1" bottom: "label" top: "loss" }
+"""
+TINY_SOLVER = """net: "net.prototxt"
+base_lr: 0.05
+lr_policy: "step"
+gamma: 0.5
+stepsize: 3
+momentum: 0.9
+weight_decay: 0.0005
+display: 1
+max_iter: 8
+snapshot: 2
+snapshot_prefix: "tiny"
+random_seed: 7
+"""
+TRAIN_PREFIX = "tiny"
+TRAIN_SNAPSHOTS = (2, 4, 6, 8)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _jpeg(rng: np.random.Generator) -> bytes:
+    import cv2
+
+    w, h = IMAGE_WH
+    small = rng.integers(0, 256, (6, 8, 3), np.uint8)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    ok, buf = cv2.imencode(".JPEG", img)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a JPEG")
+    return buf.tobytes()
+
+
+def make_images(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` JPEGs under root/images/ and a Caffe listing root/list.txt (4 labels)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        name = f"img_{i:05d}.JPEG"
+        (root / "images" / name).write_bytes(_jpeg(rng))
+        lines.append(f"{name} {i % 4}\n")
+    (root / "list.txt").write_text("".join(lines))
+    return root
+
+
+def _tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def make_train_tar(root: Path, seed: int = 0) -> Path:
+    """An ILSVRC2012_img_train-shaped tar: one tar per synset, each of JPEGs."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    outer = []
+    for s in range(EXTRACT_SYNSETS):
+        wnid = f"n{1440764 + s:08d}"
+        inner = [(f"{wnid}_{i}.JPEG", _jpeg(rng)) for i in range(EXTRACT_PER_SYNSET)]
+        outer.append((f"{wnid}.tar", _tar_of(inner)))
+    path = root / "ILSVRC2012_img_train.tar"
+    path.write_bytes(_tar_of(outer))
+    return path
+
+
+def make_tiny_training(root: Path, seed: int = 11) -> Path:
+    """A tiny LMDB (learnable pattern per label), net and solver, as tests/model use."""
+    from data.datum import encode_datum_bytes
+    from data.lmdb_io import LmdbWriter
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    with LmdbWriter(root / "train_lmdb") as writer:
+        for i in range(TRAIN_RECORDS):
+            label = i % 4
+            img = rng.integers(0, 256, size=(3, 12, 12), dtype=np.uint8)
+            img[label % 3, :, label:] //= 2
+            writer.put(f"{i:08d}_img".encode(), encode_datum_bytes(img, label))
+    (root / "net.prototxt").write_text(TINY_NET)
+    (root / "solver.prototxt").write_text(TINY_SOLVER)
+    return root
+
+
+# ------------------------------------------------------------------ the tree of a run
+
+
+def tree_digests(root: Path, volatile: tuple[str, ...] = ()) -> dict[str, str]:
+    """relative path -> sha256 of every file under `root` that is an output ("present" for
+    files whose names end with one of `volatile`: only their existence is compared)."""
+    out = {}
+    if not root.exists():
+        return out
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if (path.is_file() and path.name not in IGNORED_NAMES
+                and not IGNORED_DIRS.intersection(rel.parts)):
+            out[rel.as_posix()] = ("present" if path.name.endswith(volatile) else
+                                   hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+@dataclass
+class Scenario:
+    """One command under test. `setup(inputs, env)` builds its inputs once; `prepare(inputs, run)`
+    readies a run folder and returns it (a fresh `run`, or a folder of the inputs the scenario
+    reuses: then `own_runs` is False); `argv(run)` is the first run; `rerun(run)` the argv after
+    a kill (None: nothing to rerun); `started(run)` says the work has begun; `triggers` are
+    files (relative to the run folder, globs allowed) whose appearance is a kill point;
+    `outputs(run)` is the folder compared with the reference, where nothing else may remain;
+    files ending with one of `volatile` are compared by presence only."""
+
+    name: str
+    setup: Callable[[Path, dict[str, str]], None]
+    prepare: Callable[[Path, Path], Path]
+    argv: Callable[[Path], list[str]]
+    rerun: Callable[[Path], list[str] | None]
+    started: Callable[[Path], bool]
+    triggers: list[str]
+    outputs: Callable[[Path], Path]
+    env: dict[str, str] = field(default_factory=dict)
+    own_runs: bool = True
+    volatile: tuple[str, ...] = ()
+
+
+def _fresh(inputs: Path, run: Path) -> Path:
+    run.mkdir(parents=True)
+    return run
+
+
+def _copy_of_inputs(inputs: Path, run: Path) -> Path:
+    shutil.copytree(inputs, run)
+    return run
+
+
+def _imagenet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+def _any(run: Path, pattern: str) -> bool:
+    """Whether a file matching `pattern` (a relative path, maybe with glob characters) exists."""
+    if not any(c in pattern for c in "*?["):
+        return os.path.lexists(run / pattern)
+    return next(run.glob(pattern), None) is not None
+
+
+def convert_scenario() -> Scenario:
+    def argv(run: Path) -> list[str]:
+        inputs = run.parent.parent / "inputs"
+        return _imagenet("convert-imageset", f"--resize_height={RESIZE}",
+                         f"--resize_width={RESIZE}", "--workers=2",
+                         str(inputs / "images") + "/", str(inputs / "list.txt"), str(run / "db"))
+
+    return Scenario(
+        name="convert", setup=lambda inputs, env: make_images(inputs, CONVERT_IMAGES),
+        prepare=_fresh, argv=argv,
+        # A DB that exists was renamed into place complete: there is nothing to redo.
+        rerun=lambda run: None if (run / "db").exists() else argv(run),
+        started=lambda run: _any(run, ".db.partial-*"),
+        triggers=["db/data.mdb"], outputs=lambda run: run)
+
+
+def extract_scenario() -> Scenario:
+    def argv(run: Path) -> list[str]:
+        tar = run.parent.parent / "inputs" / "ILSVRC2012_img_train.tar"
+        return _imagenet("extract", str(tar), f"--to={run / 'root'}")
+
+    wnids = [f"n{1440764 + s:08d}" for s in range(EXTRACT_SYNSETS)]
+    return Scenario(
+        name="extract", setup=lambda inputs, env: make_train_tar(inputs),
+        prepare=_fresh, argv=argv, rerun=argv,
+        started=lambda run: (run / "root" / ".extract-state").exists(),
+        triggers=[f"root/.extract-state/train/{w}.done" for w in wnids[::3]]
+        + [f"root/train/{w}" for w in wnids[1::3]],
+        outputs=lambda run: run / "root")
+
+
+def _latest_solverstate(run: Path) -> Path | None:
+    found = []
+    for path in run.glob(f"{TRAIN_PREFIX}_iter_*.solverstate"):
+        try:
+            found.append((int(path.name.split("_iter_")[1].split(".")[0]), path))
+        except ValueError:
+            continue
+    return max(found)[1] if found else None
+
+
+def train_scenario() -> Scenario:
+    def rerun(run: Path) -> list[str]:
+        latest = _latest_solverstate(run)
+        extra = [f"--snapshot={latest.name}"] if latest is not None else []
+        return _imagenet("train", "--solver=solver.prototxt", *extra)
+
+    triggers = []
+    for it in TRAIN_SNAPSHOTS:
+        stem = f"{TRAIN_PREFIX}_iter_{it}"
+        for suffix in (".resume.json", ".caffemodel", ".solverstate"):
+            # the file itself, or its temporary while it is being written (data/atomic.py)
+            triggers += [stem + suffix, f".{stem}{suffix}.*.tmp"]
+    return Scenario(
+        name="train", setup=lambda inputs, env: make_tiny_training(inputs),
+        prepare=_copy_of_inputs,
+        argv=lambda run: _imagenet("train", "--solver=solver.prototxt"), rerun=rerun,
+        # The metrics log gets its first line after the first step: compiling is done.
+        started=lambda run: (run / f"{TRAIN_PREFIX}_metrics.jsonl").exists()
+        and (run / f"{TRAIN_PREFIX}_metrics.jsonl").stat().st_size > 0,
+        triggers=triggers, outputs=lambda run: run,
+        env={"IMAGENET_ALLOCATOR": "system"})
+
+
+FLOW_PARAMS = ("--train=mini:tiny", "--val=mini:tiny", "--aux=mini:tiny",
+               f"--resize_height={RESIZE}", f"--resize_width={RESIZE}", "--workers=2")
+
+
+def flow_scenario() -> Scenario:
+    """The convert stage of the flow, on ONE data root the earlier stages filled (their
+    manifests hold the folders' inode and mtime, so a copy of the root would not count as
+    produced); each trial removes the LMDBs first."""
+
+    def setup(inputs: Path, env: dict[str, str]) -> None:
+        out = subprocess.run(_imagenet("pipeline", f"--data_root={inputs / 'root'}",
+                                       *FLOW_PARAMS, "--stages=download,extract,listings"),
+                             cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT_S)
+        if out.returncode != 0:
+            raise RuntimeError(f"preparing the flow's data root failed:\n{out.stderr[-3000:]}")
+
+    def prepare(inputs: Path, run: Path) -> Path:
+        root = inputs / "root"
+        shutil.rmtree(root / "lmdb", ignore_errors=True)
+        return root
+
+    def argv(root: Path) -> list[str]:
+        return _imagenet("pipeline", f"--data_root={root}", *FLOW_PARAMS, "--stages=convert")
+
+    return Scenario(
+        name="flow", setup=setup, prepare=prepare, argv=argv, rerun=argv,
+        started=lambda root: (root / "lmdb").is_dir() and _any(root, "lmdb/.*.partial-*"),
+        triggers=["lmdb/ilsvrc12_train_lmdb/data.mdb", "lmdb/ilsvrc12_val_lmdb/data.mdb",
+                  "lmdb/ilsvrc12_train_lmdb.manifest.json"],
+        outputs=lambda root: root / "lmdb", own_runs=False,
+        # A manifest records its LMDB's inode and mtime: new on every build.
+        volatile=(".manifest.json",))
+
+
+SCENARIOS: dict[str, Callable[[], Scenario]] = {
+    "convert": convert_scenario, "extract": extract_scenario, "train": train_scenario,
+    "flow": flow_scenario}
+
+
+# ------------------------------------------------------------------ running and killing
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@dataclass
+class Outcome:
+    killed: bool      # SIGKILLed while it still ran (else it had exited: a miss)
+    steps: int        # steps it ran after the marker (step mode)
+    returncode: int | None
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def run_and_kill(argv: list[str], run: Path, env: dict[str, str], started: Callable[[Path], bool],
+                 *, kill_after_steps: int | None = None, trigger: str | None = None,
+                 log: Path | None = None) -> Outcome:
+    """Run `argv` in its own process group; kill it with SIGKILL after `kill_after_steps` steps
+    of STEP_S past the marker, or when `trigger` appears; with neither, step it to the end and
+    count the steps (the reference). Returns what happened."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, cwd=run, env=env, start_new_session=True, stdout=out,
+                            stderr=out)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    steps = 0
+    try:
+        if trigger is not None:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _any(run, trigger):
+                    _signal(proc, signal.SIGKILL)
+                    proc.wait()
+                    return Outcome(True, 0, proc.returncode)
+                time.sleep(POLL_S)
+        else:
+            while proc.poll() is None and not started(run) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            while proc.poll() is None and time.monotonic() < deadline:
+                if kill_after_steps is not None and steps >= kill_after_steps:
+                    _signal(proc, signal.SIGKILL)
+                    proc.wait()
+                    return Outcome(True, steps, proc.returncode)
+                _signal(proc, signal.SIGCONT)
+                time.sleep(STEP_S)
+                _signal(proc, signal.SIGSTOP)
+                steps += 1
+            _signal(proc, signal.SIGCONT)
+        if proc.poll() is None:  # the deadline passed: a hang
+            _signal(proc, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{' '.join(argv)} ran longer than {RUN_TIMEOUT_S} s")
+        return Outcome(False, steps, proc.returncode)
+    finally:
+        if proc.poll() is None:
+            _signal(proc, signal.SIGKILL)
+            proc.wait()
+        if log:
+            out.close()
+
+
+@dataclass
+class Trial:
+    index: int
+    mode: str               # "step" or "file"
+    point: str              # the step count or the trigger file
+    landed: bool            # the kill hit a running process
+    exact: bool             # rerun exit 0 and outputs equal to the reference
+    left_by_kill: list[str]  # files the kill left that the reference does not have
+    left_after: list[str]   # ... still there after the rerun
+    problem: str = ""
+
+
+@dataclass
+class Campaign:
+    scenario: str
+    reference_steps: int
+    trials: list[Trial]
+
+    def counts(self) -> dict[str, int]:
+        t = self.trials
+        return {"trials": len(t), "landed": sum(x.landed for x in t),
+                "exact": sum(x.exact for x in t),
+                "kill left temporaries": sum(bool(x.left_by_kill) for x in t),
+                "left behind after rerun": sum(bool(x.left_after) for x in t)}
+
+    def line(self) -> str:
+        c = self.counts()
+        return (f"{self.scenario:8s} trials {c['trials']:4d}  kill inside the work "
+                f"{c['landed']:4d}  exact reruns {c['exact']:4d}  kills that left temporaries "
+                f"{c['kill left temporaries']:4d}  left behind after rerun "
+                f"{c['left behind after rerun']:4d}  (reference: {self.reference_steps} steps "
+                f"of {STEP_S * 1000:g} ms)")
+
+
+def run_campaign(name: str, trials: int, workdir: Path, seed: int = 0, *,
+                 plans: list[tuple[str, str | None]] | None = None,
+                 extra_env: dict[str, str] | None = None,
+                 progress: Callable[[Trial], None] | None = None) -> Campaign:
+    """Reference run, then `trials` killed-and-rerun trials of scenario `name` under workdir.
+
+    Each trial's kill is drawn from the seeded generator (step or trigger mode, then the
+    step count or the trigger), or given by `plans`: (mode, point) per trial, a point of None
+    being drawn."""
+    scenario = SCENARIOS[name]()
+    base = workdir / name
+    inputs = base / "inputs"
+    env = _env({**scenario.env, **(extra_env or {}),
+                # one XLA compilation for all the runs of the campaign
+                "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax-cache"),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    if not inputs.exists():
+        scenario.setup(inputs, env)
+    logs = base / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ref_run = base / "runs" / "reference"
+    if ref_run.exists():
+        shutil.rmtree(ref_run)
+    ref_run = scenario.prepare(inputs, ref_run)
+    ref = run_and_kill(scenario.argv(ref_run), ref_run, env, scenario.started,
+                       log=logs / "reference.log")
+    if ref.returncode != 0:
+        raise RuntimeError(f"{name}: the uninterrupted reference run failed (exit "
+                           f"{ref.returncode}); see {logs / 'reference.log'}")
+    reference = tree_digests(scenario.outputs(ref_run), scenario.volatile)
+    if scenario.own_runs:
+        shutil.rmtree(ref_run)
+    rng = np.random.default_rng([seed, sum(map(ord, name))])
+    results = []
+    for i in range(trials):
+        run = base / "runs" / f"trial-{i:04d}"
+        if run.exists():
+            shutil.rmtree(run)
+        run = scenario.prepare(inputs, run)
+        log = logs / f"trial-{i:04d}.log"
+        mode, point = plans[i] if plans is not None else (
+            "file" if scenario.triggers and rng.random() < 0.5 else "step", None)
+        if mode == "file":
+            if point is None:
+                point = scenario.triggers[int(rng.integers(len(scenario.triggers)))]
+            outcome = run_and_kill(scenario.argv(run), run, env, scenario.started,
+                                   trigger=point, log=log)
+        else:
+            point = point if point is not None else str(int(rng.integers(0, max(ref.steps, 1))))
+            outcome = run_and_kill(scenario.argv(run), run, env, scenario.started,
+                                   kill_after_steps=int(point), log=log)
+        out_root = scenario.outputs(run)
+        left_by_kill = sorted(set(tree_digests(out_root)) - set(reference))
+        problem = ""
+        rerun = scenario.rerun(run)
+        if rerun is not None:
+            again = run_and_kill(rerun, run, env, scenario.started, log=log)
+            if again.returncode != 0:
+                problem = f"rerun exited {again.returncode} (see {log})"
+        got = tree_digests(out_root, scenario.volatile)
+        left_after = sorted(set(got) - set(reference))
+        if not problem and got != reference:
+            differ = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
+            problem = f"outputs differ from the reference: {differ[:5]}"
+        trial = Trial(i, mode, point, outcome.killed, not problem, left_by_kill, left_after,
+                      problem)
+        results.append(trial)
+        if progress is not None:
+            progress(trial)
+        if scenario.own_runs and trial.exact and not trial.left_after:
+            shutil.rmtree(run)  # keep failing trials for a look
+    return Campaign(name, ref.steps, results)
+
+
+def cpu_description() -> str:
+    """CPU model and the ISA flags that matter here (benchmarks print them with every figure)."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
+
+
+def _temporary_prefect_api() -> "contextlib.AbstractContextManager[None]":
+    """A Prefect server for the flow scenario's children when PREFECT_API_URL is not set."""
+    import contextlib
+
+    if os.environ.get("PREFECT_API_URL"):
+        return contextlib.nullcontext()
+    from flows import prefect_env
+
+    prefect_env.configure(PREFECT_HOME=tempfile.mkdtemp(prefix="faults-prefect-"))
+
+    @contextlib.contextmanager
+    def serve():
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=None):
+            os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+            try:
+                yield
+            finally:
+                os.environ.pop("PREFECT_API_URL", None)
+
+    return serve()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=10, help="trials per command")
+    parser.add_argument("--commands", default=",".join(SCENARIOS),
+                        help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where inputs and runs go (default: a temporary folder, removed)")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.commands.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown commands {unknown}; valid: {', '.join(SCENARIOS)}")
+    print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.1f}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imagenet-faults-"))
+    failures = 0
+    try:
+        with _temporary_prefect_api() if "flow" in names else _nullcontext():
+            for name in names:
+                started = time.monotonic()
+                campaign = run_campaign(name, args.trials, workdir, args.seed,
+                                        progress=lambda t: print(
+                                            f"  {t.index:4d} {t.mode} {t.point}: "
+                                            f"{'exact' if t.exact else t.problem}"
+                                            f"{'; left ' + str(t.left_after) if t.left_after else ''}",
+                                            flush=True) if not t.exact or t.left_after else None)
+                print(f"{campaign.line()}  [{time.monotonic() - started:.0f} s]", flush=True)
+                failures += sum(not t.exact or bool(t.left_after) for t in campaign.trials)
+    finally:
+        if args.workdir is None and not failures:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif failures:
+            print(f"failing trials kept under {workdir}")
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    return 1 if failures else 0
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
