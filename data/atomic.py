@@ -8,6 +8,7 @@ process writing the same folder) keeps its file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -52,7 +53,8 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes, *, durable: bool
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk refuses even this unlink
+            tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise from_os_error(err, "cannot write", path) from None
         raise

@@ -65,7 +65,7 @@ def os_error_message(err: OSError, action: str = "", path: str | os.PathLike | N
         text += f" ({name})"
     if where is not None:
         text = f"{os.fspath(where)}: {text}"
-        if err.filename2 is not None:
+        if path is None and err.filename2 is not None:  # a rename: both names
             text = f"{text} (and {os.fspath(err.filename2)})"
     if action:
         text = f"{action} {text}"

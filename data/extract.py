@@ -21,6 +21,7 @@ free-space check runs before starting and says how many bytes are needed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -151,11 +152,13 @@ def _copy(src: IO[bytes], dst_path: Path, on_bytes: Callable[[int], None] | None
             os.replace(tmp, dst_path)
     except OSError as err:  # disk full, permissions: one line naming the file
         if atomic:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only disk refuses even this unlink
+                tmp.unlink(missing_ok=True)
         raise from_os_error(err, "cannot write", dst_path) from None
     except ImagenetError:
         if atomic:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
     return written
 
@@ -181,6 +184,10 @@ def _open(path: Path, mode: str = "r:*") -> tarfile.TarFile:
     except FileNotFoundError:
         raise ImagenetError(f"{path}: no such file") from None
     except tarfile.TarError as err:
+        if mode == "r:*" and str(err).startswith("file could not be opened successfully"):
+            # tarfile tried every compression in turn; its report lists them all
+            raise ImagenetError(f"{path}: not a tar archive (plain, gzip, bzip2 or xz); check "
+                                "that it is the archive you meant") from None
         raise ImagenetError(f"{path}: not a readable tar archive ({err})") from None
     except OSError as err:
         raise from_os_error(err, "cannot read archive") from None
