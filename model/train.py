@@ -472,13 +472,19 @@ class MetricsWriter:
                     continue
                 if rec.get("iter", 0) < resume_iter:
                     self.records.append(rec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records).encode(),
-                           durable=False)
+        # The file is (re)written at the first record: a run that fails before its first
+        # iteration (a bad label in the first batch, say) leaves the metrics as they were.
+        self._written = False
 
     def add(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         if not self.enabled:
+            return
+        if not self._written:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.path, "".join(json.dumps(r) + "\n"
+                                                  for r in self.records).encode(), durable=False)
+            self._written = True
             return
         with self.path.open("a") as f:
             f.write(json.dumps(rec) + "\n")

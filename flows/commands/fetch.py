@@ -65,8 +65,9 @@ def _fetch(source: str, dest: Path, sums: dict[str, str], retries: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The data root is created by the first download or extraction: an archive that is
+    # missing or fails its checksum leaves no empty folders behind.
     root = Path(args.data_root)
-    root.mkdir(parents=True, exist_ok=True)
     downloads = Path(args.downloads) if args.downloads else root / DOWNLOADS_DIR
     sums: dict[str, str] = {}
     if args.checksums:
