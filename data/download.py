@@ -312,7 +312,11 @@ def download(
         want = expected_md5(path.name, md5)
         return _verify_local(path, want, bool(md5), progress, start, set_aside=False)
 
-    parts = urllib.parse.urlsplit(source)
+    try:
+        parts = urllib.parse.urlsplit(source)
+        parts.port  # noqa: B018 - a port that is not a number raises here, not mid-download
+    except ValueError as err:
+        raise ImagenetError(f"{mask_url(source)}: not a valid URL ({err}); check it") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise ImagenetError(f"{mask_url(source)}: unsupported scheme {parts.scheme!r}; "
                             "valid: http, https, file, or a local path")

@@ -70,8 +70,12 @@ class MeanResult:
         return lines
 
 
+def _key_text(key: bytes | memoryview) -> str:
+    return repr(bytes(key).decode("utf-8", "replace"))
+
+
 def _shape_error(key: bytes | memoryview, got: tuple[int, ...], want: tuple[int, ...]) -> str:
-    return (f"record {bytes(key).decode('utf-8', 'replace')!r} has shape {list(got)} but the "
+    return (f"record {_key_text(key)} has shape {list(got)} but the "
             f"first record has {list(want)}: every record must have the same shape to average "
             f"(convert with --resize_height/--resize_width)")
 
@@ -171,7 +175,16 @@ class _ThreadSum:
             self.in_pixels = RECORDS_PER_FLOAT32_SUM - room
 
     def add_other(self, key: memoryview, value: memoryview) -> None:
-        """A record off the raw fast path: encoded, float_data, or with another layout."""
+        """A record off the raw fast path: encoded, float_data, or with another layout; a
+        record that is not a valid Datum is an error naming its key."""
+        try:
+            self._add_other(key, value)
+        except ImagenetError as err:
+            if str(err).startswith("record "):
+                raise
+            raise ImagenetError(f"record {_key_text(key)}: {err}") from None
+
+    def _add_other(self, key: memoryview, value: memoryview) -> None:
         head = parse_datum_header(value)
         if head.has_float_data or (head.data_length == 0 and not head.encoded):
             if self.floats is None:
@@ -265,7 +278,10 @@ def compute_image_mean(
         if first is None:
             raise ImagenetError(f"{db_path}: the LMDB holds no records, there is nothing to "
                                 f"average")
-        shape = decode_datum_bytes(first[1])[0].shape
+        try:
+            shape = decode_datum_bytes(first[1])[0].shape
+        except ImagenetError as err:
+            raise ImagenetError(f"{db_path}: record {_key_text(first[0])}: {err}") from None
         if accumulation == "caffe" or parse_datum_header(first[1]).has_float_data:
             # Caffe's order is key order: one thread. So is a DB of float_data records, whose
             # float32 sums would otherwise depend on which thread took which chunk.
@@ -294,6 +310,8 @@ def compute_image_mean(
                         worker.join()
                     raise
             error = cursor.first_error()
+            if isinstance(error, ImagenetError):
+                raise ImagenetError(f"{db_path}: {error}") from None
             if error is not None:
                 raise error
             count = cursor.count

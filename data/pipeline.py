@@ -60,21 +60,22 @@ class HostBatch:
     wrapped: bool        # this batch passed the end of the database
 
 
-def _decode(value: bytes, plan: TransformPlan, key: bytes) -> tuple[np.ndarray, int]:
-    """One Datum -> (C,H,W) uint8 and label, decoding encoded records as Caffe's transformer."""
-    head = parse_datum_header(value)
-    if head.encoded and plan.force_gray:
-        data = memoryview(value)[head.data_offset:head.data_offset + head.data_length]
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise ImagenetError(f"record {key!r}: could not decode its encoded image")
-        return img[np.newaxis], head.label
+def _decode(value: bytes, plan: TransformPlan, where: str) -> tuple[np.ndarray, int]:
+    """One Datum -> (C,H,W) uint8 and label, decoding encoded records as Caffe's transformer;
+    `where` (the DB and record key) starts every error message."""
     try:
+        head = parse_datum_header(value)
+        if head.encoded and plan.force_gray:
+            data = memoryview(value)[head.data_offset:head.data_offset + head.data_length]
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+            if img is None:
+                raise ImagenetError("could not decode its encoded image")
+            return img[np.newaxis], head.label
         chw, label = decode_datum_bytes(value, force_color=plan.force_color)
     except ImagenetError as err:
-        raise ImagenetError(f"record {key!r}: {err}") from None
+        raise ImagenetError(f"{where}: {err}") from None
     if chw.dtype != np.uint8:
-        raise ImagenetError(f"record {key!r} holds float_data; the Data pipeline feeds uint8 "
+        raise ImagenetError(f"{where} holds float_data; the Data pipeline feeds uint8 "
                             "pixels (Caffe's convert_imageset writes uint8)")
     return chw, label
 
@@ -240,22 +241,26 @@ class DataSource(BatchSource):
         return txn
 
     def _items(self, index: int) -> tuple[list[np.ndarray], list[int], str]:
-        txn = self._txn()
         images, labels = [], []
-        for i in self.record_indices(index)[self.rows()]:
-            key = self.keys[int(i)]
-            value = txn.get(key)
-            if value is None:
-                raise ImagenetError(f"{self.path}: record {key!r} vanished while reading")
-            chw, label = _decode(value, self.plan, key)
-            self.plan.check_image(chw.shape, f"{self.path} record {key!r}")
-            images.append(chw)
-            labels.append(label)
+        with self.reader.errors():  # a corrupt page: one line naming the DB
+            txn = self._txn()
+            for i in self.record_indices(index)[self.rows()]:
+                key = self.keys[int(i)]
+                value = txn.get(key)
+                where = self._record(key)
+                if value is None:
+                    raise ImagenetError(f"{where} vanished while reading")
+                chw, label = _decode(value, self.plan, where)
+                self.plan.check_image(chw.shape, where)
+                images.append(chw)
+                labels.append(label)
         return images, labels, str(self.path)
 
-    def describe_item(self, index: int, j: int) -> str:
-        key = self.keys[int(self.record_indices(index)[j])]
+    def _record(self, key: bytes) -> str:
         return f"{self.path}: record {key.decode('utf-8', 'replace')!r}"
+
+    def describe_item(self, index: int, j: int) -> str:
+        return self._record(self.keys[int(self.record_indices(index)[j])])
 
     def close(self) -> None:
         # Transactions of other threads die with the environment when its last user releases it.

@@ -35,6 +35,10 @@ DEBUG_ENV = "IMAGENET_DEBUG"
 TRACEBACK_DIR_ENV = "IMAGENET_TRACEBACK_DIR"
 # Exit statuses: an error the user can fix, a bad flag (argparse's), a bug, Ctrl-C.
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130
+# How much of an unexpected exception's own message goes into the one line.
+MAX_DETAIL = 300
+# What XLA says when an allocation fails (jaxlib's XlaRuntimeError).
+OOM_MARKS = ("RESOURCE_EXHAUSTED", "Out of memory")
 
 # Commands that run a net on XLA: the console script restarts them under jemalloc when it is
 # installed (flows/allocator.py; IMAGENET_ALLOCATOR=system turns it off).
@@ -84,8 +88,16 @@ def _check_text_args(args: argparse.Namespace) -> None:
             raise ImagenetError(f"--{name} {str(value)!r} contains a NUL byte; fix the value")
 
 
+def _device_out_of_memory(err: BaseException) -> bool:
+    """XLA's allocation failure (jaxlib's XlaRuntimeError, RESOURCE_EXHAUSTED), recognised
+    without importing jax."""
+    return (type(err).__name__ == "XlaRuntimeError"
+            and any(mark in str(err) for mark in OOM_MARKS))
+
+
 def _report_bug(name: str, err: BaseException) -> int:
-    where = f"imagenet {name}: error: unexpected {type(err).__name__}: {one_line(str(err))[:300]}"
+    where = (f"imagenet {name}: error: unexpected {type(err).__name__}: "
+             f"{one_line(str(err))[:MAX_DETAIL]}")
     try:
         path = write_traceback(name, err)
     except OSError as write_err:
@@ -161,6 +173,9 @@ def _report(name: str, err: BaseException) -> int:
         message = os_error_message(err)
     elif isinstance(err, MemoryError):
         message = "out of memory; use smaller inputs (batch, resize) or free memory"
+    elif _device_out_of_memory(err):
+        message = (f"out of device memory ({one_line(str(err))[:MAX_DETAIL]}); use a smaller "
+                   "batch_size, --precision=bf16 or more devices")
     else:
         return _report_bug(name, err)
     print(f"imagenet {name}: error: {message}", file=sys.stderr)

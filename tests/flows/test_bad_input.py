@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.datum import encode_datum_bytes
+from data.datum import encode_datum_bytes, encoded_datum_bytes
 from data.lmdb_io import LmdbWriter
 from flows.cli import EXIT_BUG, EXIT_ERROR, EXIT_USAGE, main
 from flows.commands import COMMANDS
@@ -239,6 +239,11 @@ CASES = [
     Case("mean-mixed-shapes", MEAN + ["mixed"], ERROR,
          ("00000001_img1.jpg", "[3, 9, 9]", "--resize_height"),
          _lmdb("mixed", [0, 1], [(3, 8, 8), (3, 9, 9)])),
+    Case("mean-record-not-a-datum", MEAN + ["db"], ERROR,
+         ("db: record '00000001_img1.jpg'", "corrupt Datum"), lambda ws: _put(ws, 1, b"\xff" * 9)),
+    Case("mean-encoded-record-undecodable", MEAN + ["db"], ERROR,
+         ("record '00000003_img3.jpg'", "could not decode"),
+         lambda ws: _put(ws, 3, encoded_datum_bytes(b"not an image", 3))),
     Case("mean-output-folder-missing", MEAN + ["db", "no/such/mean.binaryproto"], ERROR,
          ("no/such/mean.binaryproto", "ENOENT")),
     Case("mean-output-is-a-folder", MEAN + ["db", "out"], ERROR, ("out", "EISDIR")),
@@ -289,6 +294,9 @@ CASES = [
     Case("train-negative-label", TRAIN, ERROR,
          ("record '00000002_img2.jpg'", "label -1", "layer 'loss'"),
          _lmdb("db", [0, 1, -1, 2, 3, 0])),
+    Case("train-record-not-a-datum", TRAIN, ERROR,
+         ("db: record '00000002_img2.jpg'", "corrupt Datum"), lambda ws: _put(ws, 2, b"\xff" * 9)),
+    Case("train-solver-is-a-folder", ["train", "--solver=images"], ERROR, ("images",)),
     Case("train-precision-bogus", TRAIN + ["--precision=fp8"], ERROR, ("fp8", "fp32")),
     # ---- test
     Case("test-zero-iterations", ["test", "--model=net.prototxt", "--weights=w.caffemodel",
@@ -317,6 +325,14 @@ CASES = [
     Case("unknown-command", ["trian"], USAGE, ("'trian'", "train")),
     Case("unknown-flag", ["train", "--solverr=x"], USAGE, ("--solverr",)),
 ]
+
+
+def _put(ws: Path, index: int, value: bytes) -> None:
+    """Replace record `index` of the workspace's LMDB (its key kept) by `value`."""
+    import lmdb
+
+    with lmdb.open(str(ws / "db"), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        txn.put(f"{index:08d}_img{index}.jpg".encode(), value)
 
 
 def _patch(path: Path, offset: int, data: bytes) -> None:
@@ -393,6 +409,23 @@ def test_unexpected_exception_is_one_line_and_a_traceback_file(tmp_path, monkeyp
     monkeypatch.setenv("IMAGENET_DEBUG", "1")
     with pytest.raises(ValueError, match="did not expect"):
         main(["compute-image-mean", "db"])
+
+
+def test_device_out_of_memory_is_an_error_with_what_to_do(monkeypatch, capsys):
+    """XLA's RESOURCE_EXHAUSTED (a batch too large for the device) is the user's to fix."""
+    import flows.commands.time as command
+
+    class XlaRuntimeError(RuntimeError):  # jaxlib's type, recognised by name
+        pass
+
+    def oom(args):
+        raise XlaRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 99999999999 bytes.")
+
+    monkeypatch.setattr(command, "run", oom)
+    assert main(["time", "--model=net.prototxt"]) == ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("imagenet time: error: out of device memory (RESOURCE_EXHAUSTED")
+    assert "smaller batch_size" in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------- subprocess cases
