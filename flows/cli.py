@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imagenet",
         description="Caffe's ImageNet workflow on JAX/XLA and Prefect. "
         "Flags accept Caffe's spellings (--resize_height=256, -gpu 0, --shuffle=true).",
+        epilog=f"A failing command prints one line 'imagenet COMMAND: error: ...' and exits "
+        f"{EXIT_ERROR} ({EXIT_USAGE} for a bad flag); a bug exits {EXIT_BUG}, naming the file "
+        f"that holds its traceback (${TRACEBACK_DIR_ENV}, else the temp folder). "
+        f"{DEBUG_ENV}=1 shows tracebacks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, summary) in COMMANDS.items():
