@@ -89,7 +89,20 @@ def template(tmp_path_factory) -> Path:
     (ws / "solver.prototxt").write_text(SOLVER)
     (ws / "ok.tar").write_bytes(_tar([("a/b.JPEG", b"x")]))
     (ws / "out").mkdir()
+    _weights(ws / "w.caffemodel")
     return ws
+
+
+def _weights(path: Path) -> None:
+    """Initial weights of NET, for the `test` cases."""
+    import jax
+
+    from model.caffemodel import save_caffemodel
+    from model.net import Net
+    from model.prototxt import parse_net_text
+
+    net = Net(parse_net_text(NET), "TEST", input_shapes={"data": (3, 3, 6, 6), "label": (3,)})
+    save_caffemodel(path, net, net.init(jax.random.PRNGKey(0)))
 
 
 def state(root: Path) -> dict[str, tuple]:
@@ -303,6 +316,9 @@ CASES = [
                                   "--iterations=0"], USAGE, ("--iterations", ">= 1")),
     Case("test-weights-missing", ["test", "--model=net.prototxt", "--weights=gone.caffemodel"],
          ERROR, ("gone.caffemodel",)),
+    Case("test-label-above-classes", ["test", "--model=net.prototxt", "--weights=w.caffemodel",
+                                      "--iterations=1"], ERROR,
+         ("db: record '00000001_img1.jpg'", "label 9", "[0, 4)"), _lmdb("db", [0, 9, 1, 2, 3, 0])),
     Case("test-no-model", ["test", "--weights=w.caffemodel"], ERROR, ("--model",)),
     # ---- time
     Case("time-zero-iterations", ["time", "--model=net.prototxt", "--iterations=0"], USAGE,
