@@ -159,6 +159,23 @@ def _parse_text(text: str, message, path: str | Path) -> None:
             where = f" (in layer {layer!r})" if layer else ""
             raise ImagenetError(f"{path}:{line}:{col}: {what}{where}") from None
         raise ImagenetError(f"{path}: {raw}") from None
+    _refuse_nul(message, path)
+
+
+def _refuse_nul(message, path: str | Path, prefix: str = "", layer: str | None = None) -> None:
+    """No string field may hold a NUL byte (text format's \\000): every one of them that is a
+    path (sources, mean files, snapshot_prefix, net) would fail deep inside the run."""
+    for field, value in message.ListFields():
+        name = prefix + field.name
+        values = value if field.is_repeated else [value]
+        if field.type == field.TYPE_MESSAGE:
+            for item in values:
+                owner = item.name if field.name in ("layer", "layers") else layer
+                _refuse_nul(item, path, name + ".", owner)
+        elif field.type == field.TYPE_STRING and any("\0" in item for item in values):
+            where = f" (in layer {layer!r})" if layer else ""
+            raise ImagenetError(f"{path}: {name}{where} holds a NUL byte ('\\000'), which no "
+                                "name or path can hold; fix the prototxt")
 
 
 def layer_line(path: str | Path, layer_name: str) -> int | None:

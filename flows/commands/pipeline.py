@@ -24,7 +24,6 @@ from flows.flags import add_flag, parse_bool
 SOURCE_FLAGS = ("train", "val", "aux", "checksums")
 # PipelineParams.data_root's default (flows/imagenet.py), known here without importing Prefect.
 DEFAULT_DATA_ROOT = "ilsvrc12-data"
-HELP_FLAGS = frozenset({"-h", "--help"})
 NONE_WORDS = {"none", "null", ""}
 
 
@@ -49,18 +48,14 @@ def prepare(argv: list[str]) -> Path:
                 "data_root")
         except (OSError, ValueError, AttributeError):
             data_root = None  # reported by the real parse
-    if not isinstance(data_root, str) or not data_root:
-        data_root = DEFAULT_DATA_ROOT
+    if not isinstance(data_root, str) or not data_root or "\0" in data_root:
+        data_root = DEFAULT_DATA_ROOT  # a NUL byte is reported by the real parse
     prefect_env.configure(PREFECT_HOME=str(prefect_env.pipeline_home(data_root)))
-    home = Path(os.environ["PREFECT_HOME"])
-    if HELP_FLAGS.isdisjoint(argv):
-        # Prefect creates its home at import, but not the folders above it.
-        home.mkdir(parents=True, exist_ok=True)
-    else:
-        # --help runs nothing: no data root is created for it, and Prefect's warning that it
-        # could not create its home there is noise.
-        warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
-    return home
+    # Prefect creates its home at import, but not the folders above it: run() creates them
+    # once the parameters are known to be good, so --help and a refused command leave no
+    # data root behind, and Prefect's warning that it could not create its home is noise.
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
+    return Path(os.environ["PREFECT_HOME"])
 
 
 def _fields() -> dict[str, Any]:
@@ -158,7 +153,24 @@ def build_params(args: argparse.Namespace) -> Any:
         text = getattr(args, name)
         if text is not None:
             data[name] = _value(name, text, field)
-    return PipelineParams.model_validate(data)
+    params = PipelineParams.model_validate(data)
+    _refuse_nul(params.model_dump())
+    return params
+
+
+def _refuse_nul(value: Any, name: str = "") -> None:
+    """Every string parameter is a path, URL or name: none may hold a NUL byte."""
+    from data.errors import ImagenetError
+
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(item, f"{name}.{key}" if name else key)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _refuse_nul(item, name)
+    elif isinstance(value, str) and "\0" in value:
+        raise ImagenetError(f"parameter {name} {value!r} holds a NUL byte, which no path or "
+                            "URL can hold; fix it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.imagenet import imagenet
     from tasks.report import sig
 
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # see prepare()
     state = imagenet(**params.flow_parameters(), return_state=True)
     if not state.is_completed():
         # The flow's state message is its one line: "stage convert-train: ..."

@@ -310,6 +310,12 @@ CASES = [
     Case("train-record-not-a-datum", TRAIN, ERROR,
          ("db: record '00000002_img2.jpg'", "corrupt Datum"), lambda ws: _put(ws, 2, b"\xff" * 9)),
     Case("train-solver-is-a-folder", ["train", "--solver=images"], ERROR, ("images",)),
+    Case("train-nul-in-a-data-source", TRAIN, ERROR,
+         ("net.prototxt", "data_param.source (in layer 'data')", "NUL byte"),
+         lambda ws: (ws / "net.prototxt").write_text(NET.replace('"db"', '"d\\000b"'))),
+    Case("train-nul-in-snapshot-prefix", TRAIN, ERROR,
+         ("solver.prototxt", "snapshot_prefix", "NUL byte"),
+         lambda ws: (ws / "solver.prototxt").write_text(SOLVER.replace('"snap"', '"sn\\000ap"'))),
     Case("train-precision-bogus", TRAIN + ["--precision=fp8"], ERROR, ("fp8", "fp32")),
     # ---- test
     Case("test-zero-iterations", ["test", "--model=net.prototxt", "--weights=w.caffemodel",
@@ -335,6 +341,8 @@ CASES = [
          ("unknown parameter 'max_iters'", "max_iter"), _write("p.json", '{"max_iters": 3}')),
     Case("pipeline-params-missing", ["pipeline", "--params", "gone.json"], ERROR,
          ("gone.json", "ENOENT")),
+    Case("pipeline-nul-in-data-root", ["pipeline", "--params", "p.json"], ERROR,
+         ("data_root", "NUL byte"), _write("p.json", '{"data_root": "a\\u0000b"}')),
     Case("pipeline-bad-value", ["pipeline", "--max_iter=abc"], ERROR,
          ("max_iter", "integer", "'abc'")),
     # ---- the command line itself
@@ -474,6 +482,18 @@ def test_truncated_lmdb_is_an_error_not_sigbus(command, template, tmp_path):
     args = ["compute-image-mean", "db", "m.binaryproto"] if command != "train" else TRAIN
     _assert_one_line(_imagenet(args, ws), command, "data.mdb", "truncated", "rebuild it")
     assert state(ws) == before
+
+
+def test_refused_pipeline_creates_no_data_root(tmp_path):
+    """`imagenet pipeline` keeps Prefect's home in the data root; a command refused for its
+    parameters must not leave that folder behind (PREFECT_HOME unset, as for a user)."""
+    (tmp_path / "p.json").write_text("{bad")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_HOME")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", "--params", "p.json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, "pipeline", "p.json:1:2", "not valid JSON")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
 
 
 def _private_mount(tmp_path: Path) -> list[str]:
