@@ -86,6 +86,8 @@ class PipelineParams(BaseModel):
     snapshot_interval: int | None = Field(None, gt=0, description="training segment length "
                                           "(default: the solver's snapshot)")
     devices: list[int] | None = Field(None, description="accelerator ids (default: all / CPU)")
+    processes: int = Field(1, ge=1, description="training processes on this host, joined by "
+                           "jax.distributed (global batch = batch_size x devices of all)")
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES),
                                 description="which stages to run (others use what is on disk)")
     force: list[Stage] = Field(default_factory=list, description="stages to recompute even "
@@ -168,6 +170,7 @@ def imagenet(
     max_iter: int | None = None,
     snapshot_interval: int | None = None,
     devices: list[int] | None = None,
+    processes: int = 1,
     stages: list[Stage] = list(STAGES),
     force: list[Stage] = [],
     workers: int = 0,
@@ -186,6 +189,7 @@ def imagenet(
         max_iter: override the solver's max_iter
         snapshot_interval: training segment length (default: the solver's snapshot)
         devices: accelerator ids (default: all / CPU)
+        processes: training processes on this host, joined by jax.distributed
         stages: which stages to run (others use what is on disk)
         force: stages to recompute even when cached ([train]: train again from iteration 0)
         workers: conversion workers (0: one per core)
@@ -315,6 +319,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
             plan = training.prepare_training(
                 root, p.solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
                 mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval,
+                processes=p.processes,
                 image_listings={"train": (root / TRAIN_LIST, trees["train"]),
                                 "val": (root / VAL_LIST, trees["val"])})
         data_inputs = {"train": lmdbs["train"], "val": lmdbs["val"], "mean": mean_file}
@@ -336,7 +341,8 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
                          after=last_segment or data_after,
                          solver=plan.solver, snapshot_prefix=plan.snapshot_prefix,
                          start_iter=start, end_iter=end, max_iter=plan.max_iter,
-                         devices=p.devices, restart=start == 0 and r.forced("train"))
+                         devices=p.devices, restart=start == 0 and r.forced("train"),
+                         processes=p.processes)
             test_rows.extend(run.result.record.get("tests", []))
             loss_rows.extend(run.result.record.get("losses", []))
             last_segment = r.after(name)

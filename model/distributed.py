@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -54,6 +55,8 @@ MAX_PORT = 65535
 STOP_GRACE_S = 60
 # Poll interval of the watcher that notices a failed process.
 WATCH_INTERVAL_S = 0.5
+# Marks process 0's event lines on its stdout (gloo writes there too).
+EVENT_PREFIX = "@imagenet-event "
 # Characters of a failed process's stderr quoted in the error.
 STDERR_TAIL = 2000
 
@@ -145,52 +148,46 @@ def run_local_processes(processes: int, solver: str, *, workdir: str | os.PathLi
                         log: Callable[[str], None] | None = None,
                         on_progress: Callable[[int, int], None] | None = None,
                         on_test: Callable[[int, dict[str, float]], None] | None = None,
-                        env: Mapping[str, str] | None = None) -> Any:
+                        env: Mapping[str, str] | None = None, pin_cpus: bool = False) -> Any:
     """`model.train.train` in `processes` local processes joined over 127.0.0.1; returns
-    process 0's TrainResult. The callbacks receive process 0's events, as in train()."""
+    process 0's TrainResult. The callbacks receive process 0's events, as in train(); if one
+    raises (a cancelled task), every process is asked to stop (they snapshot first).
+    pin_cpus: each process runs on its own share of this process's CPUs (so XLA sizes its
+    thread pool to that share instead of every process using all cores)."""
     from model.train import TrainResult
     if processes < 1:
         raise ImagenetError(f"processes must be >= 1, got {processes}")
-    coordinator = f"{LOCALHOST}:{free_port()}"
     spec = {"solver": str(solver), "workdir": str(workdir), "snapshot": snapshot,
             "devices": devices, "stop_at_iter": stop_at_iter, "precision": precision,
-            "coordinator": coordinator, "num_processes": processes}
-    child_env = dict(os.environ if env is None else env)
+            "coordinator": f"{LOCALHOST}:{free_port()}", "num_processes": processes,
+            "parent": os.getpid(), "cpus": None}
+    shares = cpu_shares(processes) if pin_cpus else [None] * processes
     with tempfile.TemporaryDirectory(prefix="imagenet-procs-") as tmp:
         errs = [open(Path(tmp) / f"stderr{i}.txt", "w+") for i in range(processes)]
         procs = [subprocess.Popen(
-            [sys.executable, "-m", "model.distributed", json.dumps({**spec, "process_id": i})],
+            [sys.executable, "-m", "model.distributed",
+             json.dumps({**spec, "process_id": i, "cpus": shares[i]})],
             stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL, stderr=errs[i],
-            text=True, env=child_env) for i in range(processes)]
-        failed = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(procs, failed), daemon=True)
-        watcher.start()
-        result: dict[str, Any] | None = None
-        user_error: str | None = None
+            text=True, env=dict(os.environ if env is None else env)) for i in range(processes)]
+        events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        # the reader drains process 0's stdout even after a failure here: a full pipe would
+        # block process 0, and the others with it in their next collective
+        threading.Thread(target=_read_events, args=(procs[0].stdout, events),
+                         daemon=True).start()
+        done = threading.Event()
+        threading.Thread(target=_watch, args=(procs, done), daemon=True).start()
         try:
-            for line in procs[0].stdout:
-                event = json.loads(line)
-                kind = event["event"]
-                if kind == "log" and log is not None:
-                    log(event["line"])
-                elif kind == "progress" and on_progress is not None:
-                    on_progress(event["iter"], event["max_iter"])
-                elif kind == "test" and on_test is not None:
-                    on_test(event["iter"], event["outputs"])
-                elif kind == "result":
-                    result = event["result"]
-                elif kind == "error":
-                    user_error = event["message"]
+            result, user_error = _dispatch(events, log, on_progress, on_test)
             codes = [p.wait() for p in procs]
         except BaseException:
-            _stop(procs)  # cancelled (or a callback failed): the others snapshot and stop
+            _stop(procs)  # cancelled (or a callback failed): all snapshot and stop
             raise
         finally:
-            failed.set()
+            done.set()
+            tails = []
             for f in errs:
                 f.seek(0)
-            tails = [f.read()[-STDERR_TAIL:] for f in errs]
-            for f in errs:
+                tails.append(f.read()[-STDERR_TAIL:])
                 f.close()
     if user_error is not None:
         raise ImagenetError(user_error)
@@ -202,6 +199,49 @@ def run_local_processes(processes: int, solver: str, *, workdir: str | os.PathLi
     result["last_snapshot"] = tuple(result["last_snapshot"]) if result["last_snapshot"] else None
     result["losses"] = {int(k): v for k, v in result["losses"].items()}
     return TrainResult(**result)
+
+
+def cpu_shares(processes: int) -> list[list[int]]:
+    """This process's CPUs cut into `processes` contiguous, equal shares."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < processes:
+        raise ImagenetError(f"cannot pin {processes} processes to {len(cpus)} CPUs")
+    size = len(cpus) // processes
+    return [cpus[i * size:(i + 1) * size] for i in range(processes)]
+
+
+def _read_events(stream: TextIO, events: "queue.Queue[dict[str, Any] | None]") -> None:
+    """Process 0's event lines (other output, such as gloo's connection notes, is skipped);
+    None at the end."""
+    try:
+        for line in stream:
+            if line.startswith(EVENT_PREFIX):
+                events.put(json.loads(line[len(EVENT_PREFIX):]))
+    finally:
+        events.put(None)
+
+
+def _dispatch(events: "queue.Queue[dict[str, Any] | None]",
+              log: Callable[[str], None] | None,
+              on_progress: Callable[[int, int], None] | None,
+              on_test: Callable[[int, dict[str, float]], None] | None
+              ) -> tuple[dict[str, Any] | None, str | None]:
+    """Hand process 0's events to the callbacks; returns its result and its user error."""
+    result: dict[str, Any] | None = None
+    user_error: str | None = None
+    while (event := events.get()) is not None:
+        kind = event["event"]
+        if kind == "log" and log is not None:
+            log(event["line"])
+        elif kind == "progress" and on_progress is not None:
+            on_progress(event["iter"], event["max_iter"])
+        elif kind == "test" and on_test is not None:
+            on_test(event["iter"], event["outputs"])
+        elif kind == "result":
+            result = event["result"]
+        elif kind == "error":
+            user_error = event["message"]
+    return result, user_error
 
 
 def _watch(procs: Sequence[subprocess.Popen], done: threading.Event) -> None:
@@ -226,14 +266,25 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _stop_with_parent(parent: int) -> None:
+    """A worker whose launcher died without stopping it (killed, say) stops too: SIGTERM to
+    itself is the Solver's stop request (all processes snapshot and stop)."""
+    while os.getppid() == parent:
+        time.sleep(WATCH_INTERVAL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(spec: dict[str, Any], out: TextIO) -> int:
     """One of run_local_processes' processes: join, train, report (process 0) as JSON lines."""
+    if spec["cpus"]:
+        os.sched_setaffinity(0, spec["cpus"])  # before XLA sizes its thread pools
+    threading.Thread(target=_stop_with_parent, args=(spec["parent"],), daemon=True).start()
     join(spec["coordinator"], spec["num_processes"], spec["process_id"])
     from model.train import train
 
     def emit(event: dict[str, Any]) -> None:
         if process_index() == 0:
-            out.write(json.dumps(event) + "\n")
+            out.write(EVENT_PREFIX + json.dumps(event) + "\n")
             out.flush()
 
     try:

@@ -149,12 +149,15 @@ def prepare_training(
     max_iter: int | None = None,
     snapshot_interval: int | None = None,
     image_listings: Mapping[str, tuple[Path | str, Path | str]] | None = None,
+    processes: int = 1,
 ) -> TrainingPlan:
     """Write this data root's copies of the solver and net and cut max_iter into segments.
 
     Data layers are pointed at the LMDBs; ImageData layers (a net that reads images from a
     listing) at `image_listings` {"train"|"val": (listing, image folder)}, the listings and
-    extracted trees of this data root. Either kind's mean_file becomes this root's mean."""
+    extracted trees of this data root. Either kind's mean_file becomes this root's mean.
+    `processes` > 1 (local training processes, one device each on a CPU host) multiplies the
+    global batch, so it is part of the configuration id."""
     solver_path = _resolve(solver_src, REPO_ROOT)
     solver = _read(solver_path, caffe_pb2.SolverParameter())
     if not solver.net:
@@ -212,6 +215,8 @@ def prepare_training(
                   *((f"{split}_{i}", x) for split, xs in image_inputs.items()
                     for i, x in enumerate(xs)))},
         "code": code_digest(TRAIN_CODE),
+        # absent for one process: the ids of single-process configurations stay as they were
+        **({"processes": processes} if processes > 1 else {}),
     }
     import hashlib
 
@@ -321,11 +326,15 @@ def train_segment(
     max_iter: int,
     devices: list[int] | None = None,
     restart: bool = False,
+    processes: int = 1,
 ) -> StageResult:
     """Train from the newest snapshot <= end_iter (normally start_iter's) to end_iter.
 
     `restart` (force: [train], first segment): move this configuration's earlier snapshots
-    aside first, so training starts again from iteration 0."""
+    aside first, so training starts again from iteration 0. `processes` > 1: that many local
+    training processes joined by jax.distributed (model/distributed.py); process 0's log,
+    progress and test outputs come here as from one process."""
+    from model.distributed import run_local_processes
     from model.train import train
 
     log = get_run_logger()
@@ -381,9 +390,15 @@ def train_segment(
             log.info("test at iteration %d: %s", it,
                      ", ".join(f"{k} = {float(v):.4g}" for k, v in outputs.items()))
 
-        result = train(solver, snapshot=snapshot, devices=devices, stop_at_iter=end_iter,
-                       on_progress=on_progress, on_test=on_test,
-                       workdir=str(run_dir), log=lambda line: log.info("%s", line))
+        options = dict(snapshot=snapshot, devices=devices, stop_at_iter=end_iter,
+                       on_progress=on_progress, on_test=on_test, workdir=str(run_dir),
+                       log=lambda line: log.info("%s", line))
+        if processes > 1:
+            log.info("training in %d local processes (jax.distributed over 127.0.0.1)",
+                     processes)
+            result = run_local_processes(processes, solver, **options)
+        else:
+            result = train(solver, **options)
         losses = sorted(result.losses.items())
         step = max(1, len(losses) // LOSS_POINTS_PER_SEGMENT)
         loss_rows = [{"iter": int(i), "train loss": float(v)} for i, v in losses[::step]]

@@ -273,3 +273,21 @@ def test_bad_parameters_fail_in_one_line(make_params, tmp_path):
                         "stages": ["train"]}, return_state=True)
     assert state.is_failed() and state.message.startswith("stage train: ")
     assert not (tmp_path / "root").exists()
+
+
+def test_two_training_processes_run_the_train_stage(first_run, data_root, make_params):
+    """processes=2: each train segment runs two local processes joined by jax.distributed (one
+    CPU device each: the global batch doubles, so a configuration folder of its own); process
+    0's test outputs and throughput reach the flow as from one process."""
+    from flows.imagenet import imagenet
+
+    result = imagenet(**make_params(data_root, processes=2, snapshot_interval=6)
+                      .flow_parameters())
+    assert ran(result) == {"train-0-6", "evaluate"}
+    record = result["records"]["train-0-6"]
+    assert [row["iter"] for row in record["tests"]] == [0, 2, 4, 6]
+    assert record["images_per_second"] > 0 and result["top1"] is not None
+    final = Path(result["outputs"]["final weights"])
+    assert final.parent != Path(first_run["outputs"]["final weights"]).parent
+    side = json.loads(final.with_name("snap_iter_6.resume.json").read_text())
+    assert side["processes"] == 2 and side["devices"] == 2

@@ -45,12 +45,11 @@ print(json.dumps({"first": first.final_iter, "second": second.final_iter,
                   "snapshot": second.last_snapshot, "losses": second.losses}))
 """
 
-# One process with 2 host devices: the same global batch on 2 devices, then on 1 device.
+# One process with 2 host devices, the same global batch.
 TWO_DEVICES = r"""
 import sys
 from model.train import train
 train("solver.prototxt", workdir=sys.argv[1], devices="all", log=lambda l: None)
-train("solver.prototxt", workdir=sys.argv[2], devices=[0], log=lambda l: None)
 """
 
 
@@ -73,12 +72,15 @@ def test_two_processes_match_two_devices_and_one(tmp_path, tmp_path_factory) -> 
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(STOP_AT)],
                                 cwd=procs_dir, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for i in range(PROCESSES)]
-    devs = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(devs_dir), str(one_dir)],
-                          env=env_devs, capture_output=True, text=True, timeout=TIMEOUT_S)
+    devs = subprocess.Popen([sys.executable, "-c", TWO_DEVICES, str(devs_dir)], env=env_devs,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from model.train import train
+    train("solver.prototxt", workdir=one_dir, log=lambda l: None)  # 1 device, here
     outs = [w.communicate(timeout=TIMEOUT_S) for w in workers]
+    _, devs_err = devs.communicate(timeout=TIMEOUT_S)
     for w, (_, err) in zip(workers, outs):
         assert w.returncode == 0, err[-3000:]
-    assert devs.returncode == 0, devs.stderr[-3000:]
+    assert devs.returncode == 0, devs_err[-3000:]
     res = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     # the stop asked on process 1 alone stopped both after the same iteration, with a snapshot
     assert [r["first"] for r in res] == [AGREED_STOP] * PROCESSES
@@ -97,10 +99,34 @@ def test_two_processes_match_two_devices_and_one(tmp_path, tmp_path_factory) -> 
     assert len(set(np.round(list(res[0]["losses"].values()), 4))) > 3  # it trained
 
     # a resume needs the same process count (this test process is one process)
-    from model.train import train
     with pytest.raises(ImagenetError, match="2-process run; resume it with --num_processes=2"):
         train("solver.prototxt", workdir=procs_dir, log=lambda l: None,
               snapshot=f"tiny_iter_{AGREED_STOP}.solverstate")
+
+
+class Cancelled(Exception):
+    """What a cancelled pipeline task raises inside a callback."""
+
+
+def test_cancelled_local_processes_stop_together_with_a_snapshot(tmp_path) -> None:
+    """The pipeline's `processes`: a callback of run_local_processes failing (a cancelled task)
+    stops every process, after one snapshot, long before max_iter; the error propagates.
+    (tests/flows/test_imagenet_flow.py runs a train stage with processes=2 to the end.)"""
+    run = make_tiny(tmp_path / "local", batch=2, solver=SOLVER.replace(
+        f"max_iter: {MAX_ITER}", "max_iter: 100000"))
+    cancel_at = 2
+    lines: list[str] = []
+
+    def cancel(it: int, max_iter: int) -> None:
+        if it == cancel_at:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        distributed.run_local_processes(PROCESSES, "solver.prototxt", workdir=run,
+                                        on_progress=cancel, log=lines.append)
+    (stopped,) = run.glob("tiny_iter_*.solverstate")
+    assert int(stopped.name.split("_")[-1].split(".")[0]) > cancel_at
+    assert sum(l.endswith("Solving Tiny") for l in lines) == 1  # process 0's log only
 
 
 def test_join_flags_go_together_and_one_process_joins_nothing() -> None:
