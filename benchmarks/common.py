@@ -1,6 +1,8 @@
-"""Shared helpers of the benchmark scripts: a small LMDB of random 256x256 images (raw or
-JPEG-encoded Datums, as convert_imageset writes them) with its mean file, the bvlc_alexnet
-train net pointed at it, timing statistics, and the jemalloc re-exec.
+"""Shared helpers of the benchmark scripts: the header every script prints (CPU model, ISA
+flags, cores, load, versions: figures are only comparable on the same CPU), a small LMDB of
+random 256x256 images (raw or JPEG-encoded Datums, as convert_imageset writes them) with its
+mean file, the bvlc_alexnet train net pointed at it, timing statistics, and the jemalloc
+re-exec.
 
 Why jemalloc: with glibc's allocator both JAX and PyTorch page-fault ~1 GB per AlexNet step on
 this machine (~1 s of system time per step, docs/MACHINE_NOTES.md); jemalloc with decay
@@ -10,8 +12,11 @@ as is when it is not.
 """
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from data.errors import ImagenetError  # noqa: E402
 from data.lmdb_io import LmdbWriter  # noqa: E402
 from data.proto import caffe_pb2  # noqa: E402
 from flows import allocator  # noqa: E402
+from model import machine  # noqa: E402
 
 ALEXNET_TRAIN_VAL = REPO / "model" / "zoo" / "bvlc_alexnet" / "train_val.prototxt"
 ALEXNET_SOLVER = REPO / "model" / "zoo" / "bvlc_alexnet" / "solver.prototxt"
@@ -35,6 +41,22 @@ IMAGE_HW = 256
 NUM_CLASSES = 1000
 ALLOCATORS = allocator.ALLOCATORS
 allocator_in_use = allocator.allocator_in_use
+
+
+def header(script: str, extra_versions: tuple[str, ...] = ()) -> str:
+    """`# <script> on <CPU model (vendor family model), cores; ISA flags>` and a second line
+    with the date, load average, allocator and versions (jax, and any of `extra_versions`
+    already imported, e.g. torch): what a figure means depends on all of them."""
+    versions = [f"Python {platform.python_version()}"]
+    for name in ("numpy", "jax", "jaxlib", "cv2", "lmdb", *extra_versions):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions.append(f"{name} {getattr(mod, '__version__', '?')}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    return (f"# {script} on {machine.cpu_info().describe()}\n"
+            f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+            f"{' '.join(f'{v:.2f}' for v in load)}, allocator {allocator_in_use()}, "
+            f"{', '.join(versions)}")
 
 
 def reexec_with_allocator(choice: str) -> None:

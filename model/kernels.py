@@ -1,16 +1,20 @@
 """Fast, numerically faithful compute kernels for XLA's CPU backend.
 
-Measured on this project's 2-core machines (docs: ../shared/docs/MACHINE_NOTES.md and
-benchmarks/layers.py), XLA's CPU code runs convolution *weight gradients* at 9-45 GFLOP/s
+Measured on this project's 2-core AMD Zen 3 (AVX2) machines (../shared/docs/MACHINE_NOTES.md
+and benchmarks/layers.py), XLA's CPU code ran convolution *weight gradients* at 9-45 GFLOP/s
 against ~110 GFLOP/s for a large float32 matmul, grouped convolutions (feature_group_count)
 several times slower than the same work split per group, and max-pool's backward
-(select_and_scatter) ~3.5x slower than PyTorch's. This module owns drop-in replacements:
+(select_and_scatter) ~3.5x slower than PyTorch's. On AVX-512 machines jax 0.10's XLA hands
+convolutions to YNNPACK, and its own passes win some layers again. This module owns drop-in
+replacements and lets the machine choose among them:
 
-- `conv2d`: Caffe's convolution (src/caffe/layers/base_conv_layer.cpp, util/im2col.cpp) as
-  im2col + one GEMM per group, with a `jax.custom_vjp` whose weight gradient is the GEMM
-  dW = dY @ cols^T and whose input gradient is either XLA's transposed convolution or
-  W^T @ dY followed by col2im, whichever `ConvPlan` picks. Each group is computed separately
-  (Caffe's `group`: the same arithmetic as per-group convolutions).
+- `conv2d`: Caffe's convolution (src/caffe/layers/base_conv_layer.cpp, util/im2col.cpp), each
+  group computed separately (Caffe's `group`: the same arithmetic as per-group convolutions).
+  A `ConvPlan` says how each pass runs: forward as XLA's convolution or im2col + one GEMM;
+  input gradient as XLA's transposed convolution or W^T @ dY + col2im; weight gradient as the
+  GEMM dW = dY @ cols^T or XLA's own (a `jax.custom_vjp`; the all-XLA plan is plain XLA).
+  Which plan is fastest depends on the CPU and shape: model/autotune.py measures them once
+  per machine; `heuristic_plan` is the rule for shapes nobody measured.
 - `max_pool2d`: Caffe's MAX pooling (src/caffe/layers/pooling_layer.cpp): ceil-mode output
   size, windows clipped to the image, and a backward that routes each output gradient to the
   FIRST maximum of its window in row-major order (Caffe's strict `>` scan, its `mask`), as a
@@ -37,44 +41,68 @@ Pair = tuple[int, int]
 # rounding"); on CPU this is what XLA does anyway.
 GEMM_PRECISION = lax.Precision.HIGHEST
 
-# How the input gradient of a convolution is computed: "lax" = XLA's own transposed
-# convolution (fast enough on CPU: it is a forward-like convolution), "col2im" = the GEMM
-# W^T @ dY and Caffe's col2im scatter-add. Forward: "lax" or "gemm" (im2col + GEMM).
+# How each pass of a convolution is computed. Forward: "lax" = XLA's own convolution (on CPU a
+# library call: YNNPACK in jax 0.10) or "gemm" = Caffe's im2col + one GEMM. Input gradient:
+# "lax" = XLA's transposed convolution or "col2im" = the GEMM W^T @ dY and Caffe's col2im
+# scatter-add. Weight gradient: "gemm" = dY @ cols^T or "lax" = XLA's own.
 FORWARD_METHODS = ("lax", "gemm")
 INPUT_GRAD_METHODS = ("lax", "col2im")
+WEIGHT_GRAD_METHODS = ("gemm", "lax")
 
 
 @dataclass(frozen=True)
 class ConvPlan:
-    """Which implementation each pass of `conv2d` uses (the weight gradient is always GEMM)."""
+    """Which implementation each pass of `conv2d` uses. The all-"lax" plan is XLA's convolution
+    differentiated by XLA itself (no custom gradient at all)."""
 
     forward: str = "lax"
     input_grad: str = "lax"
+    weight_grad: str = "gemm"
 
     def __post_init__(self) -> None:
-        if self.forward not in FORWARD_METHODS:
-            raise ValueError(f"ConvPlan.forward {self.forward!r}; valid: {FORWARD_METHODS}")
-        if self.input_grad not in INPUT_GRAD_METHODS:
-            raise ValueError(
-                f"ConvPlan.input_grad {self.input_grad!r}; valid: {INPUT_GRAD_METHODS}"
-            )
+        for what, value, valid in (("forward", self.forward, FORWARD_METHODS),
+                                   ("input_grad", self.input_grad, INPUT_GRAD_METHODS),
+                                   ("weight_grad", self.weight_grad, WEIGHT_GRAD_METHODS)):
+            if value not in valid:
+                raise ValueError(f"ConvPlan.{what} {value!r}; valid: {valid}")
+
+    @property
+    def name(self) -> str:
+        """`fwd=gemm dx=col2im dw=gemm`: how plans are written in caches and benchmarks."""
+        return f"fwd={self.forward} dx={self.input_grad} dw={self.weight_grad}"
+
+    @classmethod
+    def parse(cls, name: str) -> "ConvPlan":
+        """The inverse of `name` (ValueError on anything else)."""
+        fields = dict(part.split("=", 1) for part in name.split() if "=" in part)
+        if sorted(fields) != ["dw", "dx", "fwd"]:
+            raise ValueError(f"not a ConvPlan name: {name!r} (want 'fwd=.. dx=.. dw=..')")
+        return cls(fields["fwd"], fields["dx"], fields["dw"])
+
+    @property
+    def is_xla(self) -> bool:
+        return (self.forward, self.input_grad, self.weight_grad) == ("lax", "lax", "lax")
 
 
-# Chosen from benchmarks/layers.py on the 2-core CPU (see benchmarks/README.md), per group at
-# batch 32 with jemalloc: the input gradient as GEMM + col2im beats XLA's transposed
-# convolution on every AlexNet shape (conv2 72 vs 126 ms, conv3 82 vs 101, conv4 31 vs 41,
-# conv5 25 vs 36). The forward as im2col + GEMM wins for strided convolutions (conv1: XLA's
-# stride-4 convolution is 2.7x slower) and for 3x3 kernels (conv3 82 vs 104 ms, conv4 40 vs
-# 45, conv5 equal), and its columns are reused by the weight gradient; XLA's own convolution
-# wins for conv2's 5x5 (70 vs 86 ms).
 DEFAULT_PLAN = ConvPlan(forward="lax", input_grad="col2im")
 GEMM_PLAN = ConvPlan(forward="gemm", input_grad="col2im")
-# Largest kernel area whose stride-1 forward goes through im2col + GEMM.
+XLA_PLAN = ConvPlan(forward="lax", input_grad="lax", weight_grad="lax")
+# Every combination: what model/autotune.py measures on each machine.
+CANDIDATE_PLANS = tuple(ConvPlan(f, d, w) for f in FORWARD_METHODS for d in INPUT_GRAD_METHODS
+                        for w in WEIGHT_GRAD_METHODS)
+# Largest kernel area whose stride-1 forward goes through im2col + GEMM (the built-in rule).
 GEMM_FORWARD_MAX_AREA = 9
 
 
-def auto_plan(stride: Pair, kernel: Pair = (1, 1)) -> ConvPlan:
-    """The plan `conv2d` uses when none is given."""
+def heuristic_plan(stride: Pair, kernel: Pair = (1, 1)) -> ConvPlan:
+    """The built-in rule, measured on a 2-core AMD EPYC Zen 3 (AVX2) with benchmarks/layers.py
+    at batch 32 under jemalloc (benchmarks/README.md): the input gradient as GEMM + col2im beat
+    XLA's transposed convolution on every AlexNet shape (conv2 72 vs 126 ms per group, conv3
+    82 vs 101, conv4 31 vs 41, conv5 25 vs 36); the forward as im2col + GEMM won for strided
+    convolutions (conv1: XLA's stride-4 convolution 2.7x slower) and 3x3 kernels (conv3 82 vs
+    104 ms), whose columns the weight gradient reuses; XLA's own forward won for conv2's 5x5.
+    Other CPUs differ: model/autotune.py measures the candidates once per machine, and this
+    rule is only what a shape nobody measured gets."""
     if max(stride) > 1 or kernel[0] * kernel[1] <= GEMM_FORWARD_MAX_AREA:
         return GEMM_PLAN
     return DEFAULT_PLAN
@@ -187,22 +215,32 @@ def _gemm_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pa
     return jnp.transpose(y.reshape(o, n, ho, wo), (1, 0, 2, 3)), cols
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_single(
-    x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair, plan: ConvPlan
-) -> jax.Array:
+def _lax_conv_any(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair,
+                  plan: ConvPlan) -> jax.Array:
+    return _lax_conv(x, w, stride, pad, dilation)
+
+
+def _conv_primal(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair,
+                 plan: ConvPlan) -> jax.Array:
     if plan.forward == "gemm":
         return _gemm_conv(x, w, stride, pad, dilation)[0]
     return _lax_conv(x, w, stride, pad, dilation)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_single(
+    x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair, plan: ConvPlan
+) -> jax.Array:
+    return _conv_primal(x, w, stride, pad, dilation, plan)
+
+
 def _conv_single_fwd(x, w, stride, pad, dilation, plan):
-    if plan.forward == "gemm":
+    if plan.forward == "gemm" and plan.weight_grad == "gemm":
         # The GEMM forward's columns are kept for the weight gradient (conv1's: 140 MB at
         # batch 32, and one im2col fewer per step).
         y, cols = _gemm_conv(x, w, stride, pad, dilation)
         return y, (x, w, cols)
-    return _lax_conv(x, w, stride, pad, dilation), (x, w, None)
+    return _conv_primal(x, w, stride, pad, dilation, plan), (x, w, None)
 
 
 def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
@@ -210,15 +248,21 @@ def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
     o = w.shape[0]
     kernel = (w.shape[2], w.shape[3])
     n = x.shape[0]
-    dy_m = dy.reshape(n, o, -1)  # (N, O, P)
-    if cols_kn is None:
-        # A lax forward kept no columns: rebuilt here, in the (K, N*P) layout that feeds the
-        # GEMM without a transposing copy.
-        cols_kn = _im2col_kn(x, kernel, stride, pad, dilation)  # (K, N*P)
-    dy_t = jnp.transpose(dy_m, (1, 0, 2)).reshape(o, -1)  # (O, N*P)
-    # dW = dY (O, N*P) @ cols^T: one GEMM over the whole batch (Caffe: one per image).
-    dw = lax.dot_general(dy_t, cols_kn, (((1,), (1,)), ((), ())),
-                         precision=GEMM_PRECISION).reshape(w.shape)
+    dy_t = None
+    if plan.weight_grad == "gemm" or plan.input_grad == "col2im":
+        # dY in the (O, N*P) layout both GEMMs take.
+        dy_t = jnp.transpose(dy.reshape(n, o, -1), (1, 0, 2)).reshape(o, -1)
+    if plan.weight_grad == "gemm":
+        if cols_kn is None:
+            # No columns kept by the forward: built here, in the (K, N*P) layout that feeds
+            # the GEMM without a transposing copy.
+            cols_kn = _im2col_kn(x, kernel, stride, pad, dilation)  # (K, N*P)
+        # dW = dY (O, N*P) @ cols^T: one GEMM over the whole batch (Caffe: one per image).
+        dw = lax.dot_general(dy_t, cols_kn, (((1,), (1,)), ((), ())),
+                             precision=GEMM_PRECISION).reshape(w.shape)
+    else:
+        _, dw_vjp = jax.vjp(lambda b: _lax_conv(x, b, stride, pad, dilation), w)
+        (dw,) = dw_vjp(dy)
     if plan.input_grad == "col2im":
         # Caffe's backward_cpu_gemm: dcols = W^T dY, then col2im, the transpose of im2col
         # (here XLA's transpose of `_im2col_kn`: the slices' pads summed), in the (K, N*P)
@@ -253,18 +297,26 @@ def conv2d(
     """
     stride_, pad_, dil_ = _pair(stride, "stride"), _pair(pad, "pad"), _pair(dilation, "dilation")
     c, o = x.shape[1], w.shape[0]
-    plan = auto_plan(stride_, (w.shape[2], w.shape[3])) if plan is None else plan
     if groups < 1 or c % groups or o % groups or w.shape[1] * groups != c:
         raise ValueError(
             f"conv2d: input channels {c}, weights {tuple(w.shape)} and groups {groups} disagree"
         )
+    if plan is None:
+        # Measured once per machine where that pays (model/autotune.py), else the built-in
+        # rule. Imported here: autotune measures this module's own conv2d.
+        from model import autotune
+
+        plan = autotune.conv_plan(tuple(x.shape), tuple(w.shape), stride_, pad_, dil_, groups,
+                                  jnp.dtype(x.dtype).name)
+    # XLA's own plan is differentiated by XLA: no custom gradient to wrap it in.
+    single = _lax_conv_any if plan.is_xla else _conv_single
     if groups == 1:
-        y = _conv_single(x, w, stride_, pad_, dil_, plan)
+        y = single(x, w, stride_, pad_, dil_, plan)
     else:
         cg, og = c // groups, o // groups
         y = jnp.concatenate(
             [
-                _conv_single(
+                single(
                     x[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og], stride_, pad_, dil_, plan
                 )
                 for g in range(groups)
@@ -438,9 +490,11 @@ def max_pool2d_reference(
 
 __all__ = [
     "ConvPlan",
+    "CANDIDATE_PLANS",
     "DEFAULT_PLAN",
     "GEMM_PLAN",
-    "auto_plan",
+    "XLA_PLAN",
+    "heuristic_plan",
     "conv2d",
     "conv2d_reference",
     "conv_output_hw",

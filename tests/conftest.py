@@ -22,6 +22,9 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+# Convolution plans: the built-in rule, never a developer's measured cache nor a measurement
+# (model/autotune.py); the tests that exercise measuring set their own mode and cache dir.
+os.environ["IMAGENET_CONV_PLANS"] = "heuristic"
 
 import pytest  # noqa: E402
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from data.errors import ImagenetError
-from flows.commands.train import parse_gpu
+from flows.commands.train import parse_gpu, report_conv_plan_measuring
 from flows.flags import add_flag, int_at_least
 from model.train import evaluate
 
@@ -28,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
         raise ImagenetError("Need a model definition to score (--model=train_val.prototxt)")
     if not args.weights:
         raise ImagenetError("Need model weights to score (--weights=model.caffemodel)")
+    report_conv_plan_measuring()
     evaluate(args.model, args.weights, args.iterations, devices=parse_gpu(args.gpu))
     return 0

@@ -16,11 +16,18 @@ the snapshots. The logic lives in model.train and model.distributed.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from data.errors import ImagenetError
 from flows.flags import add_flag, int_at_least
-from model import distributed
+from model import autotune, distributed
 from model.train import PRECISIONS, train
+
+
+def report_conv_plan_measuring() -> None:
+    """Convolution plans are measured once per machine while the first step is traced
+    (model/autotune.py); the commands say so on stderr rather than pause in silence."""
+    autotune.configure(notify=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def parse_gpu(text: str | None) -> str | list[int] | None:
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise ImagenetError(f"--sigint_effect={args.sigint_effect!r}; valid: stop, snapshot, "
                             "none")
     processes = distributed.join(args.coordinator, args.num_processes, args.process_id)
+    report_conv_plan_measuring()
     result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
                    devices=parse_gpu(args.gpu), stop_at_iter=args.iterations,
                    precision=args.precision)

@@ -28,7 +28,7 @@ CONV_CASES = [
     (1, 3, 23, 23, 2, 7, 4, 0, 1, 1),   # conv1-like: kernel > stride 4, four phases
     (2, 2, 17, 16, 3, 4, 3, 2, 1, 1),   # stride 3, padded, uneven phases
 ]
-PLANS = [kernels.ConvPlan(f, d) for f in kernels.FORWARD_METHODS for d in kernels.INPUT_GRAD_METHODS]
+PLANS = kernels.CANDIDATE_PLANS
 
 
 def _conv_numpy(x, w, b, stride, pad, dilation, groups):
@@ -72,18 +72,26 @@ def test_conv2d_forward_and_gradients_match_lax(case):
         return jnp.sum(fn(xx, ww, bb, stride, pad, dil, groups) * dy)
 
     ref_grads = jax.grad(lambda *a: loss(kernels.conv2d_reference, *a), argnums=(0, 1, 2))(x, wt, b)
-    for plan in PLANS:
-        def ours(xx, ww, bb, s, p, d, g, plan=plan):
-            return kernels.conv2d(xx, ww, bb, s, p, d, g, plan=plan)
 
-        y = jax.jit(ours, static_argnums=(3, 4, 5, 6))(x, wt, b, stride, pad, dil, groups)
+    def every_plan(xx, ww, bb):
+        # One jit for all the plans: one compilation per case instead of one per plan.
+        out = []
+        for plan in PLANS:
+            def ours(a, b_, c, plan=plan):
+                return kernels.conv2d(a, b_, c, stride, pad, dil, groups, plan=plan)
+
+            y = ours(xx, ww, bb)
+            grads = jax.grad(lambda *a: jnp.sum(ours(*a) * dy), argnums=(0, 1, 2))(xx, ww, bb)
+            out.append((y, grads))
+        return out
+
+    for plan, (y, grads) in zip(PLANS, jax.jit(every_plan)(x, wt, b)):
         assert y.shape == expect.shape
         np.testing.assert_allclose(y, expect, rtol=0, atol=RTOL * np.abs(expect).max(),
-                                   err_msg=str(plan))
-        grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(x, wt, b)
+                                   err_msg=plan.name)
         for name, got, want in zip("xwb", grads, ref_grads):
             np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max(),
-                                       err_msg=f"d{name} {plan}")
+                                       err_msg=f"d{name} {plan.name}")
 
 
 def test_conv2d_rejects_bad_groups():

@@ -1,0 +1,283 @@
+"""Convolution plans chosen by measurement, once per machine, and cached.
+
+Which way of computing a convolution is fastest (model/kernels.py's `CANDIDATE_PLANS`: XLA's
+own convolution or im2col + GEMM forward, XLA's transposed convolution or GEMM + col2im input
+gradient, GEMM or XLA weight gradient) depends on the CPU, the XLA build and the shape. On a
+2-core AMD Zen 3 (AVX2) the GEMM paths won most AlexNet layers by 1.2-2.7x; on a 2-core Zen 4
+(AVX-512), where jax 0.10's XLA hands convolutions to YNNPACK, XLA's own convolution wins some
+of the same layers (benchmarks/README.md). No rule written on one machine holds on the next,
+so this module measures:
+
+- A convolution is keyed by its input and weight shapes, stride, pad, dilation, groups and
+  dtype. Every candidate plan's forward + both gradients is jitted on random data of that
+  shape and timed in interleaved rounds (a slow minute on a shared machine slows all the
+  candidates, not one); after the first round, candidates more than PRUNE_RATIO slower than
+  the best are dropped; the lowest time wins.
+- Results are stored in one JSON file per user (`conv_plans.json` in IMAGENET_CACHE_DIR, else
+  $XDG_CACHE_HOME/imagenet-pipeline, else ~/.cache/imagenet-pipeline) under the machine's
+  fingerprint (model/machine.py: CPU model, family, ISA flags, cores, jax/jaxlib version,
+  XLA_FLAGS), with the timings and the load average they were measured under; written
+  atomically (temporary file + rename). Another machine, core count or jax never reuses them.
+- Only convolutions of at least MIN_TUNED_GFLOP (forward) are measured: below that,
+  measuring costs more than a whole training run could save, and `heuristic_plan` applies.
+
+MODES (IMAGENET_CONV_PLANS, else what `configure` set, else "auto"): "auto" measures what
+the cache lacks, "cached" uses measured plans and never measures, "heuristic" ignores the
+cache (the test suite's setting). A plan is chosen while a step is traced; measuring then
+runs outside the trace (jax.ensure_compile_time_eval), before the step's own compilation, and
+says so in one line to the `notify` callback (the command line prints it; else logging).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data.errors import ImagenetError
+from model import kernels, machine
+from model.kernels import ConvPlan, Pair
+
+MODE_ENV = "IMAGENET_CONV_PLANS"
+CACHE_DIR_ENV = "IMAGENET_CACHE_DIR"
+MODES = {
+    "auto": "measure the candidate plans of a convolution the cache lacks (once per machine)",
+    "cached": "plans measured earlier on this machine, else the built-in rule; never measure",
+    "heuristic": "the built-in rule (model/kernels.py heuristic_plan) only",
+}
+DEFAULT_MODE = "auto"
+CACHE_FILE = "conv_plans.json"
+CACHE_VERSION = 1
+# Forward GFLOP below which a convolution is not worth measuring (AlexNet's at batch 32 are
+# 4.5-7.1 GFLOP; alexnet_mini's and the digits nets' are below 0.1).
+MIN_TUNED_GFLOP = 0.5
+# Timed rounds per candidate after a warm-up call; candidates slower than PRUNE_RATIO x the
+# best after the first round are not timed again.
+ROUNDS = 3
+PRUNE_RATIO = 1.5
+# Scale of the random weights: AlexNet-like activations, so no denormals skew a timing.
+WEIGHT_SCALE = 0.01
+
+
+@dataclass(frozen=True)
+class ConvKey:
+    """What a plan is chosen for (the traced shapes: per-device under data parallelism)."""
+
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    stride: Pair
+    pad: Pair
+    dilation: Pair
+    groups: int
+    dtype: str
+
+    def text(self) -> str:
+        return (f"x{list(self.x_shape)} w{list(self.w_shape)} s{list(self.stride)} "
+                f"p{list(self.pad)} d{list(self.dilation)} g{self.groups} {self.dtype}")
+
+    def forward_gflop(self) -> float:
+        n, _, h, w = self.x_shape
+        o, cg, kh, kw = self.w_shape
+        ho, wo = kernels.conv_output_hw((h, w), (kh, kw), self.stride, self.pad, self.dilation)
+        return 2.0 * n * o * ho * wo * cg * kh * kw / 1e9
+
+
+@dataclass
+class Measurement:
+    plan: ConvPlan
+    ms: dict[str, float]  # plan name -> best ms of forward + gradients (pruned ones: 1 round)
+    seconds: float        # measuring time, compilation included
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.mode: str | None = None
+        self.notify: Callable[[str], None] | None = None
+        self.plans: dict[str, str] | None = None  # key text -> plan name, this fingerprint
+        self.measured: list[tuple[ConvKey, Measurement]] = []
+
+
+_STATE = _State()
+_LOG = logging.getLogger(__name__)
+
+
+def configure(mode: str | None = None, notify: Callable[[str], None] | None = None) -> None:
+    """Set this process's mode (IMAGENET_CONV_PLANS still wins) and where the one-line notes
+    on measuring go (default: logging, INFO)."""
+    if mode is not None:
+        _check_mode(mode, "configure(mode=...)")
+    with _STATE.lock:
+        _STATE.mode = mode
+        _STATE.notify = notify
+
+
+def _check_mode(mode: str, where: str) -> str:
+    if mode not in MODES:
+        raise ImagenetError(f"{where}: unknown conv plan mode {mode!r}; valid: "
+                            + "; ".join(f"{k} ({v})" for k, v in MODES.items()))
+    return mode
+
+
+def mode() -> str:
+    env = os.environ.get(MODE_ENV)
+    if env:
+        return _check_mode(env, MODE_ENV)
+    return _STATE.mode or DEFAULT_MODE
+
+
+def cache_path() -> Path:
+    root = os.environ.get(CACHE_DIR_ENV)
+    if root:
+        return Path(root) / CACHE_FILE
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "imagenet-pipeline" / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        # A damaged cache only costs a new measurement: it is rewritten whole.
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return {}
+    return data
+
+
+def _plans_here() -> dict[str, str]:
+    with _STATE.lock:
+        if _STATE.plans is None:
+            entries = _read_cache(cache_path()).get("machines", {}).get(machine.fingerprint(), {})
+            _STATE.plans = {k: v["plan"] for k, v in entries.items()
+                            if isinstance(v, dict) and "plan" in v}
+        return _STATE.plans
+
+
+def _store(key: ConvKey, result: Measurement) -> None:
+    """Merge one result into the cache file (re-read first: another process may have added
+    its own) and write it atomically."""
+    path = cache_path()
+    data = _read_cache(path) or {"version": CACHE_VERSION, "machines": {}}
+    entries = data.setdefault("machines", {}).setdefault(machine.fingerprint(), {})
+    entries[key.text()] = {
+        "plan": result.plan.name,
+        "ms": {k: round(v, 2) for k, v in result.ms.items()},
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "seconds": round(result.seconds, 1),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".conv_plans.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def conv_plan(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: Pair, pad: Pair,
+              dilation: Pair, groups: int, dtype: str) -> ConvPlan:
+    """The plan model.kernels.conv2d uses for this convolution (see MODES)."""
+    key = ConvKey(tuple(x_shape), tuple(w_shape), stride, pad, dilation, groups, dtype)
+    heuristic = kernels.heuristic_plan(stride, (w_shape[2], w_shape[3]))
+    how = mode()
+    if how == "heuristic":
+        return heuristic
+    with _STATE.lock:
+        name = _plans_here().get(key.text())
+        if name is not None:
+            try:
+                return ConvPlan.parse(name)
+            except ValueError:
+                pass  # written by another version: measured again below, or the rule
+        if how != "auto" or key.forward_gflop() < MIN_TUNED_GFLOP:
+            return heuristic
+        notify = _STATE.notify or _LOG.info
+        notify(f"measuring convolution plans for {key.text()} (once on this machine; "
+               f"cached in {cache_path()})")
+        result = measure(key)
+        _STATE.measured.append((key, result))
+        _plans_here()[key.text()] = result.plan.name
+        _store(key, result)
+        notify(f"  chose {result.plan.name}: {result.ms[result.plan.name]:.0f} ms (built-in "
+               f"rule {heuristic.name}: {result.ms.get(heuristic.name, math.nan):.0f} ms), "
+               f"measured in {result.seconds:.0f} s")
+        return result.plan
+
+
+def measured() -> list[tuple[ConvKey, Measurement]]:
+    """What this process measured (benchmarks report it apart from training time)."""
+    with _STATE.lock:
+        return list(_STATE.measured)
+
+
+def forget() -> None:
+    """Drop the in-memory plans (tests; after the cache file or the mode changed)."""
+    with _STATE.lock:
+        _STATE.plans = None
+        _STATE.measured.clear()
+
+
+def _candidate_step(key: ConvKey, plan: ConvPlan, x: jax.Array, w: jax.Array, dy: jax.Array
+                    ) -> Callable[[], object]:
+    def loss(xx: jax.Array, ww: jax.Array, g: jax.Array) -> jax.Array:
+        y = kernels.conv2d(xx, ww, None, key.stride, key.pad, key.dilation, key.groups,
+                           plan=plan)
+        return jnp.sum(y.astype(jnp.float32) * g)
+
+    # Every array is an argument: a closed-over one would be a constant XLA folds at compile.
+    step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, dy).compile()
+    return lambda: jax.block_until_ready(step(x, w, dy))
+
+
+def measure(key: ConvKey, plans: tuple[ConvPlan, ...] | None = None,
+            rounds: int = ROUNDS) -> Measurement:
+    """Time every plan (default: kernels.CANDIDATE_PLANS) forward + input and weight
+    gradients on random data of `key`'s shape; runs eagerly even while a jit trace is open."""
+    plans = kernels.CANDIDATE_PLANS if plans is None else plans
+    started = time.perf_counter()
+    with jax.ensure_compile_time_eval():
+        rng = np.random.default_rng(0)
+        dtype = jnp.dtype(key.dtype)
+        x = jnp.asarray(rng.standard_normal(key.x_shape, np.float32), dtype)
+        w = jnp.asarray(rng.standard_normal(key.w_shape, np.float32) * WEIGHT_SCALE, dtype)
+        n, _, h, wd = key.x_shape
+        ho, wo = kernels.conv_output_hw((h, wd), key.w_shape[2:], key.stride, key.pad,
+                                        key.dilation)
+        dy = jnp.asarray(rng.standard_normal((n, key.w_shape[0], ho, wo), np.float32))
+        steps = {p.name: _candidate_step(key, p, x, w, dy) for p in plans}
+        for run in steps.values():
+            run()  # first call: buffers allocated, pages faulted in
+        best = {name: math.inf for name in steps}
+        alive = list(steps)
+        for r in range(max(1, rounds)):
+            for name in alive:
+                t0 = time.perf_counter()
+                steps[name]()
+                best[name] = min(best[name], time.perf_counter() - t0)
+            if r == 0:
+                fastest = min(best[n] for n in alive)
+                alive = [n for n in alive if best[n] <= PRUNE_RATIO * fastest]
+    winner = min(best, key=best.__getitem__)
+    return Measurement(ConvPlan.parse(winner), {k: v * 1e3 for k, v in best.items()},
+                       time.perf_counter() - started)
+
+
+__all__ = ["CACHE_DIR_ENV", "ConvKey", "MODES", "MODE_ENV", "Measurement", "cache_path",
+           "configure", "conv_plan", "forget", "measure", "measured", "mode"]
