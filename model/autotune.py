@@ -23,7 +23,8 @@ so this module measures:
 
 MODES (IMAGENET_CONV_PLANS, else what `configure` set, else "auto"): "auto" measures what
 the cache lacks, "cached" uses measured plans and never measures, "heuristic" ignores the
-cache (the test suite's setting). A plan is chosen while a step is traced; measuring then
+cache (the test suite's setting, and the default of multi-process training, whose processes
+must not choose apart). A plan is chosen while a step is traced; measuring then
 runs outside the trace (jax.ensure_compile_time_eval), before the step's own compilation, and
 says so in one line to the `notify` callback (the command line prints it; else logging).
 """
@@ -133,6 +134,10 @@ def mode() -> str:
     env = os.environ.get(MODE_ENV)
     if env:
         return _check_mode(env, MODE_ENV)
+    if jax.process_count() > 1:
+        # Processes of one training measure apart and could choose apart: every process
+        # takes the same rule unless the user asks otherwise (IMAGENET_CONV_PLANS).
+        return "heuristic"
     return _STATE.mode or DEFAULT_MODE
 
 
