@@ -114,7 +114,11 @@ class _SharedCursor:
                 return index, []
             left = self._expected - self.count
             size = min(RECORDS_PER_CHUNK, max(MIN_RECORDS_PER_CHUNK, -(-left // self._shares)))
-            chunk = list(islice(self._records, size))
+            try:
+                chunk = list(islice(self._records, size))
+            except BaseException as err:  # a corrupt page: reported like a failing chunk
+                self._fail_locked(index, err)
+                return index, []
             self._next_index += 1
             self.count += len(chunk)
             self._bar.update(len(chunk))
@@ -122,9 +126,11 @@ class _SharedCursor:
 
     def fail(self, index: int, error: BaseException) -> None:
         with self._lock:
-            self.errors.append((index, error))
-            self._last_index = index if self._last_index is None else min(self._last_index,
-                                                                          index)
+            self._fail_locked(index, error)
+
+    def _fail_locked(self, index: int, error: BaseException) -> None:
+        self.errors.append((index, error))
+        self._last_index = index if self._last_index is None else min(self._last_index, index)
 
     def first_error(self) -> BaseException | None:
         return min(self.errors, key=lambda e: e[0])[1] if self.errors else None
@@ -315,6 +321,10 @@ def compute_image_mean(
             if error is not None:
                 raise error
             count = cursor.count
+            if count != total:  # the walk ended early: a damaged branch page
+                raise ImagenetError(f"{db_path}: the LMDB says it holds {total:,} records, but "
+                                    f"only {count:,} could be read: its B-tree is corrupt; "
+                                    "rebuild it (imagenet convert-imageset)")
             total_sum = _total(sums, count)
     # compute_image_mean.cpp: sum_blob.data(i) / count, in float.
     mean = np.divide(total_sum, np.float32(count), out=total_sum).reshape(shape)

@@ -140,3 +140,39 @@ def test_caffe_accumulation_reproduces_float32_rounding_past_2_to_24(tmp_path: P
     assert not np.array_equal(caffe.mean, exact.mean)  # the difference the modes exist for
     with pytest.raises(ImagenetError, match=r"valid: \['caffe', 'exact'\]"):
         compute_image_mean(tmp_path / "db", accumulation="double")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_corrupt_page_met_mid_walk_is_an_error_not_a_partial_mean(tmp_path: Path,
+                                                                    monkeypatch, threads) -> None:
+    """LMDB raises (MDB_PAGE_NOTFOUND, MDB_CORRUPTED) from the cursor walk when a branch page
+    is damaged; that used to kill the summing thread with a traceback and write the mean of
+    the records before it, with exit 0."""
+    import threading
+
+    import lmdb
+
+    db = tmp_path / "db"
+    with LmdbWriter(db) as writer:
+        for i in range(200):
+            writer.put(f"{i:08d}".encode(), encode_datum_bytes(np.full((1, 2, 2), i % 256,
+                                                                       np.uint8), 0))
+    real_init = mean_module._SharedCursor.__init__
+
+    def damaged(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        records = self._records
+
+        def walk():
+            for n, record in enumerate(records):
+                if n == 70:
+                    raise lmdb.PageNotFoundError("mdb_cursor_get: MDB_PAGE_NOTFOUND", -30797)
+                yield record
+        self._records = walk()
+
+    monkeypatch.setattr(mean_module._SharedCursor, "__init__", damaged)
+    died: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    with pytest.raises(ImagenetError, match=r"reading LMDB .*db: .*MDB_PAGE_NOTFOUND.*rebuild"):
+        compute_image_mean(db, tmp_path / "mean.binaryproto", threads=threads)
+    assert not died and not (tmp_path / "mean.binaryproto").exists()
