@@ -30,6 +30,7 @@ CPU model and counts per scenario; benchmarks/README.md has the latest figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import os
@@ -338,7 +339,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
     env = {**os.environ, **extra}
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 
@@ -525,10 +526,8 @@ def cpu_description() -> str:
     return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
 
 
-def _temporary_prefect_api() -> "contextlib.AbstractContextManager[None]":
+def _temporary_prefect_api() -> contextlib.AbstractContextManager[None]:
     """A Prefect server for the flow scenario's children when PREFECT_API_URL is not set."""
-    import contextlib
-
     if os.environ.get("PREFECT_API_URL"):
         return contextlib.nullcontext()
     from flows import prefect_env
@@ -550,6 +549,13 @@ def _temporary_prefect_api() -> "contextlib.AbstractContextManager[None]":
     return serve()
 
 
+def _report_failure(trial: Trial) -> None:
+    if not trial.exact or trial.left_after:
+        left = f"; left {trial.left_after}" if trial.left_after else ""
+        print(f"  {trial.index:4d} {trial.mode} {trial.point}: "
+              f"{'exact' if trial.exact else trial.problem}{left}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="trials per command")
@@ -567,15 +573,11 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imagenet-faults-"))
     failures = 0
     try:
-        with _temporary_prefect_api() if "flow" in names else _nullcontext():
+        with _temporary_prefect_api() if "flow" in names else contextlib.nullcontext():
             for name in names:
                 started = time.monotonic()
                 campaign = run_campaign(name, args.trials, workdir, args.seed,
-                                        progress=lambda t: print(
-                                            f"  {t.index:4d} {t.mode} {t.point}: "
-                                            f"{'exact' if t.exact else t.problem}"
-                                            f"{'; left ' + str(t.left_after) if t.left_after else ''}",
-                                            flush=True) if not t.exact or t.left_after else None)
+                                        progress=_report_failure)
                 print(f"{campaign.line()}  [{time.monotonic() - started:.0f} s]", flush=True)
                 failures += sum(not t.exact or bool(t.left_after) for t in campaign.trials)
     finally:
@@ -585,12 +587,6 @@ def main() -> int:
             print(f"failing trials kept under {workdir}")
     print(f"load average {os.getloadavg()[0]:.1f}")
     return 1 if failures else 0
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":
