@@ -62,6 +62,7 @@ _SEED_BITS = 63
 # Datum.label is an int32 (caffe.proto). Caffe's atoi() wraps a larger label silently
 # (99999999999 is stored as 1215752191); we refuse it.
 LABEL_MIN, LABEL_MAX = -(2**31), 2**31 - 1
+_BOM = "\ufeff"
 # The free-space estimate (estimate_db_bytes): LMDB stores a record larger than a page on
 # overflow pages of its own (4 KiB each), plus a leaf-node entry of the key and a page number;
 # files sampled to guess the size of records that are not raw resized pixels; and headroom for
@@ -147,7 +148,9 @@ def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
         raise ImagenetError(f"{listfile}: listing file not found") from None
     except OSError as err:
         raise from_os_error(err, "cannot read listing file") from None
-    lines = text.splitlines()
+    # A byte-order mark (Windows editors) would become part of the first path, invisibly:
+    # Caffe then skips that image; no file name starts with one, so it is dropped.
+    lines = text.removeprefix(_BOM).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # blank lines at the end are no entries (a blank line inside is an error)
     entries = []

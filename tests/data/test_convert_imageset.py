@@ -281,3 +281,9 @@ def test_listing_labels_must_fit_int32(tmp_path: Path) -> None:
         listing.write_text(f"a.jpg 0\nb.jpg {label}\n")
         with pytest.raises(ImagenetError, match=rf"list\.txt:2: label {label} does not fit"):
             read_listing(listing)
+
+
+def test_listing_byte_order_mark_is_not_part_of_the_first_path(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeffa.jpg 0\r\nb.jpg 1\r\n".encode("utf-8"))
+    assert [(e.path, e.label) for e in read_listing(listing)] == [("a.jpg", 0), ("b.jpg", 1)]
