@@ -411,6 +411,7 @@ class TrainResult:
     seconds: float
     images_per_second: float
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss of its forward
+    stopped_by: str | None = None  # the stop request (a signal name) that ended it early
 
 
 class _StopRequest:
@@ -573,6 +574,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
           log: LogFn | logging.Logger | None = None,
           on_progress: Callable[[int, int], None] | None = None,
           on_test: Callable[[int, dict[str, float]], None] | None = None,
+          on_test_batch: Callable[[int, int, int], None] | None = None,
           workdir: str | os.PathLike | None = None, precision: str = "fp32",
           prefetch: int = DEFAULT_PREFETCH) -> TrainResult:
     """Run `caffe train --solver=solver_path [--snapshot | --weights] [--gpu]`
@@ -585,7 +587,8 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
     """
     solver = Solver(solver_path, snapshot=snapshot, weights=weights, devices=devices,
                     stop_at_iter=stop_at_iter, log=log, on_progress=on_progress,
-                    on_test=on_test, workdir=workdir, precision=precision, prefetch=prefetch)
+                    on_test=on_test, on_test_batch=on_test_batch, workdir=workdir,
+                    precision=precision, prefetch=prefetch)
     with solver:
         return solver.solve()
 
@@ -675,7 +678,9 @@ class Solver:
       snapshot() Solver::Snapshot   .caffemodel + .solverstate + our resume side file
       restore(p) Solver::Restore    weights, history, iteration and data position
     Hooks for callers: on_progress(iter, max_iter) after each update, on_test(iter, outputs)
-    after each TestAll, request_stop(reason) (SIGINT/SIGTERM call it) to snapshot and stop.
+    after each TestAll, on_test_batch(iter, batch, of) after each test batch (a test pass can
+    take longer than the training between two), request_stop(reason) (SIGINT/SIGTERM call it)
+    to snapshot and stop, also in the middle of a test pass.
     Use it as a context manager (or call close()): the LMDB readers close on every path out.
 
     With several processes (model/distributed.py joined them) each process feeds its devices'
@@ -691,6 +696,7 @@ class Solver:
                  log: LogFn | logging.Logger | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
                  on_test: Callable[[int, dict[str, float]], None] | None = None,
+                 on_test_batch: Callable[[int, int, int], None] | None = None,
                  workdir: str | os.PathLike | None = None, precision: str = "fp32",
                  prefetch: int = DEFAULT_PREFETCH) -> None:
         self.t_start = time.time()
@@ -712,6 +718,7 @@ class Solver:
         self.seed = choose_seed(sp, resume)
         self.precision, self.prefetch = precision, prefetch
         self.on_progress, self.on_test = on_progress, on_test
+        self.on_test_batch = on_test_batch
         self.max_iter = int(sp.max_iter)
         self.stop_iter = (self.max_iter if stop_at_iter is None
                           else min(int(stop_at_iter), self.max_iter))
@@ -888,7 +895,7 @@ class Solver:
             metrics_path=str(self.metrics.path), plot_path=str(self.metrics.plot_path),
             final_test_outputs=self.final_test, seconds=time.time() - self.t_start,
             images_per_second=(self.images / train_seconds) if done and train_seconds > 0
-            else 0.0, losses=self.loss_log)
+            else 0.0, losses=self.loss_log, stopped_by=self.requested_stop if stopped else None)
 
     def _final_forward(self) -> None:
         """Solve's extra TRAIN forward on the next batch after the last update, printed as
@@ -934,6 +941,11 @@ class Solver:
                         self._finish(pending)
                         pending = None
                         self.test_all()
+                        if self.requested_stop:  # Step: stop requested while testing
+                            self.snapshot()
+                            self.log(f"Received {self.requested_stop}: stopping after the "
+                                     "snapshot", "solver.cpp:305")
+                            return True
                     display = bool(sp.display) and self.iter % sp.display == 0
                     arrays = self._put_train_batch(self._next_passes(feeds))
                     before = self.current_step
@@ -1050,6 +1062,8 @@ class Solver:
         merged: dict[str, float] = {}
         for k in range(len(self.tests)):
             result = self.test(k)
+            if result is None:  # interrupted by a stop request: no outputs to report
+                return merged
             merged.update(result if k == 0 else {f"net{k}/{n}": v for n, v in result.items()})
         self.final_test = merged
         if self.on_test is not None and self.tests:
@@ -1058,9 +1072,10 @@ class Solver:
             self.metrics.plot()
         return merged
 
-    def test(self, k: int) -> dict[str, float]:
+    def test(self, k: int) -> dict[str, float] | None:
         """Solver::Test: test net k's outputs averaged over test_iter[k] batches, its loss
-        ("Test loss") when test_compute_loss, each printed as Caffe does."""
+        ("Test loss") when test_compute_loss, each printed as Caffe does. A stop request
+        between two batches interrupts it ("Test interrupted.", None), as in Caffe."""
         t, n_iter = self.tests[k], int(self.param.test_iter[k])
         self.log(f"Iteration {self.iter}, Testing net (#{k})", "solver.cpp:347")
         params = self._test_params(k)
@@ -1068,7 +1083,10 @@ class Solver:
         loss_sum = np.float32(0)
         feeds = self._prefetchers(t, self.position.test_batches[k], n_iter)
         try:
-            for _ in range(n_iter):
+            for i in range(n_iter):
+                if self.requested_stop:
+                    self.log("Test interrupted.", "solver.cpp:395")
+                    return None
                 batch = {name: next(p) for name, p in feeds.items()}
                 arrays = jax.device_put(stack_batches(t, [batch]), params[0].device)
                 loss, outs = self.test_fns[k](params, arrays, None)
@@ -1076,6 +1094,8 @@ class Solver:
                 for name, v in jax.device_get(outs).items():
                     v = np.asarray(v, np.float32).ravel()
                     scores[name] = v if name not in scores else scores[name] + v
+                if self.on_test_batch is not None:
+                    self.on_test_batch(self.iter, i + 1, n_iter)
         finally:
             for p in feeds.values():
                 p.close()
@@ -1183,8 +1203,10 @@ def fed_batch_size(fed: FedNet) -> int:
 def evaluate(model_prototxt: str | os.PathLike, weights: str | Sequence[str], iterations: int,
              devices: str | Sequence[int] | None = None, *,
              log: LogFn | logging.Logger | None = None,
-             workdir: str | os.PathLike | None = None) -> dict[str, float]:
-    """`caffe test`: the TEST net's outputs averaged over `iterations` batches.
+             workdir: str | os.PathLike | None = None,
+             on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """`caffe test`: the TEST net's outputs averaged over `iterations` batches; `on_batch(done,
+    iterations)` after each (a progress bar).
 
     Logs "Batch i, name = value" per batch and the averages as caffe.cpp's test() does
     ("name = mean" plus "(* w = x loss)" for loss outputs); returns {name: mean}.
@@ -1225,6 +1247,8 @@ def evaluate(model_prototxt: str | os.PathLike, weights: str | Sequence[str], it
                     clog(f"Batch {i}, {name} = {fmt(x)}", "caffe.cpp:304")
                     j += 1
                 scores[name] = v if name not in scores else scores[name] + v
+            if on_batch is not None:
+                on_batch(i + 1, iterations)
     finally:
         for p in pfs.values():
             p.close()

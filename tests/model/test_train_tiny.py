@@ -120,9 +120,36 @@ def test_sigterm_snapshots_then_stops(tmp_path) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     res = train("solver.prototxt", workdir=run, log=lines.append, on_progress=progress)
-    assert res.final_iter == 3
+    assert res.final_iter == 3 and res.stopped_by == "SIGTERM"
     assert (run / "tiny_iter_3.caffemodel").exists() and (run / "tiny_iter_3.resume.json").exists()
     assert any(l.endswith("Optimization stopped early.") for l in lines)
+
+
+def test_sigterm_during_a_test_pass_interrupts_it_then_snapshots(tmp_path) -> None:
+    """Solver::Test checks for a stop request before each batch ("Test interrupted."), then
+    Step snapshots and stops: a long test pass (bvlc_alexnet: 1000 batches) does not hold a
+    cancellation past its grace period. Resuming tests that iteration again, in full."""
+    import signal
+    from model.train import train
+    run = make_tiny(tmp_path / "term-test", solver=SOLVER + "test_iter: 3\ntest_interval: 4\n")
+    lines: list[str] = []
+    batches: list[tuple[int, int, int]] = []
+
+    def test_batch(it: int, batch: int, of: int) -> None:
+        batches.append((it, batch, of))
+        if it == 4 and batch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = train("solver.prototxt", workdir=run, log=lines.append, on_test_batch=test_batch)
+    assert res.stopped_by == "SIGTERM" and res.final_iter == 4
+    assert batches == [(0, 1, 3), (0, 2, 3), (0, 3, 3), (4, 1, 3)]
+    assert any(l.endswith("Test interrupted.") for l in lines)
+    assert (run / "tiny_iter_4.solverstate").exists()
+    resumed: list[tuple[int, int, int]] = []
+    train("solver.prototxt", workdir=run, log=lambda l: None,
+          snapshot=str(run / "tiny_iter_4.solverstate"), stop_at_iter=5,
+          on_test_batch=lambda *b: resumed.append(b))
+    assert resumed == [(4, 1, 3), (4, 2, 3), (4, 3, 3)]
 
 
 def test_nan_loss_stops_naming_the_iteration(tmp_path) -> None:
