@@ -4,6 +4,12 @@ prefect.yaml and a worker, with PIDs and logs under a project-local folder (.run
     python -m flows.services up [--port 4200] [--run-dir .run]
     python -m flows.services down [--run-dir .run]
 
+`up` when this checkout's services are already running (or another program holds the port)
+says so, exits non-zero and touches nothing. `down` first cancels the flow runs in flight
+through the API (the worker stops each with SIGTERM: a training segment snapshots, and the run
+ends *Cancelled*, never left *Running* on the next `make up`), waits for them to end, then stops
+the worker and the server.
+
 Each long-lived process starts in its own session (process group): PREFECT_NOTES measured that a
 worker started with `&` from a script ignores one SIGTERM, and that a second SIGTERM orphans the
 running flow; signalling the whole group stops the worker and its flow subprocess together.
@@ -15,11 +21,15 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from data.lmdb_io import pid_alive
 from flows import prefect_env
@@ -35,6 +45,18 @@ POLL_S = 0.5
 # The worker polls every 2 s instead of 10: a deployment run starts promptly.
 WORKER_QUERY_SECONDS = "2"
 SERVICES = ("worker", "server")  # stop order: the worker (and its flow runs) first
+# `make down` cancels flow runs in these states; the worker gives each CANCEL_GRACE_S
+# (Prefect's kill grace period) between SIGTERM and SIGKILL, so we wait a little longer.
+IN_FLIGHT_STATES = ["RUNNING", "PENDING", "CANCELLING"]
+CANCEL_GRACE_S = 30
+CANCEL_WAIT_S = CANCEL_GRACE_S + 30
+API_TIMEOUT_S = 10
+FLOW_RUNS_PAGE = 200
+CANCELLED_BY_DOWN = "Cancelled by `make down`"
+
+
+class AlreadyUp(RuntimeError):
+    """`make up` found its services (or something else) already there: nothing was touched."""
 
 
 def api_url(port: int) -> str:
@@ -103,13 +125,32 @@ def _run(argv: list[str], env: dict[str, str], run_dir: Path, what: str) -> None
         raise RuntimeError(f"{what} failed (exit {done.returncode}); see {run_dir / 'setup.log'}")
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something already listens on HOST:port."""
+    with socket.socket() as s:
+        s.settimeout(POLL_S)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def check_not_up(port: int, run_dir: Path) -> None:
+    """AlreadyUp (one line, nothing touched) when this run dir's services are alive or the port
+    is taken."""
+    running = [(name, pid) for name in SERVICES
+               if (pid := _read_pid(run_dir, name)) is not None and pid_alive(pid)]
+    if running:
+        url = (run_dir / "api_url").read_text().strip() if (run_dir / "api_url").is_file() else "?"
+        names = ", ".join(f"{name} pid {pid}" for name, pid in running)
+        raise AlreadyUp(f"already up ({names}; API {url}); nothing changed. `make down` "
+                        "stops them")
+    if port_in_use(port):
+        raise AlreadyUp(f"port {port} on {HOST} is already in use by another program; nothing "
+                        "changed. Stop it, or choose another port: make up PREFECT_PORT=4300")
+
+
 def up(port: int = DEFAULT_PORT, run_dir: Path = DEFAULT_RUN_DIR, prefect_home: Path | None = None) -> None:
-    """Server, pool, deployments, worker. Refuses to start twice on the same run dir."""
+    """Server, pool, deployments, worker. AlreadyUp (touching nothing) when already running."""
+    check_not_up(port, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in SERVICES:
-        pid = _read_pid(run_dir, name)
-        if pid is not None and pid_alive(pid):
-            raise RuntimeError(f"{name} already running (pid {pid}); `make down` first")
     env = service_env(port, prefect_home)
     prefect = _prefect()
     print(f"starting the Prefect server on {HOST}:{port} (log: {run_dir / 'server.log'})")
@@ -193,8 +234,52 @@ def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
             time.sleep(POLL_S)
 
 
-def down(run_dir: Path = DEFAULT_RUN_DIR) -> None:
-    """Stop the worker (with any flow run it started), then the server."""
+def _in_flight(client: httpx.Client) -> list[dict[str, Any]]:
+    resp = client.post("/flow_runs/filter", json={
+        "flow_runs": {"state": {"type": {"any_": IN_FLIGHT_STATES}}}, "limit": FLOW_RUNS_PAGE})
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _set_state(client: httpx.Client, run_id: str, state: str, force: bool = False) -> None:
+    resp = client.post(f"/flow_runs/{run_id}/set_state", json={
+        "state": {"type": state, "message": CANCELLED_BY_DOWN}, "force": force})
+    resp.raise_for_status()
+
+
+def cancel_in_flight(url: str, wait_s: float = CANCEL_WAIT_S) -> list[str]:
+    """Ask the server to cancel every Running/Pending flow run and wait until they end (the
+    worker SIGTERMs each; a training segment snapshots first). Runs still not finished after
+    `wait_s` are forced to Cancelled, so none is left *Running*. Returns their names."""
+    with httpx.Client(base_url=url, timeout=API_TIMEOUT_S) as client:
+        runs = _in_flight(client)
+        for run in runs:
+            if run["state_type"] != "CANCELLING":
+                print(f"cancelling flow run {run['name']} ({run['state_name']})")
+                _set_state(client, run["id"], "CANCELLING")
+        deadline = time.monotonic() + wait_s
+        left = runs
+        while left and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            left = _in_flight(client)
+        for run in left:
+            print(f"flow run {run['name']} did not end within {wait_s:.0f} s: marking it "
+                  "Cancelled", file=sys.stderr)
+            _set_state(client, run["id"], "CANCELLED", force=True)
+    return [run["name"] for run in runs]
+
+
+def down(run_dir: Path = DEFAULT_RUN_DIR, cancel_wait_s: float = CANCEL_WAIT_S) -> None:
+    """Cancel the flow runs in flight through the API (while the worker is there to stop
+    them), then stop the worker and the server."""
+    url_file = run_dir / "api_url"
+    server = _read_pid(run_dir, "server")
+    if url_file.is_file() and server is not None and pid_alive(server):
+        try:
+            cancel_in_flight(url_file.read_text().strip(), cancel_wait_s)
+        except httpx.HTTPError as err:
+            print(f"could not cancel the flow runs in flight ({err}); stopping anyway",
+                  file=sys.stderr)
     for name in SERVICES:
         pid = _read_pid(run_dir, name)
         if pid is None:
@@ -217,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             up(args.port, args.run_dir)
         else:
             down(args.run_dir)
+    except AlreadyUp as err:
+        print(f"make up: {err}", file=sys.stderr)
+        return 1
     except (RuntimeError, TimeoutError) as err:
         print(f"make {args.action}: error: {err}", file=sys.stderr)
         if args.action == "up":
