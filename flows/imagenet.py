@@ -27,7 +27,7 @@ from typing import Any, Iterator, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
-from prefect.states import Failed, State
+from prefect.states import Cancelled, Failed, State
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.ilsvrc12 import TRAIN_LIST, VAL_LIST, parse_md5sums
@@ -35,7 +35,8 @@ from flows.commands.pipeline import describe_validation_error
 from tasks import acquire, convert, report
 from tasks import train as training
 from tasks.cache import read_manifest, stage_key
-from tasks.stage import USER_ERRORS, StageFailed, StageRun, call_stage, one_line, submit_stage
+from tasks.stage import (USER_ERRORS, StageCancelled, StageFailed, StageRun, call_stage, one_line,
+                         submit_stage)
 
 Stage = Literal["download", "extract", "listings", "convert", "mean", "train", "evaluate"]
 STAGES: tuple[str, ...] = ("download", "extract", "listings", "convert", "mean", "train", "evaluate")
@@ -204,6 +205,9 @@ def imagenet(
     r = _Runner(p, Path(p.data_root).resolve())
     try:
         return _run_stages(r, log)
+    except StageCancelled as err:
+        log.warning("%s", err)
+        return Cancelled(message=str(err))
     except StageFailed as err:
         return _failed(log, str(err), err)
 
@@ -395,8 +399,11 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     counts = {status: sum(row["status"] == status for row in table) for status in ("ran", "cached")}
     log.info("stages: %d ran, %d cached (table in the %r artifact)", counts["ran"],
              counts["cached"], report.ARTIFACT_KEY_SUMMARY)
-    log.info("%s", report.final_line(final, outputs.get("final weights") if final else None,
-                                     data_root=str(root)))
+    weights = outputs.get("final weights") if final else None
+    line = report.final_line(final, weights, data_root=str(root))
+    log.info("%s", line)
+    report.announce(line, {"top1": final.get("top1") if final else None,
+                           "top5": final.get("top5") if final else None, "weights": weights})
     return {
         "stages": table,
         "top1": final.get("top1") if final else None,

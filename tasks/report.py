@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,12 @@ import numpy as np
 
 from tasks.stage import StageRun
 
+# The event that carries the final line: `prefect deployment run --watch` prints a run's events
+# (and its logs only where the server streams them out, which Prefect's default settings do
+# not), each as "<event> * <resource name>", so the name is the line itself.
+RESULT_EVENT = "imagenet.pipeline.finished"
+RESULT_RESOURCE = "imagenet.pipeline.result.{flow_run_id}"
+EVENT_FLUSH_TIMEOUT_S = 10
 ARTIFACT_KEY_METRICS = "imagenet-test-metrics"
 ARTIFACT_KEY_SUMMARY = "imagenet-summary"
 CURVE_FILE = "curve.png"
@@ -237,6 +244,31 @@ def final_line(final: dict[str, Any] | None, weights: str | None, *, data_root: 
     return (f"pipeline finished: top-1 = {sig(t1) if t1 is not None else 'n/a'}, "
             f"top-5 = {sig(t5) if t5 is not None else 'n/a'} on the val LMDB; "
             f"final weights {weights}")
+
+
+def announce(line: str, payload: dict[str, Any]) -> None:
+    """Emit RESULT_EVENT about the current flow run, named `line`, with `payload` (top-1,
+    top-5, weights: what an automation would trigger on), and send it now: the watcher stops
+    listening for events at the run's final state."""
+    from prefect.context import FlowRunContext
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    run_id = str(ctx.flow_run.id)
+    emit_event(event=RESULT_EVENT,
+               resource={"prefect.resource.id": RESULT_RESOURCE.format(flow_run_id=run_id),
+                         "prefect.resource.name": line},
+               related=[{"prefect.resource.id": f"prefect.flow-run.{run_id}",
+                         "prefect.resource.role": "flow-run"}],
+               payload=payload)
+    # Sent before the flow returns (and the run reaches its final state); never wait forever
+    # on a server that went away.
+    flush = threading.Thread(target=EventsWorker.instance().wait_until_empty, daemon=True)
+    flush.start()
+    flush.join(EVENT_FLUSH_TIMEOUT_S)
 
 
 def summary_markdown(

@@ -99,6 +99,11 @@ class StageFailed(Exception):
         self.stage, self.cause = stage, cause
 
 
+class StageCancelled(StageFailed):
+    """A stage stopped on request (SIGTERM from a cancelled run, SIGINT) after saving its work:
+    the flow ends Cancelled with `str(self)` as its state message."""
+
+
 def one_line(err: BaseException) -> str:
     """An error as one line: its message (a user error's says what and where), prefixed by its
     type when it is not a user error."""
@@ -158,7 +163,10 @@ def _timed(state: State, bypass: str, start: float) -> tuple[str, float, str]:
 
 
 def _finished(name: str, state: State, bypass: str, start: float) -> StageRun:
-    """The StageRun of a finished task run; StageFailed (one line) when it failed."""
+    """The StageRun of a finished task run; StageFailed (one line) when it failed,
+    StageCancelled when it stopped on request."""
+    if state.is_cancelled():
+        raise StageCancelled(name, state.message or state.name)
     if state.is_failed() or state.is_crashed():
         try:
             state.result()
@@ -224,8 +232,11 @@ def submit_stage(
 class ProgressArtifact:
     """A Prefect progress artifact that follows a library's `progress(done, total)` callback.
 
-    Throttled: the library may call it per image; the API sees one update per
+    Throttled: the library may call it per image; the API sees one call per
     PROGRESS_MIN_INTERVAL_S at most, and the last one (`finish()`, 100%) whatever the timing.
+    The artifact is created by the first call that passes the throttle, so a stage that ends
+    within PROGRESS_MIN_INTERVAL_S shows no bar at all (each call is one more line in
+    `prefect deployment run --watch`), and every bar that exists ends at 100%.
     `describe(text)` changes the description shown under the bar with the next update (the
     training stage puts iterations/s and the time left there)."""
 
@@ -234,28 +245,32 @@ class ProgressArtifact:
         self.min_interval = min_interval
         self.percent = 0.0
         self.started = self._last = time.monotonic()
-        self._id = create_progress_artifact(progress=0.0, description=description)
+        self._id: Any = None
 
     def describe(self, description: str) -> None:
         self.description = description
 
     def __call__(self, done: int, total: int | None) -> None:
         percent = min(PERCENT * done / total, PERCENT) if total else 0.0
-        self._update(percent, force=False)
+        self._update(percent, final=False)
 
-    def _update(self, percent: float, force: bool) -> None:
+    def _update(self, percent: float, final: bool) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.min_interval:
+        if now - self._last < self.min_interval and not (final and self._id is not None):
             return
         self._last, self.percent = now, percent
         try:
-            update_progress_artifact(artifact_id=self._id, progress=percent,
-                                     description=self.description)
+            if self._id is None:
+                self._id = create_progress_artifact(progress=percent, description=self.description)
+            else:
+                update_progress_artifact(artifact_id=self._id, progress=percent,
+                                         description=self.description)
         except Exception as err:  # a flaky API must never kill a 3-day conversion
             get_run_logger().debug("progress artifact update failed: %s", err)
 
-    def finish(self, description: str | None = None) -> None:
-        """The stage finished: 100%, now."""
+    def finish(self, description: str | None = None, percent: float = PERCENT) -> None:
+        """The stage finished (100%) or stopped (`percent`): shown now, when the bar exists or
+        the stage took long enough to deserve one."""
         if description is not None:
             self.description = description
-        self._update(PERCENT, force=True)
+        self._update(percent, final=True)

@@ -26,13 +26,14 @@ from typing import Any, Mapping
 from google.protobuf import text_format
 from prefect import task
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled, State
 from pydantic import BaseModel
 
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from tasks.cache import canonical_json, code_digest, file_digest, input_fingerprint, write_manifest
 from tasks.eta import Schedule, TrainingClock, duration
-from tasks.stage import ProgressArtifact, RecordedKey, StageResult, fail_in_one_line
+from tasks.stage import PERCENT, ProgressArtifact, RecordedKey, StageResult, fail_in_one_line
 
 TRAINING_DIR = "training"
 TRAIN_CODE = ("model",)
@@ -327,13 +328,17 @@ def train_segment(
     devices: list[int] | None = None,
     restart: bool = False,
     processes: int = 1,
-) -> StageResult:
+) -> StageResult | State:
     """Train from the newest snapshot <= end_iter (normally start_iter's) to end_iter.
 
     `restart` (force: [train], first segment): move this configuration's earlier snapshots
     aside first, so training starts again from iteration 0. `processes` > 1: that many local
     training processes joined by jax.distributed (model/distributed.py); process 0's log,
-    progress and test outputs come here as from one process."""
+    progress and test outputs come here as from one process. SIGTERM (a cancelled flow run) or
+    SIGINT: model.train snapshots and stops, and the task run ends Cancelled, saying where (the
+    flow then ends Cancelled too). Prefect's own SIGTERM bridge cannot do this while training
+    runs in this process: it would interrupt a step or a snapshot anywhere, and it acknowledges
+    a cancellation only while it is the installed handler, which model.train's is then."""
     from model.distributed import run_local_processes
     from model.train import train
 
@@ -385,6 +390,10 @@ def train_segment(
             if inject is not None:
                 inject(it)
 
+        def on_test_batch(it: int, batch: int, of: int) -> None:
+            clock.on_test_batch(it, batch, of)
+            show()
+
         def on_test(it: int, outputs: dict[str, Any]) -> None:
             rows.append({"iter": int(it), **{k: float(v) for k, v in outputs.items()}})
             log.info("test at iteration %d: %s", it,
@@ -398,7 +407,16 @@ def train_segment(
                      processes)
             result = run_local_processes(processes, solver, **options)
         else:
-            result = train(solver, **options)
+            result = train(solver, on_test_batch=on_test_batch, **options)
+        if result.stopped_by is not None:
+            where = result.last_snapshot[1] if result.last_snapshot else "no snapshot"
+            message = (f"stopped by {result.stopped_by} at iteration {result.final_iter} "
+                       f"after the snapshot ({where}); a rerun resumes there")
+            log.warning("%s", message)
+            progress.finish(f"stopped at iteration {result.final_iter} of {max_iter}",
+                            percent=PERCENT * (result.final_iter - clock.start)
+                            / max(clock.end - clock.start, 1))
+            return Cancelled(message=message)
         losses = sorted(result.losses.items())
         step = max(1, len(losses) // LOSS_POINTS_PER_SEGMENT)
         loss_rows = [{"iter": int(i), "train loss": float(v)} for i, v in losses[::step]]
@@ -447,7 +465,7 @@ def evaluate_weights(
     progress = ProgressArtifact(f"evaluate {Path(weights).name} on the val LMDB "
                                 f"({iterations} batches)")
     outputs = {k: float(v) for k, v in
-               evaluate(net, weights, iterations, devices=devices).items()}
+               evaluate(net, weights, iterations, devices=devices, on_batch=progress).items()}
     seconds = time.monotonic() - start
     progress.finish()
     by_k = {k: outputs[name] for name, k in accuracy_top_k.items() if name in outputs}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
 
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # see prepare()
     state = imagenet(**params.flow_parameters(), return_state=True)
+    if state.is_cancelled():  # Ctrl-C during training: snapshotted, then stopped
+        print(f"imagenet pipeline: {state.message}", file=sys.stderr)
+        from flows.cli import EXIT_INTERRUPTED
+
+        return EXIT_INTERRUPTED
     if not state.is_completed():
         # The flow's state message is its one line: "stage convert-train: ..."
         raise ImagenetError(state.message or f"the flow run ended {state.name}")

@@ -189,6 +189,9 @@ def test_concurrent_stages_each_report_their_own_wall_time():
         def is_crashed(self):
             return False
 
+        def is_cancelled(self):
+            return False
+
     class Future:
         def __init__(self, inner):
             self._inner = inner
