@@ -29,6 +29,7 @@ ALL_STAGES = {"download-train", "download-val", "download-aux", "extract-train",
               "train-4-6", "evaluate"}
 REPO = Path(__file__).resolve().parents[2]
 KILL_WAIT_S = 300
+API_CATCH_UP_S = 30
 
 
 def statuses(result: dict) -> dict[str, str]:
@@ -154,7 +155,13 @@ def test_task_runs_record_their_upstream_stages(first_run, data_root, make_param
     from flows.imagenet import imagenet
 
     state = imagenet(**make_params(data_root).flow_parameters(), return_state=True)
-    runs = _task_runs(state.state_details.flow_run_id)
+    # Task runs reach the server as events, processed a little later: wait for all of them.
+    deadline = time.monotonic() + API_CATCH_UP_S
+    while True:
+        runs = _task_runs(state.state_details.flow_run_id)
+        if {tr.name for tr in runs} >= ALL_STAGES or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     names = {tr.id: tr.name for tr in runs}
     upstream = {tr.name: {names[i.id] for i in tr.task_inputs.get("wait_for", [])} for tr in runs}
     assert {name: upstream[name] for name in EDGES} == EDGES
