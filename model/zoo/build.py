@@ -115,6 +115,18 @@ class NetBuilder:
         lp = self.layer("data", "Input", [], ["data"])
         lp.input_param.shape.add().dim.extend([batch, 3, CROP, CROP])
 
+    def inputs(self, deploy: bool, batches: tuple[int, int, int], *,
+               mean_values: tuple[int, ...] = (), mean_file: str = "") -> None:
+        """deploy: an Input of batches[0]; else TRAIN (mirrored) and TEST Data layers of
+        batches[1] and batches[2] on the ImageNet LMDBs."""
+        if deploy:
+            self.input(batches[0])
+            return
+        self.data(caffe_pb2.TRAIN, TRAIN_LMDB, batches[1], mirror=True,
+                  mean_values=mean_values, mean_file=mean_file)
+        self.data(caffe_pb2.TEST, VAL_LMDB, batches[2], mirror=False,
+                  mean_values=mean_values, mean_file=mean_file)
+
     def conv(self, name: str, bottom: str, num_output: int, kernel: int, *, stride: int = 1,
              pad: int = 0, top: str | None = None, bias: float | None = 0.0,
              weight_filler: str = "xavier", params: Params = NO_PARAMS) -> str:
@@ -227,13 +239,8 @@ def _aux_head(b: NetBuilder, head: str, bottom: str) -> None:
 def googlenet(deploy: bool) -> str:
     """bvlc_googlenet train_val (deploy=False) or deploy prototxt text."""
     b = NetBuilder("GoogleNet")
-    if deploy:
-        b.input(GOOGLENET_DEPLOY_BATCH)
-    else:
-        b.data(caffe_pb2.TRAIN, TRAIN_LMDB, GOOGLENET_TRAIN_BATCH, mirror=True,
-               mean_values=GOOGLENET_MEAN_BGR)
-        b.data(caffe_pb2.TEST, VAL_LMDB, GOOGLENET_TEST_BATCH, mirror=False,
-               mean_values=GOOGLENET_MEAN_BGR)
+    b.inputs(deploy, (GOOGLENET_DEPLOY_BATCH, GOOGLENET_TRAIN_BATCH, GOOGLENET_TEST_BATCH),
+             mean_values=GOOGLENET_MEAN_BGR)
     x = _googlenet_conv(b, "conv1/7x7_s2", "data", 64, 7, stride=2, pad=3,
                         relu="conv1/relu_7x7")
     x = b.pool("pool1/3x3_s2", x, caffe_pb2.PoolingParameter.MAX, 3, 2)
@@ -316,13 +323,8 @@ def _bottleneck(b: NetBuilder, stage: int, letter: str, bottom: str, width: int,
 def resnet50(deploy: bool) -> str:
     """ResNet-50 train_val (deploy=False) or deploy prototxt text."""
     b = NetBuilder("ResNet-50")
-    if deploy:
-        b.input(RESNET_DEPLOY_BATCH)
-    else:
-        b.data(caffe_pb2.TRAIN, TRAIN_LMDB, RESNET_TRAIN_BATCH, mirror=True,
-               mean_file=IMAGENET_MEAN)
-        b.data(caffe_pb2.TEST, VAL_LMDB, RESNET_TEST_BATCH, mirror=False,
-               mean_file=IMAGENET_MEAN)
+    b.inputs(deploy, (RESNET_DEPLOY_BATCH, RESNET_TRAIN_BATCH, RESNET_TEST_BATCH),
+             mean_file=IMAGENET_MEAN)
     x = _conv_bn(b, "conv1", "bn_conv1", "scale_conv1", "data", 64, 7, stride=2, pad=3,
                  deploy=deploy, bias=0.0)
     b.relu("conv1_relu", x)
