@@ -43,6 +43,7 @@ from data import images
 from data.datum import encode_datum_bytes, encoded_datum_bytes
 from data.download import check_free_space
 from data.errors import ImagenetError, check_path_text, from_os_error
+from data.host import available_cores
 from data.lmdb_io import COMMIT_EVERY_DEFAULT, MAX_KEY_BYTES, LmdbWriter, value_hash
 from data.pixelsum import PixelSums
 from data.progress import Progress
@@ -128,14 +129,6 @@ class _Outcome:
     data_size: int = -1  # raw records: len(Datum.data), for --check_size
     hashed: bytes | None = None  # lmdb_io.value_hash(value), when the options ask for it
     summed: bool = False  # its pixels went into the conversion's PixelSums
-
-
-def available_cores() -> int:
-    """Cores this process may run on (taskset, cgroups' cpusets), not all the machine has."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:

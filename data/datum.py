@@ -8,19 +8,24 @@ BlobProto with the legacy num/channels/height/width fields and float data.
 `decode_datum_bytes` and `encode_datum_bytes` are the hot paths (training input, conversion):
 they read and write the protobuf wire format directly, so a 196 KB record is neither parsed
 into a message nor copied; the tests check they agree byte for byte with caffe_pb2.
+
+OpenCV and the generated caffe_pb2 (protobuf) are imported where a function needs them, not
+with the module: `imagenet compute-image-mean` on raw records and its mean file need neither
+(about 60-100 ms of a process that sums 1000 records in ~30 ms; benchmarks/README.md).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-import cv2
 import numpy as np
 
 from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
-from data.proto import caffe_pb2
+
+if TYPE_CHECKING:
+    from data.proto import caffe_pb2
 
 M = TypeVar("M")  # a protobuf message class
 
@@ -130,6 +135,8 @@ def parse_datum_header(value: bytes | memoryview) -> DatumHeader:
 def decode_encoded(data: bytes | memoryview, *, force_color: bool = False) -> np.ndarray:
     """Decode an encoded Datum's bytes like Caffe: DecodeDatumNative = cv::imdecode(data, -1)
     (channels as stored, EXIF ignored); DecodeDatum(datum, true) = IMREAD_COLOR. -> (C,H,W)."""
+    import cv2  # see the module docstring: imported where needed
+
     flag = cv2.IMREAD_COLOR if force_color else cv2.IMREAD_UNCHANGED
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if img is None:
@@ -170,6 +177,8 @@ def decode_datum_bytes(value: bytes | memoryview, *, force_color: bool = False
         data = memoryview(value)[head.data_offset:head.data_offset + head.data_length]
         return decode_encoded(data, force_color=force_color), head.label
     if head.has_float_data or head.data_length == 0:
+        from data.proto import caffe_pb2
+
         datum = caffe_pb2.Datum()
         datum.ParseFromString(bytes(value))
         return datum_to_array(datum), head.label
@@ -191,6 +200,8 @@ def array_to_datum(chw: np.ndarray, label: int) -> caffe_pb2.Datum:
     """(C,H,W) uint8 -> raw Datum (data) or float -> Datum with float_data, fields set in the
     order Caffe's CVMatToDatum + set_label set them (so the serialization matches Caffe's)."""
     _check_chw(chw)
+    from data.proto import caffe_pb2
+
     c, h, w = chw.shape
     datum = caffe_pb2.Datum(channels=c, height=h, width=w)
     if chw.dtype == np.uint8:
@@ -226,6 +237,8 @@ def encode_datum_bytes(chw: np.ndarray, label: int) -> bytes:
     # the slower.
     hwc = chw.transpose(1, 2, 0)
     if 1 < chw.shape[0] <= 4 and hwc.flags.c_contiguous:
+        import cv2  # see the module docstring; an import statement costs ~0.1 us here
+
         planes = cv2.split(hwc)
     else:
         planes = (np.ascontiguousarray(chw),)
@@ -291,10 +304,13 @@ def _packed_payload(blob: caffe_pb2.BlobProto, field: int, dtype: np.dtype) -> n
     return np.frombuffer(b"".join(chunks), dtype=dtype).copy()
 
 
-def array_to_blobproto(arr: np.ndarray, legacy_4d: bool = True) -> caffe_pb2.BlobProto:
-    """float32 BlobProto; legacy_4d writes num/channels/height/width (shape padded with leading
-    1s, as Caffe's compute_image_mean writes num=1), else `shape.dim`."""
+def blobproto_bytes(arr: np.ndarray, legacy_4d: bool = True) -> bytes:
+    """A float32 BlobProto's wire bytes, fields in number order as protobuf serializes them
+    (so equal to array_to_blobproto(...).SerializeToString()); legacy_4d writes
+    num/channels/height/width (shape padded with leading 1s, as Caffe's compute_image_mean
+    writes num=1), else `shape.dim`."""
     arr = np.asarray(arr, dtype=np.float32)
+    head = tail = b""
     if legacy_4d:
         if arr.ndim > _LEGACY_DIMS:
             raise ImagenetError(f"legacy BlobProto holds at most 4 axes, got shape {arr.shape}")
@@ -304,17 +320,26 @@ def array_to_blobproto(arr: np.ndarray, legacy_4d: bool = True) -> caffe_pb2.Blo
     else:
         dims_wire = b"".join(_varint_bytes(d) for d in arr.shape)
         shape_msg = b"\x0a" + _varint_bytes(len(dims_wire)) + dims_wire
-        head = b"\x3a" + _varint_bytes(len(shape_msg)) + shape_msg
+        tail = b"\x3a" + _varint_bytes(len(shape_msg)) + shape_msg
     payload = arr.astype("<f4").tobytes()
-    # Build the wire bytes and parse them: a packed float field parses with one memcpy,
-    # where extending `blob.data` from Python would box every value.
+    return head + _BLOB_DATA_TAG + _varint_bytes(len(payload)) + payload + tail
+
+
+def array_to_blobproto(arr: np.ndarray, legacy_4d: bool = True) -> caffe_pb2.BlobProto:
+    """float32 BlobProto (see blobproto_bytes)."""
+    from data.proto import caffe_pb2
+
+    # Built as wire bytes and parsed: a packed float field parses with one memcpy, where
+    # extending `blob.data` from Python would box every value.
     blob = caffe_pb2.BlobProto()
-    blob.ParseFromString(head + _BLOB_DATA_TAG + _varint_bytes(len(payload)) + payload)
+    blob.ParseFromString(blobproto_bytes(arr, legacy_4d))
     return blob
 
 
 def read_blobproto(path: str | os.PathLike) -> np.ndarray:
     """Read a .binaryproto (mean file) written by Caffe or by us -> float32 array."""
+    from data.proto import caffe_pb2
+
     path = Path(path)
     blob = caffe_pb2.BlobProto()
     try:
@@ -347,11 +372,11 @@ def read_proto_file(path: str | os.PathLike, message: M, what: str, kind: str) -
 
 def write_blobproto(path: str | os.PathLike, arr: np.ndarray, legacy_4d: bool = True) -> None:
     """Write `arr` as a Caffe .binaryproto, atomically (temp file + rename)."""
-    write_bytes_atomic(path, array_to_blobproto(arr, legacy_4d).SerializeToString())
+    write_bytes_atomic(path, blobproto_bytes(arr, legacy_4d))
 
 
 __all__ = [
-    "DatumHeader", "array_to_blobproto", "array_to_datum", "blobproto_to_array",
+    "DatumHeader", "array_to_blobproto", "array_to_datum", "blobproto_bytes", "blobproto_to_array",
     "datum_to_array", "decode_datum_bytes", "decode_encoded", "encode_datum_bytes",
     "encoded_datum_bytes", "parse_datum_header", "raw_datum_prefix", "raw_datum_suffix",
     "read_blobproto", "write_blobproto", "write_bytes_atomic",

@@ -40,7 +40,7 @@ from typing import Callable, IO
 
 from data import ilsvrc12
 from data.atomic import remove_stale_temps
-from data.convert import available_cores
+from data.host import available_cores
 from data.download import check_free_space
 from data.errors import ImagenetError, from_os_error
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from data.convert import available_cores
+from data.host import available_cores
 
 CPUINFO = Path("/proc/cpuinfo")
 # Extensions that change which kernel wins (vector width, FMA, bf16/int8 dot products, matrix

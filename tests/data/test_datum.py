@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data.datum import (
-    array_to_blobproto, array_to_datum, blobproto_to_array, datum_to_array, decode_datum_bytes,
+    array_to_blobproto, array_to_datum, blobproto_bytes, blobproto_to_array, datum_to_array, decode_datum_bytes,
     encode_datum_bytes, encoded_datum_bytes, parse_datum_header, read_blobproto, read_proto_file,
     write_blobproto,
 )
@@ -144,6 +144,9 @@ def test_blobproto_shape_forms() -> None:
     slow.shape.dim.extend([2, 3, 4])
     slow.data.extend(arr.ravel().tolist())
     assert slow.SerializeToString() == modern.SerializeToString()
+    # write_blobproto's bytes (no protobuf message) are protobuf's own serialization.
+    assert blobproto_bytes(arr, legacy_4d=False) == slow.SerializeToString()
+    assert blobproto_bytes(arr) == legacy.SerializeToString()
     doubles = caffe_pb2.BlobProto()
     doubles.shape.dim.append(2)
     doubles.double_data.extend([0.5, 1.5])

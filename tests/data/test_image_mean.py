@@ -68,8 +68,10 @@ def test_raw_shape_mismatch_and_empty_db(tmp_path: Path) -> None:
 
 def test_exact_sum_across_many_tasks_threads_and_folds(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # Fold the per-thread float32 sums every 70 records (instead of 65,536) so that folding
-    # happens here; the many 255s would expose any lost or doubled record.
+    # Fold the per-thread uint16 sums every 7 records (instead of 257) and the float32 sums
+    # every 70 (instead of 65,536) so that folding happens here; the many 255s would expose
+    # any lost or doubled record.
+    monkeypatch.setattr(mean_module, "RECORDS_PER_UINT16_SUM", 7)
     monkeypatch.setattr(mean_module, "RECORDS_PER_FLOAT32_SUM", 70)
     n = 5 * RECORDS_PER_CHUNK + 5
     rng = np.random.default_rng(1)
@@ -82,6 +84,16 @@ def test_exact_sum_across_many_tasks_threads_and_folds(tmp_path: Path,
     for threads in (1, 3):
         result = compute_image_mean(tmp_path / "db", threads=threads)
         assert result.count == n and np.array_equal(result.mean, expected)
+
+
+def test_uint16_sums_never_overflow(tmp_path: Path) -> None:
+    # More all-255 records than one uint16 sum holds (257), on one thread and with real folds.
+    n = 2 * mean_module.RECORDS_PER_UINT16_SUM + 3
+    with LmdbWriter(tmp_path / "db") as writer:
+        for i in range(n):
+            writer.put(f"{i:08d}".encode(), encode_datum_bytes(np.full((1, 2, 2), 255, np.uint8), 0))
+    result = compute_image_mean(tmp_path / "db", threads=1)
+    assert result.count == n and np.array_equal(result.mean, np.full((1, 2, 2), 255, np.float32))
 
 
 def test_mixed_raw_and_encoded_records(tmp_path: Path) -> None:
@@ -176,3 +188,27 @@ def test_a_corrupt_page_met_mid_walk_is_an_error_not_a_partial_mean(tmp_path: Pa
     with pytest.raises(ImagenetError, match=r"reading LMDB .*db: .*MDB_PAGE_NOTFOUND.*rebuild"):
         compute_image_mean(db, tmp_path / "mean.binaryproto", threads=threads)
     assert not died and not (tmp_path / "mean.binaryproto").exists()
+
+
+# What `imagenet compute-image-mean` on raw records must not import: it uses none of them, and
+# each costs the whole process more than summing 1000 records (benchmarks/README.md).
+UNUSED_BY_THE_MEAN = ("cv2", "google.protobuf", "jax", "prefect", "urllib.request",
+                      "multiprocessing", "data.convert", "data.pixelsum")
+
+
+def test_cli_imports_only_what_the_mean_uses(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with LmdbWriter(tmp_path / "db") as writer:
+        for i in range(3):
+            writer.put(f"{i:08d}".encode(), encode_datum_bytes(np.full((3, 4, 4), i, np.uint8), 0))
+    probe = ("import sys; from flows.cli import main; "
+             f"assert main(['compute-image-mean', {str(tmp_path / 'db')!r}, "
+             f"{str(tmp_path / 'm.binaryproto')!r}]) == 0; "
+             f"print(sorted(m for m in {UNUSED_BY_THE_MEAN!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+    assert np.array_equal(read_blobproto(tmp_path / "m.binaryproto"),
+                          np.full((1, 3, 4, 4), 1, np.float32))
