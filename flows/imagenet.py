@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Failed, State
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.ilsvrc12 import TRAIN_LIST, VAL_LIST, parse_md5sums
-from flows.commands.pipeline import describe_validation_error
+from flows.commands.pipeline import DEFAULT_DATA_ROOT, describe_validation_error
 from tasks import acquire, convert, report
 from tasks import train as training
 from tasks.cache import read_manifest, stage_key
@@ -47,7 +47,6 @@ DEFAULT_TRAIN_URL = "https://image-net.org/data/ILSVRC/2012/ILSVRC2012_img_train
 DEFAULT_VAL_URL = "https://image-net.org/data/ILSVRC/2012/ILSVRC2012_img_val.tar"
 DEFAULT_AUX_URL = "http://dl.caffe.berkeleyvision.org/caffe_ilsvrc12.tar.gz"
 DEFAULT_SOLVER = "model/zoo/bvlc_alexnet/solver.prototxt"
-DEFAULT_DATA_ROOT = "ilsvrc12-data"
 DEFAULT_RESIZE = 256  # examples/imagenet/create_imagenet.sh
 DEFAULT_SHUFFLE_SEED = 0
 CHECKSUMS_TIMEOUT_S = 60

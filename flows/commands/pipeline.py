@@ -23,7 +23,8 @@ from flows import prefect_env
 from flows.flags import add_flag, parse_bool
 
 SOURCE_FLAGS = ("train", "val", "aux", "checksums")
-# PipelineParams.data_root's default (flows/imagenet.py), known here without importing Prefect.
+# The flow's default data root (flows/imagenet.py takes it from here): known to prepare()
+# without importing Prefect.
 DEFAULT_DATA_ROOT = "ilsvrc12-data"
 NONE_WORDS = {"none", "null", ""}
 
