@@ -35,7 +35,7 @@ import numpy as np
 from data.datum import decode_datum_bytes, parse_datum_header
 from data.errors import ImagenetError
 from data.labels import LabelCheck, check_labels
-from data.lmdb_io import LmdbReader
+from data.lmdb_io import LmdbReader, release_pages
 from data.proto import caffe_pb2
 from data.transform import TransformPlan, crop_uint8
 
@@ -234,14 +234,15 @@ class DataSource(BatchSource):
 
     def _txn(self):
         # One read transaction per thread: LMDB transactions are not shared between threads.
+        # Values come as views into the map (no copy: the crop copies what it keeps).
         txn = getattr(self._local, "txn", None)
         if txn is None:
-            txn = self.reader.env.begin(buffers=False)
+            txn = self.reader.env.begin(buffers=True)
             self._local.txn = txn
         return txn
 
     def _items(self, index: int) -> tuple[list[np.ndarray], list[int], str]:
-        images, labels = [], []
+        images, labels, views = [], [], []
         with self.reader.errors():  # a corrupt page: one line naming the DB
             txn = self._txn()
             for i in self.record_indices(index)[self.rows()]:
@@ -250,11 +251,23 @@ class DataSource(BatchSource):
                 where = self._record(key)
                 if value is None:
                     raise ImagenetError(f"{where} vanished while reading")
+                views.append(value)
                 chw, label = _decode(value, self.plan, where)
                 self.plan.check_image(chw.shape, where)
                 images.append(chw)
                 labels.append(label)
+        self._local.views = views
         return images, labels, str(self.path)
+
+    def batch(self, index: int) -> HostBatch:
+        """Batch number `index`; then the pages of its records leave the resident set, so an
+        epoch over a database larger than RAM does not grow RSS to its size (they stay in the
+        page cache: lmdb_io.release_pages)."""
+        try:
+            return super().batch(index)
+        finally:
+            release_pages(getattr(self._local, "views", ()))
+            self._local.views = []
 
     def _record(self, key: bytes) -> str:
         return f"{self.path}: record {key.decode('utf-8', 'replace')!r}"
