@@ -7,10 +7,10 @@
   marker `root/.extract-state/train/<wnid>.done` is written. A rerun skips synsets whose marker
   and folder both exist and redoes everything else (a folder without a marker is not trusted:
   the run that made it may have been killed).
-  Several synsets are extracted at once (`workers`, one per core by default): each thread reads
-  its inner tar at its own offset of the (uncompressed) outer archive through a handle of its
-  own, and copies the files with copy_file_range (in the kernel, without the GIL). The tree,
-  the markers and the checks are the same for any number of workers.
+  Several synsets are extracted at once (`workers`, one per core by default): each worker
+  process reads its inner tar at its own offset of the (uncompressed) outer archive through a
+  handle of its own, and copies the files with copy_file_range (in the kernel). The tree, the
+  markers and the checks are the same for any number of workers.
 - `extract_val(tar, root)`: the flat val tar into `root/val/`; each file is written under a
   temporary name and renamed, so a file that exists is complete and a rerun skips it.
 - `extract_archive(path, dest)`: any tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) into `dest`.
@@ -26,6 +26,7 @@ import errno
 import io
 import json
 import lzma
+import multiprocessing
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import tarfile
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, IO
@@ -378,10 +379,12 @@ class _Synsets:
         self.state = root / STATE_DIR / ilsvrc12.TRAIN_DIR
         self.work = root / STATE_DIR / "tmp"
 
-    def extract(self, member: tarfile.TarInfo, wnid: str,
-                outer: tarfile.TarFile | None = None) -> tuple[int, int]:
+    def extract(self, member: "tarfile.TarInfo | _Member", wnid: str,
+                outer: tarfile.TarFile | None = None,
+                check: Callable[[], None] | None = None) -> tuple[int, int]:
         """One synset into its work folder, then into place and marked done; (files, bytes).
-        Reads the outer tar at the member's offset (plain archives) or from `outer`."""
+        Reads the outer tar at the member's offset (plain archives) or from `outer`; `check`
+        runs before each file (it raises to stop)."""
         where = f"{self.tar_path}:{member.name}"
         tmp = self.work / wnid
         try:
@@ -396,6 +399,8 @@ class _Synsets:
                 with _Window(self.tar_path, member.offset_data, member.size) as window, \
                         tarfile.open(fileobj=window, mode="r:", tarinfo=_StrictTarInfo) as inner:
                     for im in inner:
+                        if check is not None:
+                            check()
                         final = self._target(tmp, im, where)
                         if final is not None:
                             nbytes += _copy_range(window, im.offset_data, im.size, final,
@@ -444,6 +449,29 @@ class _Synsets:
         return final
 
 
+@dataclass(frozen=True)
+class _Member:
+    """What a worker process needs of a synset tar's TarInfo."""
+
+    name: str
+    offset_data: int
+    size: int
+
+
+def _extract_in_worker(tar_path: str, root: str, member: _Member, wnid: str) -> tuple[int, int]:
+    """One synset in a worker process (its progress is counted by the parent when it ends);
+    stops when the process that started the pool is gone (a killed extraction must not go on
+    writing beside the rerun that replaces it)."""
+    parent = os.getppid()
+
+    def abandoned() -> None:
+        if os.getppid() != parent:
+            raise ImagenetError(f"{tar_path}: extraction abandoned (its parent process ended)")
+
+    synsets = _Synsets(Path(tar_path), Path(root), _Counter(member.size, None), plain=True)
+    return synsets.extract(member, wnid, check=abandoned)
+
+
 def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | None = None,
                   workers: int | None = None) -> ExtractResult:
     """ILSVRC2012_img_train.tar (a tar of per-synset tars) -> dest_root/train/<wnid>/<file>,
@@ -486,16 +514,24 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
                 result.bytes += nbytes
                 result.synsets_extracted += 1
         else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="extract") as pool:
-                futures = [pool.submit(synsets.extract, member, wnid) for member, wnid in todo]
+            # Processes, not threads: a synset is ~1300 files whose headers, names and folders
+            # are Python work under the GIL; only the copies would run in parallel on threads.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [(member, pool.submit(
+                    _extract_in_worker, str(tar_path), str(root),
+                    _Member(member.name, member.offset_data, member.size), wnid))
+                    for member, wnid in todo]
                 try:
-                    for future in futures:  # in archive order: the first failure is reported
+                    for member, future in futures:  # archive order: the first failure is reported
                         files, nbytes = future.result()
+                        counter.add(member.size)
                         result.files += files
                         result.bytes += nbytes
                         result.synsets_extracted += 1
                 except BaseException:
-                    for future in futures:
+                    for _, future in futures:
                         future.cancel()  # the running ones finish (or fail) on their own
                     raise
     result.seconds = time.monotonic() - start

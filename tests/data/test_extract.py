@@ -81,7 +81,9 @@ def progress(done, total):
     if done >= total // 2:
         print("HALF", flush=True)
         time.sleep(120)
-extract_train(sys.argv[1], sys.argv[2], progress=progress)
+# One worker: progress per file, so the kill lands inside a synset (worker processes report a
+# synset when it is done).
+extract_train(sys.argv[1], sys.argv[2], progress=progress, workers=1)
 """
 
 
