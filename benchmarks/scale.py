@@ -22,7 +22,9 @@ machine is shared: best of the rounds, spread printed):
 - convert: whole-conversion records/s (and CPU ms per image) of the largest size's train
   listing for 1..N workers;
 - extract: MiB/s of the largest size's train archive for 1..N workers, onto the disk and into
-  memory (where it fits).
+  memory (where it fits);
+- mean read: compute_image_mean over the largest train LMDB (the mean stage's path for a
+  foreign LMDB), with how far anonymous and mapped RSS rise against the LMDB's size.
 
 Projection (printed with its inputs): each stage's seconds are fitted as a + b * images over
 the sizes (2 cores, as measured). For 16 cores, convert runs at min(16 cores / the measured CPU
@@ -377,6 +379,25 @@ def bench_extract(work: Path, size: dict, workers: list[int], rounds: int) -> di
     return out
 
 
+def bench_mean_read(size: dict) -> dict:
+    """compute_image_mean reading a size's train LMDB (what the mean stage does for a foreign
+    LMDB): rec/s, and how far anonymous and file-backed RSS rose over where they started,
+    against the LMDB's size (the pages it passed are released as it goes)."""
+    from data.mean import compute_image_mean
+
+    db = Path(size["folder"]) / "data" / "lmdb" / "ilsvrc12_train_lmdb"
+    db_mib = (db / "data.mdb").stat().st_size / MIB
+    before = _status_kib(MemorySampler.FIELDS)
+    with MemorySampler() as memory:
+        result = compute_image_mean(db, show_progress=False)
+    rise = {k: (memory.peaks[k] - before[k]) / 1024 for k in MemorySampler.FIELDS}
+    print(f"compute_image_mean over the {size['label']} train LMDB ({db_mib:,.0f} MiB): "
+          f"{result.count / result.seconds:,.0f} rec/s; RSS rose by {rise['RssAnon']:,.0f} MiB "
+          f"anonymous, {rise['RssFile']:,.0f} MiB file-backed (mapped)", flush=True)
+    return {"db_mib": db_mib, "anon_rise_mib": rise["RssAnon"],
+            "file_rise_mib": rise["RssFile"]}
+
+
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process, all threads (less disturbed by other
     processes on the machine than wall time)."""
@@ -529,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             components["convert"] = bench_convert(work, largest, 1_500 if args.quick else
                                                   4_000, counts, rounds)
             components["extract"] = bench_extract(work, largest, counts, rounds)
+            components["mean_read"] = bench_mean_read(largest)
         print_table(sizes)
         for size in sizes:
             gen = size["generated_s"]
