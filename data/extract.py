@@ -22,6 +22,7 @@ free-space check runs before starting and says how many bytes are needed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import json
@@ -30,6 +31,8 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import sys
 import tarfile
 import threading
 import time
@@ -64,6 +67,7 @@ _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPN
 # gzip, bzip2 and xz streams start with these bytes; a plain tar with none of them.
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _MAGIC_BYTES = 6
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal for when the parent process dies
 
 
 @dataclass
@@ -380,9 +384,16 @@ class _Synsets:
         self.work = root / STATE_DIR / "tmp"
 
     def extract(self, member: "tarfile.TarInfo | _Member", wnid: str,
-                outer: tarfile.TarFile | None = None,
-                check: Callable[[], None] | None = None) -> tuple[int, int]:
-        """One synset into its work folder, then into place and marked done; (files, bytes).
+                outer: tarfile.TarFile | None = None) -> tuple[int, int]:
+        """One synset into its work folder, then into place and marked done; (files, bytes)."""
+        files, nbytes = self.extract_to_work(member, wnid, outer)
+        self.place(member, wnid, files, nbytes)
+        return files, nbytes
+
+    def extract_to_work(self, member: "tarfile.TarInfo | _Member", wnid: str,
+                        outer: tarfile.TarFile | None = None,
+                        check: Callable[[], None] | None = None) -> tuple[int, int]:
+        """One synset into its work folder (what a worker process does); (files, bytes).
         Reads the outer tar at the member's offset (plain archives) or from `outer`; `check`
         runs before each file (it raises to stop)."""
         where = f"{self.tar_path}:{member.name}"
@@ -423,6 +434,14 @@ class _Synsets:
         except ImagenetError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return files, nbytes
+
+    def place(self, member: "tarfile.TarInfo | _Member", wnid: str, files: int,
+              nbytes: int) -> None:
+        """Move a synset from its work folder into place and mark it done: always in the
+        process that started the extraction, so a killed run leaves nothing of its workers
+        outside the work folders, which a rerun removes."""
+        tmp = self.work / wnid
         final_dir = self.train_dir / wnid
         try:
             if final_dir.exists():  # a folder without a marker: incomplete or not ours
@@ -436,7 +455,6 @@ class _Synsets:
             raise from_os_error(err, "cannot move the extracted synset into place at",
                                 final_dir) from None
         self.counter.add(member.size - nbytes)  # headers and padding count as done too
-        return files, nbytes
 
     @staticmethod
     def _target(tmp: Path, im: tarfile.TarInfo, where: str) -> Path | None:
@@ -469,7 +487,17 @@ def _extract_in_worker(tar_path: str, root: str, member: _Member, wnid: str) -> 
             raise ImagenetError(f"{tar_path}: extraction abandoned (its parent process ended)")
 
     synsets = _Synsets(Path(tar_path), Path(root), _Counter(member.size, None), plain=True)
-    return synsets.extract(member, wnid, check=abandoned)
+    return synsets.extract_to_work(member, wnid, check=abandoned)
+
+
+def _init_worker() -> None:
+    """Linux: this worker is killed with the process that forked it (the forkserver, which
+    exits when the extraction's process dies), instead of going on as an orphan."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # the getppid() check in _extract_in_worker still stops it
 
 
 def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | None = None,
@@ -518,20 +546,22 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
             # are Python work under the GIL; only the copies would run in parallel on threads.
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = [(member, pool.submit(
+            with ProcessPoolExecutor(workers, mp_context=context,
+                                     initializer=_init_worker) as pool:
+                futures = [(member, wnid, pool.submit(
                     _extract_in_worker, str(tar_path), str(root),
                     _Member(member.name, member.offset_data, member.size), wnid))
                     for member, wnid in todo]
                 try:
-                    for member, future in futures:  # archive order: the first failure is reported
+                    for member, wnid, future in futures:  # archive order: the first failure is reported
                         files, nbytes = future.result()
-                        counter.add(member.size)
+                        counter.add(nbytes)  # place() adds the headers and padding
+                        synsets.place(member, wnid, files, nbytes)
                         result.files += files
                         result.bytes += nbytes
                         result.synsets_extracted += 1
                 except BaseException:
-                    for _, future in futures:
+                    for _, _, future in futures:
                         future.cancel()  # the running ones finish (or fail) on their own
                     raise
     result.seconds = time.monotonic() - start
