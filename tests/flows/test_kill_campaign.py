@@ -21,14 +21,16 @@ sys.modules[_spec.name] = faults  # its dataclasses look their module up by name
 _spec.loader.exec_module(faults)
 
 SEED = 12
-# (mode, point) per trial; None points are drawn from the seeded generator.
+# (mode, point) per trial; None points are drawn from the seeded generator. The counts keep
+# this file near 60 s of `make test` on 2 busy cores (the flow's share is mostly Prefect).
 PLANS: dict[str, list[tuple[str, str | None]]] = {
     "convert": [("step", None), ("file", "db/data.mdb"), ("step", None)],
     "extract": [("step", None), ("file", "root/train/n01440765"), ("step", None)],
-    # A kill once the side file of snapshot 4 is in place (before its caffemodel and
-    # solverstate), and one while snapshot 6's solverstate is still a temporary.
-    "train": [("file", "tiny_iter_4.resume.json"), ("file", ".tiny_iter_6.solverstate.*.tmp")],
-    "flow": [("step", None)],
+    # A kill once the side file of snapshot 4 is in place, before its caffemodel and
+    # solverstate (tests/model/test_train_snapshot.py stops after each rename in-process).
+    "train": [("file", "tiny_iter_4.resume.json")],
+    # Right after the train LMDB is renamed into place, before its manifest is written.
+    "flow": [("file", "lmdb/ilsvrc12_train_lmdb/data.mdb")],
 }
 
 
@@ -48,6 +50,8 @@ def test_killed_and_rerun_gives_the_uninterrupted_outputs(name, tmp_path, reques
     for trial in campaign.trials:
         assert trial.exact, f"trial {trial.index} ({trial.mode} {trial.point}): {trial.problem}"
         assert not trial.left_after, f"trial {trial.index} left {trial.left_after}"
-    # The kills hit running work (a kill after the process exited would prove nothing).
-    assert sum(t.landed for t in campaign.trials) >= len(plans) - 1
+    # The kills hit running work (a kill after the process exited would prove nothing): a
+    # file appears while its writer still runs; a stepped run may, rarely, end first.
+    assert all(t.landed for t in campaign.trials if t.mode == "file")
+    assert sum(t.landed for t in campaign.trials) >= max(1, len(plans) - 1)
     assert campaign.reference_steps > 0
