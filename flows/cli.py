@@ -20,11 +20,12 @@ import datetime
 import importlib
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from data.errors import ImagenetError, os_error_message
+from data.errors import ImagenetError, check_path_text, os_error_message
 from flows import allocator
 from flows.commands import COMMANDS
 from flows.flags import caffe_style_argv
@@ -64,7 +65,7 @@ def debug_enabled() -> bool:
 
 def write_traceback(command: str, err: BaseException) -> Path:
     """The full traceback of `err` in a new file; returns its path."""
-    folder = Path(os.environ.get(TRACEBACK_DIR_ENV) or _temp_dir())
+    folder = Path(os.environ.get(TRACEBACK_DIR_ENV) or tempfile.gettempdir())
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = folder / f"imagenet-{command}-{stamp}-{os.getpid()}.traceback"
     text = "".join(traceback.format_exception(err))
@@ -74,18 +75,12 @@ def write_traceback(command: str, err: BaseException) -> Path:
     return path
 
 
-def _temp_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
-
-
 def _check_text_args(args: argparse.Namespace) -> None:
     """No flag value may hold a NUL byte (the OS cannot take one as a path; a caller of main()
     can pass one)."""
     for name, value in vars(args).items():
-        if isinstance(value, (str, Path)) and "\0" in str(value):
-            raise ImagenetError(f"--{name} {str(value)!r} contains a NUL byte; fix the value")
+        if isinstance(value, (str, Path)):
+            check_path_text(value, f"--{name}")
 
 
 def _device_out_of_memory(err: BaseException) -> bool:
