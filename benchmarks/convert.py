@@ -1,7 +1,8 @@
 """Benchmark: convert-imageset and compute-image-mean against naive baselines, same run.
 
-    .venv/bin/python benchmarks/convert.py [FOLDER] [--count 1000] [--resize 256] [--repeat 2]
-                                           [--mean-rounds 9]
+    [CAFFE_BIN=/path/to/caffe/build/tools] .venv/bin/python benchmarks/convert.py [FOLDER]
+        [--count 1000] [--resize 256] [--repeat 2] [--mean-rounds 9]
+        [--process-rounds 5] [--mean-records 1000,10000]
 
 FOLDER: a folder of JPEGs (every image file under it is listed, label 0). Without one, the
 script writes `--count` photo-like JPEGs sized like ImageNet's (mostly 500x375 and 375x500,
@@ -16,14 +17,30 @@ The contenders take turns, round after round, and each figure is the best of its
 (--repeat for conversion, after the page cache is warmed; --mean-rounds for the mean, which
 takes a tenth of a second and so also prints the lowest, median and highest per-round ratio,
 the spread on a noisy machine). Not a test: speed claims live here, never in timed unit tests.
+
+Then WHOLE PROCESSES, as a user runs them (Python start and imports included), over
+--process-rounds interleaved rounds: `imagenet convert-imageset` on the images, and
+`imagenet compute-image-mean` on LMDBs of each --mean-records count (the converted records,
+repeated under new keys past the image count: 10,000 records are 1.9 GB, kept in page cache).
+Where CAFFE_BIN names a folder holding Caffe's `convert_imageset` and `compute_image_mean`
+(a Caffe build's build/tools), Caffe's own tools take their turn in the same rounds, on the
+same inputs, and their records and mean files are compared with ours byte for byte. Each
+process is reported as best and median wall seconds and median CPU seconds (user + system,
+from the kernel's child accounting: the steadier figure on a loaded machine).
+The header names the CPU (model, family, ISA flags), the load average and the versions.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,11 +48,16 @@ import cv2
 import lmdb
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py; also puts the repo on sys.path)
 
 from data.convert import available_cores, convert_imageset  # noqa: E402
+from data.lmdb_io import LmdbWriter  # noqa: E402
 from data.mean import compute_image_mean  # noqa: E402
 from data.proto import caffe_pb2  # noqa: E402
+
+CAFFE_BIN_ENV = "CAFFE_BIN"
+CAFFE_TOOLS = ("convert_imageset", "compute_image_mean")
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
 # ImageNet's typical shapes (width, height) and how often the generator uses each.
@@ -127,6 +149,144 @@ def interleaved_rounds(contenders: list[Callable[[], object]], rounds: int,
     return [[timed(fn, cleanup) for fn in contenders] for _ in range(max(1, rounds))]
 
 
+@dataclass(frozen=True)
+class ProcessRun:
+    wall: float  # seconds
+    cpu: float   # user + system seconds of the process and its children
+
+
+def run_process(cmd: list[str], cleanup: Callable[[], None] = lambda: None) -> ProcessRun:
+    """One whole process, output discarded; a failure stops the benchmark with its stderr."""
+    cleanup()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return ProcessRun(wall, cpu)
+
+
+def process_rounds(commands: dict[str, list[str]], rounds: int,
+                   outputs: dict[str, Path] | None = None) -> dict[str, list[ProcessRun]]:
+    """Every command once per round, in turn, for `rounds` rounds; a command's output folder
+    (`outputs`) is removed before each of its runs, and the last round's is kept."""
+    runs: dict[str, list[ProcessRun]] = {name: [] for name in commands}
+    outputs = outputs or {}
+    for _ in range(max(1, rounds)):
+        for name, cmd in commands.items():
+            out = outputs.get(name)
+            runs[name].append(run_process(
+                cmd, (lambda o=out: shutil.rmtree(o, ignore_errors=True)) if out else
+                (lambda: None)))
+    return runs
+
+
+def describe_runs(what: str, runs: dict[str, list[ProcessRun]], base: str | None) -> None:
+    """Best and median wall, median CPU per command; ratios of `base` (Caffe) to the others."""
+    best = {name: min(r.wall for r in rs) for name, rs in runs.items()}
+    for name, rs in runs.items():
+        med = statistics.median(r.wall for r in rs)
+        cpu = statistics.median(r.cpu for r in rs)
+        ratio = ""
+        if base is not None and name != base:
+            ratio = (f"   vs {base}: {best[base] / best[name]:.2f}x (best wall), "
+                     f"{statistics.median(r.cpu for r in runs[base]) / cpu:.2f}x (CPU)")
+        print(f"{what:9} {name:34} best {best[name]:6.3f} s  median {med:6.3f} s  "
+              f"CPU {cpu:6.3f} s{ratio}", flush=True)
+
+
+def imagenet_command() -> list[str]:
+    """The `imagenet` console script beside this Python (what a user types), else -m."""
+    script = Path(sys.executable).with_name("imagenet")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+
+
+def caffe_tools() -> dict[str, Path] | None:
+    """CAFFE_BIN's convert_imageset and compute_image_mean, or None (with the reason printed)."""
+    folder = os.environ.get(CAFFE_BIN_ENV)
+    if not folder:
+        print(f"# {CAFFE_BIN_ENV} not set: Caffe's own tools are not timed")
+        return None
+    tools = {name: Path(folder) / name for name in CAFFE_TOOLS}
+    for name, path in list(tools.items()):
+        if not path.exists():  # Caffe's CMake build names them <tool>.bin
+            alt = path.with_name(name + ".bin")
+            tools[name] = alt if alt.exists() else path
+    missing = [str(p) for p in tools.values() if not os.access(p, os.X_OK)]
+    if missing:
+        raise SystemExit(f"{CAFFE_BIN_ENV}={folder}: no executable {', '.join(missing)} "
+                         f"(point it at a Caffe build's build/tools folder)")
+    return tools
+
+
+def repeat_records(source: Path, target: Path, count: int) -> None:
+    """`count` records: the source's, repeated under new keys (raw copies, no re-encoding)."""
+    env = lmdb.open(str(source), readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            values = [bytes(v) for _, v in txn.cursor()]
+    finally:
+        env.close()
+    with LmdbWriter(target) as writer:
+        for i in range(count):
+            writer.put(f"{i:08d}_repeat".encode(), values[i % len(values)])
+
+
+def same_records(a: Path, b: Path) -> bool:
+    envs = [lmdb.open(str(p), readonly=True, lock=False) for p in (a, b)]
+    try:
+        with envs[0].begin() as ta, envs[1].begin() as tb:
+            return list(ta.cursor()) == list(tb.cursor())
+    finally:
+        for env in envs:
+            env.close()
+
+
+def whole_processes(root: Path, listfile: Path, work: Path, n: int,
+                    args: argparse.Namespace) -> None:
+    """convert-imageset and compute-image-mean as whole processes, ours and Caffe's."""
+    tools = caffe_tools()
+    ours = imagenet_command()
+    resize = [f"--resize_height={args.resize}", f"--resize_width={args.resize}"]
+    dbs = {"ours": work / "proc_ours_db", "caffe": work / "proc_caffe_db"}
+    commands = {"imagenet convert-imageset": [*ours, "convert-imageset", *resize,
+                                              f"{root}/", str(listfile), str(dbs["ours"])]}
+    if tools:
+        commands["caffe convert_imageset"] = [str(tools["convert_imageset"]), *resize,
+                                              f"{root}/", str(listfile), str(dbs["caffe"])]
+    runs = process_rounds(commands, args.process_rounds,
+                          {"imagenet convert-imageset": dbs["ours"],
+                           "caffe convert_imageset": dbs["caffe"]})
+    # The last round's databases are left in place: compared, then the mean's input.
+    describe_runs("convert", runs, "caffe convert_imageset" if tools else None)
+    if tools:
+        print(f"convert   records byte-identical to Caffe's: "
+              f"{same_records(dbs['ours'], dbs['caffe'])}")
+    for count in args.mean_records:
+        db = dbs["ours"]
+        if count != n:
+            db = work / f"proc_db_{count}"
+            repeat_records(dbs["ours"], db, count)
+        (db / "data.mdb").read_bytes()  # into the page cache, like the first contender's run
+        outs = {"ours": work / "mean_ours.binaryproto", "caffe": work / "mean_caffe.binaryproto"}
+        commands = {f"imagenet compute-image-mean ({count})":
+                    [*ours, "compute-image-mean", str(db), str(outs["ours"])]}
+        caffe_name = f"caffe compute_image_mean ({count})"
+        if tools:
+            commands[caffe_name] = [str(tools["compute_image_mean"]), str(db),
+                                    str(outs["caffe"])]
+        runs = process_rounds(commands, args.process_rounds)
+        describe_runs("mean", runs, caffe_name if tools else None)
+        if tools:
+            same = outs["ours"].read_bytes() == outs["caffe"].read_bytes()
+            print(f"mean      {count} records: mean files byte-identical: {same}")
+        if db != dbs["ours"]:
+            shutil.rmtree(db, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", type=Path, help="folder of JPEGs (default: generate)")
@@ -139,7 +299,13 @@ def main() -> int:
                         help="'all cores' worker count")
     parser.add_argument("--pool", default="thread", choices=["process", "thread"],
                         help="how convert_imageset runs its workers")
+    parser.add_argument("--process-rounds", type=int, default=5,
+                        help="rounds of the whole-process comparisons (0: skip them)")
+    parser.add_argument("--mean-records", default="1000,10000",
+                        help="record counts of the whole-process mean comparison")
     args = parser.parse_args()
+    args.mean_records = [int(v) for v in args.mean_records.split(",") if v.strip()]
+    print(common.header("benchmarks/convert.py"), flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="bench_convert_"))
     try:
@@ -192,6 +358,8 @@ def main() -> int:
         ratios = sorted(naive / ours for naive, ours in rounds)
         print(f"mean     per-round ratio over {len(rounds)} rounds: lowest {ratios[0]:.2f}x, "
               f"median {ratios[len(ratios) // 2]:.2f}x, highest {ratios[-1]:.2f}x")
+        if args.process_rounds > 0:
+            whole_processes(root, listfile, work, n, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
