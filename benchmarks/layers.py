@@ -1,13 +1,22 @@
-"""Per-layer forward+backward timing of bvlc_alexnet's convolutions and max-pools: the plain
-lax reference, the model/kernels.py variants, and PyTorch (when importable) on the same shapes.
+"""Per-layer forward+backward timing of bvlc_alexnet's layers, ours against PyTorch, same run.
 
-Usage: python benchmarks/layers.py [--batch-size 32] [--reps 5] [--layers conv2,pool1]
-                                   [--no-torch] [--threads N]
+Usage: python benchmarks/layers.py [--batch-size 32] [--rounds 5] [--layers conv2,pool1,lrn1]
+                                   [--all-plans] [--no-torch] [--threads N]
+                                   [--allocator auto|jemalloc|system] [--conv-plans auto|...]
 
-Prints one row per (layer, implementation): median ms per forward+backward over --reps timed
-calls after one warm-up call, and GFLOP/s for convolutions (3x the forward FLOPs: forward,
-input gradient (not for conv1, whose input is data), weight gradient). Use it to choose
-model.kernels.auto_plan; timings on the shared 2-core machine vary by +-10-30%.
+Layers: the five convolutions, the three max-pools, the two LRNs and the three inner products
+of model/zoo/bvlc_alexnet at 227x227 input. Ours are the functions the nets call on CPU
+(model/layers/vision.py -> model/kernels.py; a convolution runs the plan model/autotune.py
+chose for this machine, measured first if the cache lacks it, the built-in rule and XLA's own
+plan beside it; --all-plans times all eight). PyTorch runs the same shapes (NCHW; the LRN as
+benchmarks/torch_alexnet.py's shift-sum, its fastest on CPU, and as nn.LocalResponseNorm).
+
+Each row: median wall ms and median CPU ms (all threads; the steadier figure on a loaded
+machine) of one forward + backward over --rounds rounds in which every implementation of the
+layer runs once in turn, after a compiled warm-up call; GFLOP/s for convolutions and inner
+products (forward FLOPs x 3; x 2 for conv1, whose input needs no gradient). The summary
+table gives ours (the chosen plan) against PyTorch per layer and in total; the header names
+the CPU (model, family, ISA flags), the load average and the versions.
 """
 from __future__ import annotations
 
@@ -20,13 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from model import kernels  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py; also puts the repo on sys.path)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,20 @@ class PoolShape:
     stride: int = 2
 
 
+@dataclass(frozen=True)
+class LrnShape:
+    name: str
+    c: int
+    hw: int
+
+
+@dataclass(frozen=True)
+class FcShape:
+    name: str
+    inputs: int
+    outputs: int
+
+
 # bvlc_alexnet (model/zoo/bvlc_alexnet/train_val.prototxt) at 227x227 input.
 ALEXNET_CONVS = (
     ConvShape("conv1", 3, 227, 96, 11, 4, 0, 1, needs_dx=False),
@@ -59,88 +77,119 @@ ALEXNET_CONVS = (
     ConvShape("conv4", 384, 13, 384, 3, 1, 1, 2),
     ConvShape("conv5", 384, 13, 256, 3, 1, 1, 2),
 )
-ALEXNET_POOLS = (PoolShape("pool1", 96, 55), PoolShape("pool2", 256, 27), PoolShape("pool5", 256, 13))
+ALEXNET_POOLS = (PoolShape("pool1", 96, 55), PoolShape("pool2", 256, 27),
+                 PoolShape("pool5", 256, 13))
+ALEXNET_LRNS = (LrnShape("norm1", 96, 55), LrnShape("norm2", 256, 27))
+ALEXNET_FCS = (FcShape("fc6", 256 * 6 * 6, 4096), FcShape("fc7", 4096, 4096),
+               FcShape("fc8", 4096, 1000))
+# bvlc_alexnet's LRN: local_size 5, alpha 1e-4, beta 0.75 (k 1).
+LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 1.0
+WEIGHT_SCALE = 0.01
+OURS = "ours"          # the row of our implementation the summary compares
+PYTORCH = "pytorch"    # ... and PyTorch's
 
 
 def conv_gflop(s: ConvShape, batch: int) -> float:
-    ho, _ = kernels.conv_output_hw((s.hw, s.hw), (s.k, s.k), (s.stride,) * 2, (s.pad,) * 2, (1, 1))
+    from model import kernels
+
+    ho, _ = kernels.conv_output_hw((s.hw, s.hw), (s.k, s.k), (s.stride,) * 2, (s.pad,) * 2,
+                                   (1, 1))
     fwd = 2.0 * batch * s.o * ho * ho * (s.c // s.groups) * s.k * s.k
     return fwd * (3 if s.needs_dx else 2) / 1e9
 
 
-def time_calls(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Median wall and CPU (all threads) seconds of fn() (which must block) after a warm-up.
-
-    CPU seconds are the steadier figure on a loaded machine: they count work, not waiting."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+def fc_gflop(s: FcShape, batch: int) -> float:
+    return 3 * 2.0 * batch * s.inputs * s.outputs / 1e9
 
 
-def _jax_conv_fn(s: ConvShape, conv: Callable, batch: int):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, s.c, s.hw, s.hw), np.float32))
-    w = jnp.asarray(rng.standard_normal((s.o, s.c // s.groups, s.k, s.k), np.float32) * 0.01)
+# -- ours -------------------------------------------------------------------------------------
+def _rand(shape: tuple[int, ...], scale: float = 1.0):
+    import jax.numpy as jnp
+    import numpy as np
+
+    return jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32) * scale)
+
+
+def _jax_call(fn: Callable, *args) -> Callable[[], object]:
+    """fn(*args) compiled once; the returned thunk runs it to completion."""
+    import jax
+
+    compiled = jax.jit(fn).lower(*args).compile()
+    return lambda: jax.block_until_ready(compiled(*args))
+
+
+def jax_conv(s: ConvShape, batch: int, plan) -> Callable[[], object]:
+    import jax
+    import jax.numpy as jnp
+
+    from model import kernels
+
+    x = _rand((batch, s.c, s.hw, s.hw))
+    w = _rand((s.o, s.c // s.groups, s.k, s.k), WEIGHT_SCALE)
     b = jnp.zeros((s.o,), jnp.float32)
 
     def loss(x, w, b):
-        y = conv(x, w, b, s.stride, s.pad, 1, s.groups)
+        y = kernels.conv2d(x, w, b, s.stride, s.pad, 1, s.groups, plan=plan)
         return jnp.sum(y * y) * 0.5
 
-    argnums = (0, 1, 2) if s.needs_dx else (1, 2)
-    step = jax.jit(jax.grad(loss, argnums=argnums))
-    return lambda: jax.block_until_ready(step(x, w, b))
+    return _jax_call(jax.grad(loss, argnums=(0, 1, 2) if s.needs_dx else (1, 2)), x, w, b)
 
 
-def _jax_pool_fn(s: PoolShape, pool: Callable, batch: int):
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, s.c, s.hw, s.hw), np.float32))
-    step = jax.jit(jax.grad(lambda x: jnp.sum(pool(x, s.k, s.stride, 0) ** 2)))
-    return lambda: jax.block_until_ready(step(x))
+def jax_pool(s: PoolShape, batch: int, reference: bool) -> Callable[[], object]:
+    import jax
+    import jax.numpy as jnp
+
+    from model import kernels
+
+    pool = kernels.max_pool2d_reference if reference else kernels.max_pool2d
+    return _jax_call(jax.grad(lambda x: jnp.sum(pool(x, s.k, s.stride, 0) ** 2)),
+                     _rand((batch, s.c, s.hw, s.hw)))
 
 
-def jax_variants() -> dict[str, Callable]:
-    """Convolution implementations to compare: lax reference, lax split per group, kernels."""
+def jax_lrn(s: LrnShape, batch: int) -> Callable[[], object]:
+    import jax
+    import jax.numpy as jnp
 
-    def lax_split(x, w, b, stride, pad, dil, groups):
-        cg, og = x.shape[1] // groups, w.shape[0] // groups
-        ys = [kernels.conv2d_reference(x[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og], None,
-                                       stride, pad, dil, 1) for g in range(groups)]
-        return jnp.concatenate(ys, axis=1) + b.reshape(1, -1, 1, 1)
+    from model.layers.vision import lrn_across_channels
 
-    out: dict[str, Callable] = {"lax feature_group_count": kernels.conv2d_reference,
-                                "lax split per group": lax_split}
-    for f in kernels.FORWARD_METHODS:
-        for d in kernels.INPUT_GRAD_METHODS:
-            plan = kernels.ConvPlan(f, d)
-            out[f"kernels fwd={f} dx={d}"] = (
-                lambda x, w, b, st, p, dl, g, plan=plan: kernels.conv2d(x, w, b, st, p, dl, g, plan=plan)
-            )
-    return out
+    def loss(x):
+        return jnp.sum(lrn_across_channels(x, LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K) ** 2)
+
+    return _jax_call(jax.grad(loss), _rand((batch, s.c, s.hw, s.hw)))
 
 
-def _torch_conv_fn(s: ConvShape, batch: int, channels_last: bool):
+def jax_fc(s: FcShape, batch: int) -> Callable[[], object]:
+    import jax
+    import jax.numpy as jnp
+
+    from model.layers.vision import CONV_PRECISION
+
+    def loss(x, w, b):
+        # model/layers/common.py InnerProduct: x (N, K) . W^T (K, O) + b, full float32.
+        y = jnp.dot(x, w.T, precision=CONV_PRECISION) + b
+        return jnp.sum(y * y) * 0.5
+
+    return _jax_call(jax.grad(loss, argnums=(0, 1, 2)), _rand((batch, s.inputs)),
+                     _rand((s.outputs, s.inputs), WEIGHT_SCALE), jnp.zeros((s.outputs,)))
+
+
+# -- PyTorch ----------------------------------------------------------------------------------
+def torch_conv(s: ConvShape, batch: int) -> Callable[[], object]:
     import torch
 
     x = torch.randn(batch, s.c, s.hw, s.hw, requires_grad=s.needs_dx)
     conv = torch.nn.Conv2d(s.c, s.o, s.k, s.stride, s.pad, groups=s.groups)
-    if channels_last:
-        x = x.detach().to(memory_format=torch.channels_last).requires_grad_(s.needs_dx)
-        conv = conv.to(memory_format=torch.channels_last)
 
     def run():
         conv.zero_grad()
+        x.grad = None
         y = conv(x)
         (y * y).sum().mul(0.5).backward()
 
     return run
 
 
-def _torch_pool_fn(s: PoolShape, batch: int):
+def torch_pool(s: PoolShape, batch: int) -> Callable[[], object]:
     import torch
 
     x = torch.randn(batch, s.c, s.hw, s.hw, requires_grad=True)
@@ -152,15 +201,125 @@ def _torch_pool_fn(s: PoolShape, batch: int):
     return run
 
 
+def torch_lrn(s: LrnShape, batch: int, builtin: bool) -> Callable[[], object]:
+    import torch
+    import torch_alexnet
+
+    x = torch.randn(batch, s.c, s.hw, s.hw, requires_grad=True)
+    lrn = torch_alexnet.lrn_module(torch, "torch" if builtin else "shiftsum")
+
+    def run():
+        x.grad = None
+        (lrn(x) ** 2).sum().backward()
+
+    return run
+
+
+def torch_fc(s: FcShape, batch: int) -> Callable[[], object]:
+    import torch
+
+    x = torch.randn(batch, s.inputs, requires_grad=True)
+    fc = torch.nn.Linear(s.inputs, s.outputs)
+
+    def run():
+        fc.zero_grad()
+        x.grad = None
+        y = fc(x)
+        (y * y).sum().mul(0.5).backward()
+
+    return run
+
+
+# -- timing -----------------------------------------------------------------------------------
+@dataclass
+class Row:
+    layer: str
+    impl: str
+    wall: list[float]
+    cpu: list[float]
+    gflop: float = 0.0
+
+
+def interleaved(layer: str, impls: dict[str, Callable[[], object]], rounds: int,
+                gflop: float = 0.0) -> list[Row]:
+    """Warm-up call of each, then `rounds` rounds in which each runs once, in turn."""
+    for fn in impls.values():
+        fn()
+    rows = {name: Row(layer, name, [], [], gflop) for name in impls}
+    for _ in range(max(1, rounds)):
+        for name, fn in impls.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            rows[name].wall.append(time.perf_counter() - t0)
+            rows[name].cpu.append(time.process_time() - c0)
+    for row in rows.values():
+        med = statistics.median(row.wall)
+        rate = f"{row.gflop / med:8.1f}" if row.gflop else " " * 8
+        print(f"{row.layer:7} {row.impl:36} {med * 1e3:9.1f} {statistics.median(row.cpu) * 1e3:9.1f}"
+              f" {rate}", flush=True)
+    return list(rows.values())
+
+
+def conv_impls(s: ConvShape, batch: int, all_plans: bool, torch_ok: bool
+               ) -> dict[str, Callable[[], object]]:
+    import numpy as np
+
+    from model import autotune, kernels
+
+    chosen = autotune.conv_plan((batch, s.c, s.hw, s.hw), (s.o, s.c // s.groups, s.k, s.k),
+                                (s.stride,) * 2, (s.pad,) * 2, (1, 1), s.groups,
+                                np.dtype(np.float32).name)
+    rule = kernels.heuristic_plan((s.stride,) * 2, (s.k, s.k))
+    plans = {f"{OURS} ({chosen.name})": chosen}
+    for label, plan in (("built-in rule", rule), ("XLA", kernels.XLA_PLAN)):
+        if plan != chosen:
+            plans[f"{label} ({plan.name})"] = plan
+    if all_plans:
+        for plan in kernels.CANDIDATE_PLANS:
+            if plan not in plans.values():
+                plans[plan.name] = plan
+    impls = {name: jax_conv(s, batch, plan) for name, plan in plans.items()}
+    if torch_ok:
+        impls[PYTORCH] = torch_conv(s, batch)
+    return impls
+
+
+def summary(rows: list[Row]) -> None:
+    """Ours (the chosen plan) against PyTorch, per layer and in total (median wall ms)."""
+    by_layer: dict[str, dict[str, float]] = {}
+    for row in rows:
+        kind = OURS if row.impl.startswith(OURS) else PYTORCH if row.impl == PYTORCH else None
+        if kind:
+            by_layer.setdefault(row.layer, {})[kind] = statistics.median(row.wall) * 1e3
+    print("\n| layer | ours ms | PyTorch ms | PyTorch / ours |\n|---|---|---|---|")
+    total = {OURS: 0.0, PYTORCH: 0.0}
+    for layer, ms in by_layer.items():
+        if PYTORCH not in ms:
+            print(f"| {layer} | {ms[OURS]:.1f} | n/a | |")
+            continue
+        for k in total:
+            total[k] += ms[k]
+        print(f"| {layer} | {ms[OURS]:.1f} | {ms[PYTORCH]:.1f} | {ms[PYTORCH] / ms[OURS]:.2f} |")
+    if total[PYTORCH]:
+        print(f"| total | {total[OURS]:.0f} | {total[PYTORCH]:.0f} | "
+              f"{total[PYTORCH] / total[OURS]:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,pool1")
+    parser.add_argument("--all-plans", action="store_true",
+                        help="time all eight convolution plans, not only chosen/rule/XLA")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="PyTorch intra-op threads (default: all cores)")
+    parser.add_argument("--allocator", choices=common.ALLOCATORS, default="auto")
+    parser.add_argument("--conv-plans", choices=("auto", "cached", "heuristic"), default="auto",
+                        help="model/autotune.py mode for the 'ours' rows")
     args = parser.parse_args(argv)
+    common.reexec_with_allocator(args.allocator)
     wanted = set(filter(None, args.layers.split(",")))
     torch_ok = False
     if not args.no_torch:
@@ -171,30 +330,42 @@ def main(argv: list[str] | None = None) -> int:
             torch_ok = True
         except ImportError:
             pass
+    import jax  # noqa: F401  (for the header's versions)
 
-    print(f"{'layer':7} {'implementation':30} {'ms':>9} {'cpu ms':>9} {'GFLOP/s':>8}")
+    from model import autotune
+
+    autotune.configure(mode=args.conv_plans, notify=lambda line: print(f"# {line}", flush=True))
+    print(common.header("benchmarks/layers.py", ("torch",) if torch_ok else ()))
+    print(f"# batch {args.batch_size}, forward + backward, median of {args.rounds} interleaved "
+          f"rounds; conv plans: {autotune.mode()}")
+    print(f"{'layer':7} {'implementation':36} {'wall ms':>9} {'cpu ms':>9} {'GFLOP/s':>8}")
+    b = args.batch_size
+    rows: list[Row] = []
     for s in ALEXNET_CONVS:
-        if wanted and s.name not in wanted:
-            continue
-        gf = conv_gflop(s, args.batch_size)
-        rows = [(name, _jax_conv_fn(s, fn, args.batch_size)) for name, fn in jax_variants().items()]
-        if torch_ok:
-            rows.append(("pytorch", _torch_conv_fn(s, args.batch_size, False)))
-            rows.append(("pytorch channels_last", _torch_conv_fn(s, args.batch_size, True)))
-        for name, fn in rows:
-            sec, cpu = time_calls(fn, args.reps)
-            print(f"{s.name:7} {name:30} {sec * 1e3:9.1f} {cpu * 1e3:9.1f} {gf / sec:8.1f}",
-                  flush=True)
+        if not wanted or s.name in wanted:
+            rows += interleaved(s.name, conv_impls(s, b, args.all_plans, torch_ok), args.rounds,
+                                conv_gflop(s, b))
     for p in ALEXNET_POOLS:
-        if wanted and p.name not in wanted:
-            continue
-        rows = [("lax reduce_window", _jax_pool_fn(p, kernels.max_pool2d_reference, args.batch_size)),
-                ("kernels first-max", _jax_pool_fn(p, kernels.max_pool2d, args.batch_size))]
-        if torch_ok:
-            rows.append(("pytorch", _torch_pool_fn(p, args.batch_size)))
-        for name, fn in rows:
-            sec, cpu = time_calls(fn, args.reps)
-            print(f"{p.name:7} {name:30} {sec * 1e3:9.1f} {cpu * 1e3:9.1f}", flush=True)
+        if not wanted or p.name in wanted:
+            impls = {f"{OURS} (first-max index)": jax_pool(p, b, reference=False),
+                     "XLA reduce_window": jax_pool(p, b, reference=True)}
+            if torch_ok:
+                impls[PYTORCH] = torch_pool(p, b)
+            rows += interleaved(p.name, impls, args.rounds)
+    for n in ALEXNET_LRNS:
+        if not wanted or n.name in wanted:
+            impls = {OURS: jax_lrn(n, b)}
+            if torch_ok:
+                impls[PYTORCH] = torch_lrn(n, b, builtin=False)
+                impls["pytorch nn.LocalResponseNorm"] = torch_lrn(n, b, builtin=True)
+            rows += interleaved(n.name, impls, args.rounds)
+    for f in ALEXNET_FCS:
+        if not wanted or f.name in wanted:
+            impls = {OURS: jax_fc(f, b)}
+            if torch_ok:
+                impls[PYTORCH] = torch_fc(f, b)
+            rows += interleaved(f.name, impls, args.rounds, fc_gflop(f, b))
+    summary(rows)
     return 0
 
 

@@ -23,13 +23,14 @@ BIAS_LR_MULT = 2.0
 CROP = 227
 
 
-def _build_model(torch: Any, lrn_impl: str) -> Any:
+def lrn_module(torch: Any, lrn_impl: str) -> Any:
+    """Caffe's LRN ACROSS_CHANNELS as a module: "shiftsum" (the window sum as n shifted adds
+    of the zero-padded squares) or "torch" (nn.LocalResponseNorm, the same formula)."""
     nn = torch.nn
     F = torch.nn.functional
 
     class ShiftSumLRN(nn.Module):
-        """Caffe's LRN ACROSS_CHANNELS: x * (k + alpha/n * sum_{window} x^2)^-beta, the
-        window sum as n shifted adds of the zero-padded squares."""
+        """x * (k + alpha/n * sum_{window} x^2)^-beta."""
 
         def forward(self, x):
             sq = x * x
@@ -41,10 +42,16 @@ def _build_model(torch: Any, lrn_impl: str) -> Any:
                 acc = acc + padded[:, i:i + c]
             return x * (LRN_K + (LRN_ALPHA / LRN_SIZE) * acc).pow(-LRN_BETA)
 
+    if lrn_impl == "torch":
+        return nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
+    return ShiftSumLRN()
+
+
+def _build_model(torch: Any, lrn_impl: str) -> Any:
+    nn = torch.nn
+
     def lrn():
-        if lrn_impl == "torch":
-            return nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
-        return ShiftSumLRN()
+        return lrn_module(torch, lrn_impl)
 
     model = nn.Sequential(
         nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), lrn(),
