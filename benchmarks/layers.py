@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="PyTorch intra-op threads (default: all cores)")
     parser.add_argument("--allocator", choices=common.ALLOCATORS, default="auto")
-    parser.add_argument("--conv-plans", choices=("auto", "cached", "heuristic"), default="auto",
+    parser.add_argument("--conv-plans", default="auto",
+                        choices=("auto", "remeasure", "cached", "heuristic"),
                         help="model/autotune.py mode for the 'ours' rows")
     args = parser.parse_args(argv)
     common.reexec_with_allocator(args.allocator)

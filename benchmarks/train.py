@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/train.py --device cpu --batch-size 32
        [--precision float32|bf16] [--iterations 8] [--warmup 2] [--workers 2]
-       [--allocator auto|jemalloc|system] [--conv-plans auto|cached|heuristic]
+       [--allocator auto|jemalloc|system] [--conv-plans auto|remeasure|cached|heuristic]
        [--no-torch] [--records N] [--json out.json]
 
 Ours is the real thing: model/zoo/bvlc_alexnet/train_val.prototxt and solver.prototxt, the
@@ -90,15 +90,18 @@ def jax_devices(kind: str) -> list[Any]:
 
 def matmul_peak(devices: list[Any], precision: str) -> float:
     """FLOP/s of a large square matmul on one device, times the device count: the roofline
-    MFU is quoted against (on CPU ~110 GFLOP/s for 2 cores, docs/MACHINE_NOTES.md)."""
+    MFU is quoted against. bf16 as model/kernels.py multiplies it (bf16 operands, float32
+    sums: XLA:CPU upcasts a plain bf16 x bf16 -> bf16 dot to float32 first)."""
     import jax
     import jax.numpy as jnp
+    from jax import lax
 
     dev = devices[0]
     n = 2048 if dev.platform == "cpu" else 8192
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     a = jax.device_put(jnp.ones((n, n), dtype), dev)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: lax.dot_general(x, x, (((1,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(3):
@@ -249,7 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=0,
                    help=f"LMDB records (default {RECORD_BATCHES} batches)")
     p.add_argument("--allocator", choices=common.ALLOCATORS, default="auto")
-    p.add_argument("--conv-plans", choices=("auto", "cached", "heuristic"), default="auto",
+    p.add_argument("--conv-plans", default="auto",
+                        choices=("auto", "remeasure", "cached", "heuristic"),
                    help="model/autotune.py mode: auto measures missing plans once per machine")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--torch-only", action="store_true", help="diagnostics: only PyTorch")

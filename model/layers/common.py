@@ -10,9 +10,10 @@ import numpy as np
 from jax import lax
 
 from data.proto import caffe_pb2
+from model import kernels
 from model.layers.base import BlobSpec, Layer, Shape, register
 from model.layers.shapes import canonical_axis, count
-from model.layers.vision import CONV_PRECISION, _filler_or, constant_filler
+from model.layers.vision import _filler_or, constant_filler
 
 
 def _axis(layer: Layer, axis: int, ndim: int, what: str = "axis") -> int:
@@ -57,7 +58,8 @@ class InnerProduct(Layer):
         lead = x.shape[: self.axis]
         x2 = x.reshape((count(lead), self.k))
         w = blobs[0]
-        y = jnp.dot(x2, w if self.transpose else w.T, precision=CONV_PRECISION)
+        # kernels.matmul: full float32, or bf16 operands with float32 sums (--precision bf16).
+        y = kernels.matmul(x2, w if self.transpose else w.T)
         if self.bias_term:
             y = y + blobs[1]
         return [y.reshape(tuple(lead) + (self.n,))]

@@ -120,3 +120,18 @@ def test_fingerprint_names_the_cpu_and_its_isa():
     parsed = machine._parse_cpuinfo("processor\t: 0\nmodel name\t: Some CPU\nflags\t: fpu avx2 "
                                     "amx_tile\n\nprocessor\t: 1\nmodel name\t: other\n")
     assert parsed["model name"] == "Some CPU" and "amx_tile" in parsed["flags"]
+
+
+def test_remeasure_replaces_a_cached_plan_once_per_process(tuning, monkeypatch):
+    key_args = (X_SHAPE, W_SHAPE, (1, 1), (1, 1), (1, 1), 2, "float32")
+    text = autotune.ConvKey(*key_args).text()
+    stale = {"version": autotune.CACHE_VERSION, "machines": {machine.fingerprint(): {
+        text: {"plan": "fwd=lax dx=col2im dw=lax"}}}}  # not a candidate here: must go
+    autotune.cache_path().write_text(json.dumps(stale))
+    monkeypatch.setenv(autotune.MODE_ENV, "remeasure")
+    autotune.forget()
+    plan = autotune.conv_plan(*key_args)
+    assert plan in TWO_PLANS and len(autotune.measured()) == 1
+    assert autotune.conv_plan(*key_args) == plan and len(autotune.measured()) == 1
+    entry = json.loads(autotune.cache_path().read_text())["machines"][machine.fingerprint()][text]
+    assert entry["plan"] == plan.name and entry["metric"] in ("wall", "cpu")

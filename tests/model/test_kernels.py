@@ -189,3 +189,25 @@ def test_phase_split_im2col_equals_strided_slices(shape, kernel, stride, pad):
     fast = jax.jit(lambda a: kernels._im2col_kn(a, kernel, stride, pad, (1, 1)))(x)
     plain = jax.jit(lambda a: kernels._im2col_kn_dilated(a, kernel, stride, pad, (1, 1)))(x)
     assert fast.shape == plain.shape and np.array_equal(fast, plain)
+
+
+def test_bf16_gemms_sum_in_float32_in_both_passes():
+    """kernels.matmul on bf16 operands (forward and its custom gradient): bf16 results within
+    one bf16 rounding of float64 (every product of two bf16 numbers is exact in float32, and
+    the sums are float32); float32 operands: exactly the plain full-precision dot."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((512, 16)), jnp.bfloat16)
+    ct = jnp.asarray(rng.standard_normal((8, 16)), jnp.bfloat16)
+    y, vjp = jax.vjp(kernels.matmul, x, w)
+    dx, dw = vjp(ct)
+    x64, w64, ct64 = (np.asarray(a, np.float64) for a in (x, w, ct))
+    for got, want in ((y, x64 @ w64), (dx, ct64 @ w64.T), (dw, x64.T @ ct64)):
+        assert got.dtype == jnp.bfloat16
+        # one bf16 rounding of the result (8 significant bits) on top of float32 sums
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2 ** -8,
+                                   atol=1e-6 * np.abs(want).max())
+    # float32 operands: the plain full-precision dot, as before.
+    np.testing.assert_array_equal(kernels.matmul(x64.astype(np.float32), w64.astype(np.float32)),
+                                  jnp.dot(x64.astype(np.float32), w64.astype(np.float32),
+                                          precision=jax.lax.Precision.HIGHEST))
