@@ -45,6 +45,7 @@ CLUSTER_ENVS: dict[str, tuple[tuple[str, ...], str]] = {
                  "OMPI_COMM_WORLD_SIZE"),
 }
 CPU_COLLECTIVES = "gloo"
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 COLLECTIVES_ENV = "JAX_CPU_COLLECTIVES_IMPLEMENTATION"
 # Seconds a process waits for all the others to join (jax.distributed's default).
 JOIN_TIMEOUT_S = 300
@@ -87,7 +88,10 @@ def join(coordinator: str | None = None, num_processes: int | None = None,
          process_id: int | None = None, *, environ: Mapping[str, str] = os.environ,
          timeout_s: int = JOIN_TIMEOUT_S) -> int:
     """Join this training's processes (jax.distributed.initialize); returns the process count
-    (1: nothing joined). Call it before any JAX computation."""
+    (1: nothing joined). Call it before any JAX computation. The coordinator may also come
+    from JAX_COORDINATOR_ADDRESS, as jax.distributed reads it."""
+    if coordinator is None and num_processes is not None:
+        coordinator = environ.get(COORDINATOR_ENV)
     given = {"--coordinator": coordinator, "--num_processes": num_processes,
              "--process_id": process_id}
     if all(v is None for v in given.values()):

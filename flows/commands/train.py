@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "precision", default="fp32",
              help=f"compute precision: {', '.join(PRECISIONS)} (bf16 keeps float32 weights)")
     add_flag(parser, "coordinator", help="multi-process training: HOST:PORT of process 0 "
-             "(the same in every process; default: from SLURM/Open MPI, else one process)")
+             "(the same in every process; default: JAX_COORDINATOR_ADDRESS, or SLURM's / Open "
+             "MPI's environment, else one process)")
     add_flag(parser, "num_processes", type=int, default=None,
              help="multi-process training: how many processes (hosts) train together")
     add_flag(parser, "process_id", type=int, default=None,

@@ -134,6 +134,8 @@ def test_join_flags_go_together_and_one_process_joins_nothing() -> None:
     assert distributed.join("127.0.0.1:12355", 1, 0, environ={}) == 1
     with pytest.raises(ImagenetError, match="--process_id missing"):
         distributed.join("127.0.0.1:12355", 2, None, environ={})
+    with pytest.raises(ImagenetError, match="--process_id missing"):  # not --coordinator
+        distributed.join(None, 2, None, environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
     with pytest.raises(ImagenetError, match="expected HOST:PORT"):
         distributed.join("127.0.0.1", 2, 0, environ={})
     with pytest.raises(ImagenetError, match="ids run from 0 to num_processes - 1"):
