@@ -40,7 +40,14 @@ from data.proto import caffe_pb2
 CAFFEMODEL_SUFFIX = ".caffemodel"
 SOLVERSTATE_SUFFIX = ".solverstate"
 SIDE_SUFFIX = ".resume.json"
-SIDE_FORMAT = "imagenet-pipeline resume v1"
+SIDE_FORMAT = "imagenet-pipeline resume v2"
+# v1 side files predate the per-image crop/mirror draws (data/transform.py TransformPlan.draw,
+# commit 5acf33f): they still resume weights, history and data position, but the random crops and
+# mirrors after the resume point are not the ones the interrupted run would have drawn.
+OLDER_SIDE_FORMATS: dict[str, str] = {
+    "imagenet-pipeline resume v1": "written before crops and mirrors were drawn per image, so "
+    "the crops and mirrors after the resume point differ from the interrupted run's",
+}
 
 
 @dataclass(frozen=True)
@@ -166,9 +173,10 @@ def read_side(solverstate: str | Path, caffemodel: str | Path | None = None
         record = json.loads(side_path.read_text())
     except (OSError, ValueError) as exc:
         raise ImagenetError(f"{side_path}: unreadable resume file: {exc}") from None
-    if record.get("format") != SIDE_FORMAT:
-        raise ImagenetError(f"{side_path}: format {record.get('format')!r}, expected "
-                            f"{SIDE_FORMAT!r}")
+    fmt = record.get("format")
+    if fmt != SIDE_FORMAT and fmt not in OLDER_SIDE_FORMATS:
+        raise ImagenetError(f"{side_path}: format {fmt!r}, expected {SIDE_FORMAT!r}; delete "
+                            "the side file to resume with Caffe's semantics")
     if record.get("solverstate_sha256") != file_sha256(ss):
         raise ImagenetError(f"{side_path} does not belong to {ss} (solverstate digest differs); "
                             "delete the side file to resume with Caffe's semantics")
@@ -179,6 +187,11 @@ def read_side(solverstate: str | Path, caffemodel: str | Path | None = None
 
 
 _ITER_RE = re.compile(r"_iter_(\d+)\.resume\.json$")
+
+
+def side_format_caveat(record: dict[str, Any]) -> str | None:
+    """Why a side file of an older format does not resume exactly, or None when it does."""
+    return OLDER_SIDE_FORMATS.get(record.get("format", ""))
 
 
 def latest_snapshot(prefix: str, root: str | Path = ".") -> SnapshotFiles | None:

@@ -1169,6 +1169,10 @@ class Solver:
         self.state = self._place_state(flatten_params(self.net, self.params),
                                        point.state.history, self.iter)
         side = point.side
+        caveat = snap.side_format_caveat(side) if side is not None else None
+        if caveat:
+            self.log(f"Resume is not exact: {point.given}'s resume file was {caveat}; weights, "
+                     "history, data position and the loss window are restored", "solver.cpp:0")
         if side is None:
             self.position = DataPosition(test_batches=[0] * self.n_tests,
                                          start_iter=self.iter)

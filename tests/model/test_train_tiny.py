@@ -238,3 +238,26 @@ def test_two_test_nets_are_run_and_averaged(tmp_path) -> None:
     side = json.loads((tmp_path / "t2" / "tiny_iter_2.resume.json").read_text())
     assert side["test_batches"] == [2, 5]  # the snapshot at 2 precedes the test at 2
     assert res.final_test_outputs == seen[-1][1]
+
+
+def test_a_v1_resume_file_resumes_but_says_it_is_not_exact(tmp_path) -> None:
+    """Side files of the v1 format predate per-image crop/mirror draws: the resume goes on
+    (weights, history, data position) and the log says the crops after it differ."""
+    from model.snapshot import SIDE_FORMAT, read_side
+    from model.train import train
+    run = make_tiny(tmp_path / "v1", solver=SOLVER.replace("max_iter: 10", "max_iter: 4"))
+    train("solver.prototxt", workdir=run, log=lambda m: None, stop_at_iter=2)
+    side = run / "tiny_iter_2.resume.json"
+    record = json.loads(side.read_text())
+    assert record["format"] == SIDE_FORMAT
+    side.write_text(json.dumps({**record, "format": "imagenet-pipeline resume v1"}))
+    assert read_side(run / "tiny_iter_2.solverstate")["train_batches"] == 2
+    lines: list[str] = []
+    res = train("solver.prototxt", workdir=run, log=lines.append,
+                snapshot="tiny_iter_2.solverstate")
+    assert res.final_iter == 4
+    caveat = [l for l in lines if "Resume is not exact" in l]
+    assert len(caveat) == 1 and "crops and mirrors" in caveat[0]
+    side.write_text(json.dumps({**record, "format": "imagenet-pipeline resume v0"}))
+    with pytest.raises(ImagenetError, match="delete the side file"):
+        read_side(run / "tiny_iter_2.solverstate")
