@@ -147,7 +147,9 @@ def stage_options(
     }
     if not refresh:
         return options, ""
-    return options, (force if isinstance(force, str) else WHY_FORCED) if force else stale
+    if force is True:  # the user's word comes first
+        return options, WHY_FORCED
+    return options, stale or str(force)  # missing outputs explain more than "val rebuilt"
 
 
 def state_status(state: State, bypass: str) -> tuple[str, str]:

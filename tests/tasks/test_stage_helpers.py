@@ -262,3 +262,15 @@ def test_nice_ticks_cover_the_range():
     assert report.nice_ticks(0, 300) == [0, 100, 200, 300]
     assert report.nice_ticks(0, 2.31) == [0, 0.5, 1.0, 1.5, 2.0, 2.5]
     assert report.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_why_a_stage_ran(tmp_path):
+    from tasks.stage import WHY_FORCED, stage_options
+
+    out = tmp_path / "out.bin"
+    _, why = stage_options(tmp_path, "k", [out], force=False)
+    assert why == "no recorded outputs"  # a first run
+    _, why = stage_options(tmp_path, "k", [out], force="val LMDB rebuilt in this run")
+    assert why == "no recorded outputs"  # missing outputs say more than the automatic reason
+    _, why = stage_options(tmp_path, "k", [out], force=True)
+    assert why == WHY_FORCED
