@@ -68,8 +68,12 @@ def service_env(port: int, prefect_home: Path | None = None) -> dict[str, str]:
     server), project-local home, telemetry off, no prompts."""
     env = dict(os.environ)
     env.pop("PREFECT_PROFILE", None)
+    home = Path(prefect_home or prefect_env.PREFECT_HOME)
     env.update({
-        "PREFECT_HOME": str(prefect_home or prefect_env.PREFECT_HOME),
+        "PREFECT_HOME": str(home),
+        # The worker's flow runs train one task per snapshot interval, each compiling the same
+        # step: the persistent cache compiles it once (flows.prefect_env.configure's reason).
+        "JAX_COMPILATION_CACHE_DIR": str(home / prefect_env.JAX_CACHE_DIRNAME),
         "PREFECT_API_URL": api_url(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
@@ -250,7 +254,7 @@ def _set_state(client: httpx.Client, run_id: str, state: str, force: bool = Fals
 def cancel_in_flight(url: str, wait_s: float = CANCEL_WAIT_S) -> list[str]:
     """Ask the server to cancel every Running/Pending flow run and wait until they end (the
     worker SIGTERMs each; a training segment snapshots first). Runs still not finished after
-    `wait_s` are forced to Cancelled, so none is left *Running*. Returns their names."""
+    `wait_s` are forced to Cancelled, so none is left *Running*. Returns their ids."""
     with httpx.Client(base_url=url, timeout=API_TIMEOUT_S) as client:
         runs = _in_flight(client)
         for run in runs:
@@ -266,7 +270,7 @@ def cancel_in_flight(url: str, wait_s: float = CANCEL_WAIT_S) -> list[str]:
             print(f"flow run {run['name']} did not end within {wait_s:.0f} s: marking it "
                   "Cancelled", file=sys.stderr)
             _set_state(client, run["id"], "CANCELLED", force=True)
-    return [run["name"] for run in runs]
+    return [run["id"] for run in runs]
 
 
 def down(run_dir: Path = DEFAULT_RUN_DIR, cancel_wait_s: float = CANCEL_WAIT_S) -> None:
