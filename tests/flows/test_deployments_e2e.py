@@ -1,24 +1,45 @@
-"""End to end through a real Prefect server: `make up`'s code path (flows.services: server on
-127.0.0.1, process pool, `prefect deploy --all`, worker), then `prefect deployment run
-imagenet/full-pipeline --watch` on the tiny mirror, then imagenet/convert-lmdb, reading from the
-API which task runs ran. Uses its own PREFECT_HOME and a free port; everything is stopped after.
+"""End to end through a real Prefect server, as an operator uses it: `make up`'s code path
+(flows.services: server on 127.0.0.1, process pool, `prefect deploy --all`, worker), then
+`prefect deployment run ... --watch` on the deployments of prefect.yaml, reading from the API what
+each run did. One server for every check (it takes 7-32 s to start); its own PREFECT_HOME and a
+free port; everything is stopped after.
+
+1. `make up` again: refused, nothing touched.
+2. imagenet/mini-pipeline with --param overrides (a data root of the test's, the tiny mini, the
+   tiny net): the presets combine with them; every stage ran; each progress bar ends at 100%
+   with at most one update per 2 s before that; --watch ends with the top-1/top-5 line.
+3. imagenet/convert-lmdb --param data_root=D (+ the resize used) reruns exactly the two
+   conversions, while (7) the same deployment on an empty data root fails in one line naming the
+   stage and creates no folder; imagenet/train with force: [train] trains from iteration 0 with
+   the old snapshots moved aside (said in the log), then evaluates.
+4. `make down` during a training run (a second mini-pipeline with a long training, started
+   alongside 3's train run): the run is cancelled through the API, snapshots, and ends Cancelled (never
+   left Running), then the worker and the server stop.
 """
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
-import urllib.request
+from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from flows import services
+from tasks.stage import PROGRESS_MIN_INTERVAL_S
 
 pytestmark = pytest.mark.slow
 WATCH_TIMEOUT_S = 420
+# Long enough that `make down` finds it training (the tiny net does ~100 iterations a second).
+CANCELLED_MAX_ITER = 200_000
+CANCELLED_BASE_LR = 1e-5
+CANCELLED_DISPLAY = 10
+# Event timestamps are the sender's clock, taken just before each update call.
+TIMESTAMP_SLACK_S = 0.05
+EVENTS_PAGE = 50  # the most /events/filter returns at once
 
 
 def _free_port() -> int:
@@ -27,42 +48,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _api(port: int, path: str, body: dict | None = None):
-    req = urllib.request.Request(services.api_url(port) + path, method="POST" if body is not None else "GET",
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def _run_deployment(name: str, params: dict, env: dict) -> subprocess.CompletedProcess:
-    """`prefect deployment run NAME --watch --param k=v ...` (each value as JSON)."""
-    argv = [services._prefect(), "deployment", "run", name, "--watch",
-            "--watch-timeout", str(WATCH_TIMEOUT_S)]
+def _run_deployment(name: str, params: dict, env: dict, *, watch: bool = True):
+    """`prefect deployment run NAME [--watch] --param k=v ...` (each value as JSON); a Popen."""
+    argv = [services._prefect(), "deployment", "run", name]
+    if watch:
+        argv += ["--watch", "--watch-timeout", str(WATCH_TIMEOUT_S)]
     for key, value in params.items():
         argv += ["--param", f"{key}={json.dumps(value)}"]
-    return subprocess.run(argv, cwd=services.PROJECT_ROOT, env=env, capture_output=True,
-                          text=True, timeout=WATCH_TIMEOUT_S + 60)
+    return subprocess.Popen(argv, cwd=services.PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
-def _latest_flow_run(port: int, deployment: str) -> dict:
-    runs = _api(port, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 20})
-    deployments = {d["id"]: d["name"] for d in _api(port, "/deployments/filter", {})}
-    mine = [r for r in runs if deployments.get(r["deployment_id"]) == deployment]
-    return mine[0]
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=WATCH_TIMEOUT_S + 60)
+    return proc.returncode, out
 
 
-def _task_states(port: int, flow_run_id: str) -> dict[str, str]:
-    runs = _api(port, "/task_runs/filter",
-                {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
-    return {r["name"]: r["state"]["name"] for r in runs}
+def _flow_run_id(watch_output: str) -> str:
+    return next(line.split("UUID:")[1].strip() for line in watch_output.splitlines()
+                if "UUID:" in line)
 
 
-def test_server_deploy_worker_full_pipeline_then_convert_lmdb(tmp_path, make_params):
+def _task_runs(api, flow_run_id: str) -> dict[str, dict]:
+    runs = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}},
+                                               "limit": 200}).json()
+    return {r["name"]: r for r in runs}
+
+
+def _logs(api, flow_run_id: str) -> list[str]:
+    logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                          "limit": 200, "sort": "TIMESTAMP_ASC"}).json()
+    return [log["message"] for log in logs]
+
+
+def _events(api, name: str, flow_run_id: str) -> list[dict]:
+    """Every event `name` about the flow run (the API pages them by EVENTS_PAGE)."""
+    page = api.post("/events/filter", json={"filter": {
+        "event": {"name": [name]}, "any_resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}},
+        "limit": EVENTS_PAGE}).json()
+    events = list(page["events"])
+    while page.get("next_page"):
+        page = api.get(page["next_page"]).json()
+        events += page["events"]
+    return events
+
+
+def _eventually(fetch, ok, timeout: float = 30.0):
+    """The server records task runs and logs from events, a moment after they happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if ok(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
+def test_operator_path_through_a_real_server(tmp_path, tiny_solver):
+    import httpx
+
     port = _free_port()
     run_dir, home = tmp_path / "run", tmp_path / "prefect-home"
     env = services.service_env(port, home)
-    params = json.loads(make_params(tmp_path / "root").model_dump_json())
+    root = tmp_path / "mini-root"
+    tiny = {"data_root": str(root), "sources": {"train": "mini:tiny", "val": "mini:tiny",
+                                                "aux": "mini:tiny"},
+            "resize_height": 16, "resize_width": 16, "solver": str(tiny_solver)}
     t0 = time.monotonic()
 
     def mark(what: str) -> None:  # reported with -s, never asserted
@@ -71,34 +121,112 @@ def test_server_deploy_worker_full_pipeline_then_convert_lmdb(tmp_path, make_par
     try:
         services.up(port=port, run_dir=run_dir, prefect_home=home)
         mark("server up, pool, deploy --all, worker started")
-        ui = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
-        assert "<html" in ui.lower()
+        api = httpx.Client(base_url=services.api_url(port), timeout=30)
+        pids = {name: (run_dir / f"{name}.pid").read_text() for name in services.SERVICES}
 
-        full = _run_deployment("imagenet/full-pipeline", params, env)
-        assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
-        mark("imagenet/full-pipeline finished")
-        first = _latest_flow_run(port, "full-pipeline")
-        states = _task_states(port, first["id"])
-        assert {"download-train", "convert-train", "mean", "train-0-2", "evaluate"} <= set(states)
-        assert set(states.values()) == {"Completed"}
-        artifacts = _api(port, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}})
-        kinds = {a["type"] for a in artifacts}
-        assert {"markdown", "table", "progress"} <= kinds
-        summary = next(a for a in artifacts if a["key"] == "imagenet-summary")
-        assert "data:image/png;base64," in summary["data"]
+        # 4a. A second `make up` says so and touches nothing.
+        with pytest.raises(services.AlreadyUp, match="already up"):
+            services.up(port=port, run_dir=run_dir, prefect_home=home)
+        assert {name: (run_dir / f"{name}.pid").read_text() for name in services.SERVICES} == pids
+        assert api.get("/health").json() is True
 
-        # convert-lmdb presets stages/force; the run's --param data_root and resize combine
-        # with them (the flow's parameters are top-level).
-        deployment = next(d for d in _api(port, "/deployments/filter", {}) if d["name"] == "convert-lmdb")
-        assert deployment["parameters"] == {"stages": ["convert"], "force": ["convert"]}
-        conv = _run_deployment("imagenet/convert-lmdb", {
-            k: params[k] for k in ("data_root", "resize_height", "resize_width")}, env)
-        assert conv.returncode == 0, conv.stdout[-3000:] + conv.stderr[-3000:]
-        mark("imagenet/convert-lmdb finished")
-        second = _latest_flow_run(port, "convert-lmdb")
-        assert _task_states(port, second["id"]) == {"convert-train": "Completed",
-                                                     "convert-val": "Completed"}
+        # 2. mini-pipeline: its presets (64x64, alexnet_mini, mini) meet the run's overrides.
+        presets = {d["name"]: d["parameters"]
+                   for d in api.post("/deployments/filter", json={}).json()}
+        assert set(presets) == {"mini-pipeline", "full-pipeline", "convert-lmdb", "train"}
+        assert presets["mini-pipeline"]["sources"] == {"train": "mini", "val": "mini",
+                                                       "aux": "mini"}
+        # (7, started now to run alongside: convert-lmdb on a data root that holds nothing)
+        empty = tmp_path / "nothing-here"
+        failing = _run_deployment("imagenet/convert-lmdb", {"data_root": str(empty)}, env)
+        code, watched = _finish(_run_deployment("imagenet/mini-pipeline", tiny, env))
+        assert code == 0, watched[-3000:]
+        mark(f"imagenet/mini-pipeline finished; --watch printed {len(watched.splitlines())} lines")
+        mini_run = _flow_run_id(watched)
+        finished = " ".join(watched[watched.rindex("imagenet.pipeline.finished"):].split())
+        assert "pipeline finished: top-1 = " in finished and "top-5 = " in finished
+        tasks = _eventually(lambda: _task_runs(api, mini_run), lambda t: "evaluate" in t)
+        assert {"mini-ilsvrc12", "download-train", "convert-val", "mean", "train-0-2",
+                "train-4-6", "evaluate"} <= set(tasks)
+        assert {t["state_name"] for t in tasks.values()} == {"Completed"}
+        assert (root / "lmdb" / "ilsvrc12_train_lmdb" / "data.mdb").is_file()
+        artifacts = api.post("/artifacts/filter", json={
+            "artifacts": {"flow_run_id": {"any_": [mini_run]}}}).json()
+        assert all(a["data"] == 100 for a in artifacts if a["type"] == "progress")
+        assert {"imagenet-summary", "imagenet-test-metrics"} <= {a["key"] for a in artifacts}
+        times = defaultdict(list)
+        for event in _events(api, "prefect.artifact.updated", mini_run):
+            times[event["resource"]["prefect.resource.id"]].append(
+                datetime.fromisoformat(event["occurred"]).timestamp())
+        for stamps in times.values():  # the final 100% goes out at once, whatever the gap
+            stamps = sorted(stamps)[:-1]
+            assert all(b - a >= PROGRESS_MIN_INTERVAL_S - TIMESTAMP_SLACK_S
+                       for a, b in zip(stamps, stamps[1:])), stamps
+
+        # 3 and 7. convert-lmdb on the pipeline's data root, and on one that holds nothing.
+        code, watched = _finish(_run_deployment("imagenet/convert-lmdb", {
+            k: tiny[k] for k in ("data_root", "resize_height", "resize_width")}, env))
+        assert code == 0, watched[-3000:]
+        tasks = _eventually(lambda: _task_runs(api, _flow_run_id(watched)), lambda t: len(t) >= 2)
+        assert {name: t["state_name"] for name, t in tasks.items()} == {
+            "convert-train": "Completed", "convert-val": "Completed"}
+        code, watched = _finish(failing)
+        assert code == 1
+        failed = api.get(f"/flow_runs/{_flow_run_id(watched)}").json()
+        message = failed["state"]["message"]
+        assert failed["state_name"] == "Failed" and "\n" not in message
+        assert message.startswith("stage convert-train: ") and "does not exist" in message
+        assert not empty.exists()
+        mark("imagenet/convert-lmdb: rebuilt the two LMDBs; on an empty root failed in one line")
+
+        # (4, started now to run alongside the next step, on a data root of its own: a
+        # mini-pipeline whose training lasts until `make down` cancels it at the end)
+        slow = tmp_path / "slow_solver.prototxt"  # never diverges; few log lines and tests
+        slow.write_text(tiny_solver.read_text().replace(
+            'net: "train_val.prototxt"', f'net: "{tiny_solver.parent / "train_val.prototxt"}"')
+            .replace("base_lr: 0.01", f"base_lr: {CANCELLED_BASE_LR}")
+            .replace("display: 1\n", f"display: {CANCELLED_DISPLAY}\n")
+            .replace("test_interval: 2\n", f"test_interval: {CANCELLED_MAX_ITER}\n"))
+        long_root = tmp_path / "long-root"
+        code, out = _finish(_run_deployment("imagenet/mini-pipeline", {
+            **tiny, "data_root": str(long_root), "solver": str(slow),
+            "max_iter": CANCELLED_MAX_ITER, "snapshot_interval": CANCELLED_MAX_ITER}, env,
+            watch=False))
+        assert code == 0, out
+        busy = _flow_run_id(out)
+
+        # 3. train with force: [train] trains again from iteration 0, the old snapshots aside.
+        code, watched = _finish(_run_deployment("imagenet/train", {
+            "data_root": str(root), "solver": str(tiny_solver), "force": ["train"]}, env))
+        assert code == 0, watched[-3000:]
+        train_run = _flow_run_id(watched)
+        tasks = _eventually(lambda: _task_runs(api, train_run), lambda t: "evaluate" in t)
+        assert {n: t["state_name"] for n, t in tasks.items() if n != "evaluate"} == {
+            "train-0-2": "Completed", "train-2-4": "Completed", "train-4-6": "Completed"}
+        # Retrained weights are bit for bit the same on CPU: their evaluation may come from the
+        # cache (same weights digest), and it is there either way.
+        assert tasks["evaluate"]["state_type"] == "COMPLETED"
+        moved = _eventually(lambda: [m for m in _logs(api, train_run) if "force train: moved" in m],
+                            bool)
+        assert moved and "training from iteration 0" in moved[0]
+        assert len(list(root.glob("training/*/previous-*/snap_iter_6.caffemodel"))) == 1
+        mark("imagenet/train with force: [train] retrained from 0 and evaluated")
+
+        # 4. `make down` while a run trains: it first cancels the runs in flight through the
+        # API (services.cancel_in_flight, read back here before the server stops): snapshot,
+        # then Cancelled, within the worker's grace period.
+        _eventually(lambda: _logs(api, busy), lambda logs: any("] Iteration 20 " in m for m in logs),
+                    timeout=WATCH_TIMEOUT_S)
+        mark("a long training run is training: make down's cancel")
+        started = time.monotonic()
+        assert busy in services.cancel_in_flight(services.api_url(port))
+        mark(f"cancelled in {time.monotonic() - started:.1f} s")
+        run = api.get(f"/flow_runs/{busy}").json()
+        assert run["state_name"] == "Cancelled", run["state"]
+        assert "stopped by SIGTERM at iteration" in run["state"]["message"]
+        assert time.monotonic() - started < services.CANCEL_GRACE_S
+        it = int(run["state"]["message"].split("at iteration ")[1].split()[0])
+        assert list(long_root.glob(f"training/*/snap_iter_{it}.solverstate"))
     finally:
         services.down(run_dir)
-        mark("make down's stop finished")
-    assert not (run_dir / "server.pid").exists()
+    assert not (run_dir / "server.pid").exists() and not (run_dir / "worker.pid").exists()
