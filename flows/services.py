@@ -187,7 +187,8 @@ def next_commands(port: int) -> str:
         "next:",
         f"  export PREFECT_API_URL={api_url(port)}",
         f"  {shown} deployment run imagenet/mini-pipeline --watch",
-        f"  then open http://{HOST}:{port} (Runs -> the newest imagenet run); `make down` stops all",
+        f"  then open http://{HOST}:{port} (Runs -> the newest imagenet run); "
+        "`make down` stops all",
     ])
 
 

@@ -167,7 +167,8 @@ def build_mini(cache_key: str, data_root: str, size: str) -> StageResult:
                        outputs={kind: str(path) for kind, path in outputs.items()},
                        record={"size": size, "train_images": result.train_images,
                                "val_images": result.val_images},
-                       seconds=seconds, throughput=f"{images / seconds:.0f} img/s" if seconds > 0 else "")
+                       seconds=seconds,
+                       throughput=f"{images / seconds:.0f} img/s" if seconds > 0 else "")
 
 
 @task(cache_policy=RecordedKey(), retries=DOWNLOAD_RETRIES,

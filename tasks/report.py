@@ -182,7 +182,8 @@ def render_curve(rows: Sequence[dict[str, Any]], path: Path | str) -> Path | Non
     panels = [p for p in panels if p[2]]
     iters = [r["iter"] for r in rows]
     x_ticks = nice_ticks(min(iters), max(max(iters), min(iters) + 1))
-    height = (MARGIN_TOP + PANEL_HEIGHT + MARGIN_BOTTOM) * len(panels) + PANEL_GAP * (len(panels) - 1)
+    panel = MARGIN_TOP + PANEL_HEIGHT + MARGIN_BOTTOM
+    height = panel * len(panels) + PANEL_GAP * (len(panels) - 1)
     img = np.full((height, CURVE_WIDTH, 3), 255, np.uint8)
     top = MARGIN_TOP
     for title, axis, panel_series, y_range in panels:

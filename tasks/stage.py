@@ -82,7 +82,8 @@ class StageRun:
     result: StageResult
     status: str  # "ran" or "cached"
     wall_seconds: float
-    why: str = ""  # why it ran: "forced", "no recorded outputs (first run)", "inputs, params or code changed", ...
+    # why it ran: "forced", "no recorded outputs", "inputs, params or code changed", ...
+    why: str = ""
     state: State | None = None  # the task run's final state (downstream stages wait on it)
 
     @property

@@ -13,8 +13,8 @@ free port; everything is stopped after.
    stage and creates no folder; imagenet/train with force: [train] trains from iteration 0 with
    the old snapshots moved aside (said in the log), then evaluates.
 4. `make down` during a training run (a second mini-pipeline with a long training, started
-   alongside 3's train run): the run is cancelled through the API, snapshots, and ends Cancelled (never
-   left Running), then the worker and the server stop.
+   alongside 3's train run): the run is cancelled through the API, snapshots, and ends
+   Cancelled (never left Running), then the worker and the server stop.
 """
 from __future__ import annotations
 
@@ -215,8 +215,8 @@ def test_operator_path_through_a_real_server(tmp_path, tiny_solver):
         # 4. `make down` while a run trains: it first cancels the runs in flight through the
         # API (services.cancel_in_flight, read back here before the server stops): snapshot,
         # then Cancelled, within the worker's grace period.
-        _eventually(lambda: _logs(api, busy), lambda logs: any("] Iteration 20 " in m for m in logs),
-                    timeout=WATCH_TIMEOUT_S)
+        _eventually(lambda: _logs(api, busy),
+                    lambda logs: any("] Iteration 20 " in m for m in logs), timeout=WATCH_TIMEOUT_S)
         mark("a long training run is training: make down's cancel")
         started = time.monotonic()
         assert busy in services.cancel_in_flight(services.api_url(port))

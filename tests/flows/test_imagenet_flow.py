@@ -90,7 +90,8 @@ def test_mean_comes_from_convert_sums_and_is_reread_for_a_foreign_lmdb(first_run
     saved = pixelsum.load(sums)
     pixelsum.save(sums, saved.total, saved.count, "digest of some other LMDB")
     try:
-        forced = imagenet(**make_params(data_root, stages=["mean"], force=["mean"]).flow_parameters())
+        forced = imagenet(**make_params(data_root, stages=["mean"],
+                                        force=["mean"]).flow_parameters())
         assert forced["records"]["mean"]["source"] == convert_tasks.MEAN_FROM_LMDB
         assert mean_file.read_bytes() == (tmp_path / "read.binaryproto").read_bytes()
     finally:
@@ -100,7 +101,8 @@ def test_mean_comes_from_convert_sums_and_is_reread_for_a_foreign_lmdb(first_run
 def test_changing_resize_reruns_convert_and_downstream_only(first_run, data_root, make_params):
     from flows.imagenet import imagenet
 
-    changed = imagenet(**make_params(data_root, resize_height=14, resize_width=14).flow_parameters())
+    changed = imagenet(**make_params(data_root, resize_height=14,
+                                     resize_width=14).flow_parameters())
     assert ran(changed) == {"convert-train", "convert-val", "mean", "train-0-2", "train-2-4",
                             "train-4-6", "evaluate"}
     # Back to the base size: the LMDBs and mean on disk are the 14x14 ones, so they are rebuilt
@@ -125,7 +127,8 @@ def test_convert_lmdb_preset_then_full_run_recomputes_nothing(first_run, data_ro
     from flows.imagenet import imagenet
 
     digests = {s: read_manifest(convert_tasks.lmdb_path(data_root, s))["digest"] for s in ("train", "val")}
-    rebuilt = imagenet(**make_params(data_root, stages=["convert"], force=["convert"]).flow_parameters())
+    rebuilt = imagenet(**make_params(data_root, stages=["convert"],
+                                     force=["convert"]).flow_parameters())
     assert statuses(rebuilt) == {"convert-train": "ran", "convert-val": "ran"}
     assert {s: read_manifest(convert_tasks.lmdb_path(data_root, s))["digest"]
             for s in ("train", "val")} == digests

@@ -248,8 +248,8 @@ def test_curve_has_a_loss_and_an_accuracy_panel(tmp_path):
     both += [{"iter": i, "loss": 2.0 - i / 300, "accuracy": i / 330, "accuracy_top5": 0.5 + i / 700}
              for i in (0, 100, 200, 300)]
     two = cv2.imread(str(report.render_curve(both, tmp_path / "two.png")))
-    one = cv2.imread(str(report.render_curve([{"iter": 0, "accuracy": 0.1},
-                                              {"iter": 10, "accuracy": 0.3}], tmp_path / "one.png")))
+    one = cv2.imread(str(report.render_curve(
+        [{"iter": 0, "accuracy": 0.1}, {"iter": 10, "accuracy": 0.3}], tmp_path / "one.png")))
     assert two.shape[1] == one.shape[1] == report.CURVE_WIDTH
     assert two.shape[0] > 2 * one.shape[0] - report.MARGIN_TOP
     # Nothing is drawn right of the plots except the legend rows: the legend never covers data.
