@@ -16,6 +16,7 @@ LMDB it was summed from: a reader uses it only when that digest is the LMDB's cu
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data.atomic import remove_stale_temps, write_bytes_atomic
 from data.errors import ImagenetError
 
 # Records a float32 running sum takes before it is folded into float64: it stays exact while
@@ -107,13 +109,14 @@ def sum_path(db_path: str | os.PathLike) -> Path:
 
 
 def save(path: str | os.PathLike, total: np.ndarray, count: int, digest: str) -> Path:
-    """Write the sums atomically (temporary name + rename)."""
+    """Write the sums atomically (data.atomic: temporary name + rename), first removing the
+    temporaries of writers killed before their rename (a rerun after a kill leaves nothing)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, version=np.int64(_FORMAT_VERSION), total=np.asarray(total, np.float64),
-                 count=np.int64(count), digest=np.str_(digest))
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, version=np.int64(_FORMAT_VERSION), total=np.asarray(total, np.float64),
+             count=np.int64(count), digest=np.str_(digest))
+    remove_stale_temps(path.parent, path.name)
+    write_bytes_atomic(path, buf.getvalue(), durable=False)
     return path
 
 

@@ -75,3 +75,18 @@ def test_conversion_checks_free_space_first(tmp_path: Path, monkeypatch) -> None
         convert_imageset(tmp_path, listing, tmp_path / "db", resize_height=256,
                          resize_width=256)
     assert not (tmp_path / "db").exists()
+
+
+def test_save_removes_what_a_killed_writer_left(tmp_path):
+    """A writer killed between its temporary and the rename leaves `.<name>.<pid>-<hex>.tmp`
+    (data.atomic); the next save (the rerun's) removes it."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    target = tmp_path / "db.pixel-sum.npz"
+    left = tmp_path / f".{target.name}.{dead}-0123abcd.tmp"
+    left.write_bytes(b"half")
+    pixelsum.save(target, np.zeros((3, 2, 2)), 0, "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
