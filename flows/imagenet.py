@@ -206,6 +206,7 @@ def imagenet(
         return _run_stages(r, log)
     except StageCancelled as err:
         log.warning("%s", err)
+        report.announce(str(err), {"message": str(err)}, event=report.CANCELLED_EVENT)
         return Cancelled(message=str(err))
     except StageFailed as err:
         return _failed(log, str(err), err)
@@ -216,6 +217,7 @@ def _failed(log: logging.LoggerAdapter, message: str, err: BaseException) -> Sta
     only at DEBUG."""
     log.debug("the flow run failed", exc_info=err)
     log.error("%s", message)
+    report.announce(message, {"message": message}, event=report.FAILED_EVENT)
     return Failed(message=message)
 
 

@@ -25,6 +25,8 @@ from tasks.stage import StageRun
 # (and its logs only where the server streams them out, which Prefect's default settings do
 # not), each as "<event> * <resource name>", so the name is the line itself.
 RESULT_EVENT = "imagenet.pipeline.finished"
+FAILED_EVENT = "imagenet.pipeline.failed"        # the one-line cause, as the state message
+CANCELLED_EVENT = "imagenet.pipeline.cancelled"  # where training stopped
 RESULT_RESOURCE = "imagenet.pipeline.result.{flow_run_id}"
 EVENT_FLUSH_TIMEOUT_S = 10
 ARTIFACT_KEY_METRICS = "imagenet-test-metrics"
@@ -247,10 +249,11 @@ def final_line(final: dict[str, Any] | None, weights: str | None, *, data_root: 
             f"final weights {weights}")
 
 
-def announce(line: str, payload: dict[str, Any]) -> None:
-    """Emit RESULT_EVENT about the current flow run, named `line`, with `payload` (top-1,
-    top-5, weights: what an automation would trigger on), and send it now: the watcher stops
-    listening for events at the run's final state."""
+def announce(line: str, payload: dict[str, Any], event: str = RESULT_EVENT) -> None:
+    """Emit `event` about the current flow run, named `line`, with `payload` (top-1, top-5,
+    weights; or the failure: what an automation would trigger on), and send it now: the
+    watcher stops listening for events at the run's final state, and would otherwise show a
+    failed run as just "Failed"."""
     from prefect.context import FlowRunContext
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
@@ -259,7 +262,7 @@ def announce(line: str, payload: dict[str, Any]) -> None:
     if ctx is None or ctx.flow_run is None:
         return
     run_id = str(ctx.flow_run.id)
-    emit_event(event=RESULT_EVENT,
+    emit_event(event=event,
                resource={"prefect.resource.id": RESULT_RESOURCE.format(flow_run_id=run_id),
                          "prefect.resource.name": line},
                related=[{"prefect.resource.id": f"prefect.flow-run.{run_id}",

@@ -172,6 +172,9 @@ def test_operator_path_through_a_real_server(tmp_path, tiny_solver):
             "convert-train": "Completed", "convert-val": "Completed"}
         code, watched = _finish(failing)
         assert code == 1
+        # --watch shows the cause, not just "Failed" (as an event: it prints no logs)
+        shown = " ".join(watched[watched.rindex("imagenet.pipeline.failed"):].split())
+        assert "* stage convert-train: stage input " in shown
         failed = api.get(f"/flow_runs/{_flow_run_id(watched)}").json()
         message = failed["state"]["message"]
         assert failed["state_name"] == "Failed" and "\n" not in message
