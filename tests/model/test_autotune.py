@@ -3,7 +3,8 @@ model.kernels.conv2d, and never measured outside "auto" mode.
 
 The measurements here are of a tiny convolution with two candidate plans (a fraction of a
 second); which plan wins is whatever this machine says, so the tests check that the winner
-is the fastest of the timings recorded beside it, never a particular plan.
+is the fastest of the timings recorded beside it (or the built-in rule within the margin of
+it), never a particular plan.
 """
 from __future__ import annotations
 
@@ -52,7 +53,12 @@ def test_auto_measures_once_caches_and_matches_the_reference(tuning):
     (key, result), = autotune.measured()
     assert key.x_shape == X_SHAPE and key.groups == 2 and key.dtype == "float32"
     assert set(result.ms) == {p.name for p in TWO_PLANS}
-    assert result.ms[result.plan.name] == min(result.ms.values())
+    rule = kernels.heuristic_plan((1, 1), (3, 3))
+    fastest = min(result.ms.values())
+    # the fastest plan, or the built-in rule where it is within the margin of the fastest
+    assert (result.ms[result.plan.name] == fastest
+            or (result.plan == rule
+                and result.ms[rule.name] <= (1 + autotune.KEEP_RULE_MARGIN) * fastest))
     assert len(tuning) == 2 and "measuring convolution plans" in tuning[0]
 
     entries = json.loads(autotune.cache_path().read_text())["machines"][machine.fingerprint()]
@@ -134,4 +140,4 @@ def test_remeasure_replaces_a_cached_plan_once_per_process(tuning, monkeypatch):
     assert plan in TWO_PLANS and len(autotune.measured()) == 1
     assert autotune.conv_plan(*key_args) == plan and len(autotune.measured()) == 1
     entry = json.loads(autotune.cache_path().read_text())["machines"][machine.fingerprint()][text]
-    assert entry["plan"] == plan.name and entry["metric"] in ("wall", "cpu")
+    assert entry["plan"] == plan.name and entry["rounds"] >= autotune.ROUNDS
