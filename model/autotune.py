@@ -2,10 +2,11 @@
 
 Which way of computing a convolution is fastest (model/kernels.py's `CANDIDATE_PLANS`: XLA's
 own convolution or im2col + GEMM forward, XLA's transposed convolution or GEMM + col2im input
-gradient, GEMM or XLA weight gradient) depends on the CPU, the XLA build and the shape. On a
-2-core AMD Zen 3 (AVX2) the GEMM paths won most AlexNet layers by 1.2-2.7x; on a 2-core Zen 4
-(AVX-512), where jax 0.10's XLA hands convolutions to YNNPACK, XLA's own convolution wins some
-of the same layers (benchmarks/README.md). No rule written on one machine holds on the next,
+gradient, GEMM or XLA weight gradient) depends on the CPU, the XLA build, the dtype and the
+shape. On a 2-core AMD Zen 3 (AVX2) the GEMM paths won most AlexNet layers by 1.2-2.7x; on a
+2-core Zen 4 (AVX-512, jax 0.10's XLA handing convolutions to YNNPACK) that rule still held in
+float32 (no plan 10% faster), while in bf16 other plans beat it on every AlexNet layer, by
+1.1-2.5x (benchmarks/README.md). No rule written on one machine and dtype holds on the next,
 so this module measures:
 
 - A convolution is keyed by its input and weight shapes, stride, pad, dilation, groups and

@@ -5,8 +5,8 @@ and benchmarks/layers.py), XLA's CPU code ran convolution *weight gradients* at 
 against ~110 GFLOP/s for a large float32 matmul, grouped convolutions (feature_group_count)
 several times slower than the same work split per group, and max-pool's backward
 (select_and_scatter) ~3.5x slower than PyTorch's. On AVX-512 machines jax 0.10's XLA hands
-convolutions to YNNPACK, and its own passes win some layers again. This module owns drop-in
-replacements and lets the machine choose among them:
+convolutions to YNNPACK, and which pass is faster changes with the CPU and the dtype. This
+module owns drop-in replacements and lets the machine choose among them (model/autotune.py):
 
 - `conv2d`: Caffe's convolution (src/caffe/layers/base_conv_layer.cpp, util/im2col.cpp), each
   group computed separately (Caffe's `group`: the same arithmetic as per-group convolutions).
