@@ -33,8 +33,6 @@ import common  # noqa: E402  (benchmarks/common.py; also puts the repo on sys.pa
 from model import distributed  # noqa: E402
 
 CONFIGS = ("baseline", "devices", "processes", "pinned")
-# ISA flags worth quoting with a CPU figure (docs/MACHINE_NOTES.md: the CPU family changes).
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 SOLVER = """net: "train_val.prototxt"
 base_lr: 0.01
 lr_policy: "fixed"
@@ -54,22 +52,6 @@ from model.train import train
 r = train("solver.prototxt", workdir=sys.argv[1], devices=sys.argv[2], log=lambda l: None)
 print(json.dumps({"img_per_s": r.images_per_second}))
 """
-
-
-def cpu_description() -> str:
-    """`model name` and the ISA flags of interest, from /proc/cpuinfo."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    have = [f for f in ISA_FLAGS if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs, ISA: {' '.join(have) or 'none of ' + str(ISA_FLAGS)}"
 
 
 def write_run_dir(folder: Path, net: Path, data: common.BenchData, batch: int,
@@ -121,8 +103,7 @@ def main() -> None:
                    help="LMDB records (default: two global batches)")
     args = p.parse_args()
     n, b = args.processes, args.batch_size
-    print(f"CPU: {cpu_description()}")
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(common.header("benchmarks/distributed.py"))
     print(f"bvlc_alexnet, global batch {n * b} ({n} x {b}), {args.iterations} timed "
           f"iterations after the first, {args.rounds} rounds", flush=True)
     max_iter = args.iterations + 1

@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import io
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -51,6 +50,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header  # noqa: E402  (benchmarks/common.py: CPU model, ISA flags, load)
 
 # One running window of a stepped process, and how often a trigger file is looked for.
 STEP_S = 0.005
@@ -510,22 +511,6 @@ def run_campaign(name: str, trials: int, workdir: Path, seed: int = 0, *,
     return Campaign(name, ref.steps, results)
 
 
-def cpu_description() -> str:
-    """CPU model and the ISA flags that matter here (benchmarks print them with every figure)."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
-
-
 def _temporary_prefect_api() -> contextlib.AbstractContextManager[None]:
     """A Prefect server for the flow scenario's children when PREFECT_API_URL is not set."""
     if os.environ.get("PREFECT_API_URL"):
@@ -569,7 +554,7 @@ def main() -> int:
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown commands {unknown}; valid: {', '.join(SCENARIOS)}")
-    print(f"CPU: {cpu_description()}; load average {os.getloadavg()[0]:.1f}")
+    print(header("benchmarks/faults.py"))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imagenet-faults-"))
     failures = 0
     try:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -58,6 +57,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header  # noqa: E402  (benchmarks/common.py: CPU model, ISA flags, load)
 
 from data import ilsvrc12  # noqa: E402
 
@@ -86,22 +87,6 @@ SHM_HEADROOM = 4  # use it only with this many times the data free (it is RAM)
 
 
 # ----------------------------------------------------------------------------- machine info
-
-def cpu_header() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "unknown CPU", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"CPU: {model} ({os.cpu_count()} cores; {', '.join(isa) or 'no AVX2'}); "
-            f"load average {load}; Python {platform.python_version()}")
-
 
 def _status_kib(fields: tuple[str, ...]) -> dict[str, int]:
     out = {}
@@ -535,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes_spec = sorted(parse_sizes(sizes_text), key=lambda s: s[0] + s[1])
     rounds = 2 if args.quick else 3
     stages = list(STAGES if args.iterations > 0 else DATA_STAGES)
-    print(cpu_header(), flush=True)
+    print(header("benchmarks/scale.py"), flush=True)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -556,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             gen = size["generated_s"]
             print(f"{size['label']}: generating the set took {gen:.1f} s (not a stage)")
         project(sizes, components)
-        print(f"\n{cpu_header()}; whole benchmark {time.monotonic() - started:.0f} s")
+        print(f"\n{header('benchmarks/scale.py')}\n# whole benchmark {time.monotonic() - started:.0f} s")
         first, last = sizes[0], sizes[-1]
 
         def data_seconds(size: dict) -> float:

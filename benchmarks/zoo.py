@@ -29,25 +29,6 @@ import common  # noqa: E402  (benchmarks/common.py; also puts the repo on sys.pa
 NETS = ("bvlc_googlenet", "resnet_50")
 CROP = 224
 NUM_CLASSES = 1000
-# ISA flags worth knowing for float32 convolutions (/proc/cpuinfo names).
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-
-
-def cpu_line() -> str:
-    """CPU model, the ISA flags above that it has, core count and the load average."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    isa = ",".join(f for f in ISA_FLAGS if f in flags) or "none of " + ",".join(ISA_FLAGS)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{model}; ISA {isa}; {os.cpu_count()} CPUs; load average {load}"
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -122,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     common.reexec_with_allocator(args.allocator)
     print(f"# zoo forward-backward, TRAIN phase, batch {args.batch_size} x 3x{CROP}x{CROP}, "
           f"float32, allocator {common.allocator_in_use()}", flush=True)
-    print(f"# {cpu_line()}", flush=True)
+    print(common.header("benchmarks/zoo.py", ("torch",)), flush=True)
     summary = []
     for name in args.nets:
         ours, compile_s, net = setup_ours(name, args.batch_size)
