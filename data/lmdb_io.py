@@ -6,6 +6,8 @@ records. LmdbWriter does the same, and also builds the database in a temporary d
 the target, renaming it into place only when the build finishes: a killed build never leaves
 a DB that looks finished (Caffe's does), and a rerun removes the leftovers of dead builds.
 The directory holds `data.mdb` + `lock.mdb`, which real Caffe opens as is.
+Every reader checks the database before mapping it (data/lmdb_verify.py: file size and
+B-tree), so a truncated or corrupt one is an ImagenetError instead of SIGBUS.
 
 Where we differ on purpose, for speed at ImageNet's size: the transactions are written on a
 thread of their own (the caller only queues records: LMDB copies them and writes the pages with
@@ -42,6 +44,7 @@ import lmdb
 
 from data.atomic import pid_alive
 from data.errors import OS_ERROR_HINTS, ImagenetError, errno_name, from_os_error
+from data.lmdb_verify import DATA_FILE, REBUILD, check_data_file
 
 # Initial map size of a new DB: the data file grows page by page (it is not preallocated), so
 # this only bounds how soon the first doubling happens.
@@ -60,27 +63,13 @@ COMMITS_IN_FLIGHT = 1
 _PARTIAL_MARK = ".partial-"
 # Where an overwrite moves the previous DB for the instant between the two renames.
 _OLD_MARK = ".old-"
-_DATA_FILE = "data.mdb"
+_DATA_FILE = DATA_FILE
 _LOCK_FILE = "lock.mdb"
 # What an LMDB directory holds: anything else in a folder means it is not (only) a database,
 # and --overwrite refuses to replace it.
 _LMDB_FILES = frozenset({_DATA_FILE, _LOCK_FILE})
-# LMDB's meta pages (mdb.c, MDB_meta after the 16-byte page header, 64-bit builds): pages 0
-# and 1 each hold magic, version, the page size (in the free DB's md_pad), the last page used
-# and the transaction id; the meta with the higher txnid is the current one.
-_MDB_MAGIC = 0xBEEFC0DE
-_MDB_DATA_VERSION = 1
-_META_HEAD = struct.Struct("<II")  # mm_magic, mm_version at offset 16
-_META_HEAD_AT = 16
-_META_PSIZE = struct.Struct("<I")  # mm_dbs[FREE_DBI].md_pad = page size, at offset 40
-_META_PSIZE_AT = 40
-_META_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid at offset 136
-_META_TAIL_AT = 136
-_META_BYTES = _META_TAIL_AT + _META_TAIL.size
-_MIN_PAGE_SIZE, _MAX_PAGE_SIZE = 512, 1 << 16
 # LMDB's default (and, in the builds py-lmdb and Caffe use, fixed) MDB_MAXKEYSIZE.
 MAX_KEY_BYTES = 511
-_REBUILD = "rebuild it (imagenet convert-imageset) or copy it again from its source"
 # Framing of each record in lmdb_content_digest: key length and value length as little-endian
 # uint64, so concatenations cannot collide (("ab","c") vs ("a","bc")).
 _DIGEST_FRAME = struct.Struct("<QQ")
@@ -114,7 +103,7 @@ def lmdb_error_message(err: lmdb.Error, path: str | os.PathLike, action: str = "
     hint = OS_ERROR_HINTS.get(code) if code is not None else None
     if hint is None and isinstance(err, (lmdb.CorruptedError, lmdb.PageNotFoundError,
                                          lmdb.InvalidError, lmdb.VersionMismatchError)):
-        hint = f"the database is corrupt or not an LMDB; {_REBUILD}"
+        hint = f"the database is corrupt or not an LMDB; {REBUILD}"
     return f"{text}; {hint}" if hint else text
 
 
@@ -127,58 +116,6 @@ def lmdb_errors(path: str | os.PathLike, action: str = "") -> Iterator[None]:
         raise ImagenetError(lmdb_error_message(err, path, action)) from None
     except OSError as err:
         raise from_os_error(err, action, path if err.filename is None else None) from None
-
-
-def check_data_file(path: str | os.PathLike) -> int:
-    """Check an LMDB's data.mdb against its own meta pages BEFORE it is mapped; returns the
-    bytes the database uses.
-
-    LMDB maps the data file and trusts it: a file cut short (a copy that stopped, a full disk)
-    makes the first read past its end kill the process with SIGBUS, with no message. The
-    current meta page says which page is the last one in use, so the file must hold at least
-    (last page + 1) * page size bytes. A header that is not LMDB's is left to lmdb.open, which
-    names the problem itself.
-    """
-    data = Path(path) / _DATA_FILE
-    try:
-        size = data.stat().st_size
-        with open(data, "rb") as fh:
-            head = fh.read(_META_BYTES)
-            if len(head) < _META_BYTES:
-                raise ImagenetError(f"{data}: {size} bytes, too short to hold LMDB's header: "
-                                    f"the file is truncated; {_REBUILD}")
-            magic, version = _META_HEAD.unpack_from(head, _META_HEAD_AT)
-            if magic != _MDB_MAGIC or version != _MDB_DATA_VERSION:
-                return size  # not LMDB 0.9's layout: lmdb.open decides
-            (psize,) = _META_PSIZE.unpack_from(head, _META_PSIZE_AT)
-            if not (_MIN_PAGE_SIZE <= psize <= _MAX_PAGE_SIZE and psize & (psize - 1) == 0):
-                raise ImagenetError(f"{data}: page size {psize} in the header is not a power of "
-                                    f"two in [{_MIN_PAGE_SIZE}, {_MAX_PAGE_SIZE}]: the header "
-                                    f"is corrupt; {_REBUILD}")
-            fh.seek(psize)
-            second = fh.read(_META_BYTES)
-    except OSError as err:
-        raise from_os_error(err, "cannot read LMDB data file") from None
-    if len(second) < _META_BYTES:
-        raise ImagenetError(f"{data}: {size} bytes, too short to hold LMDB's two meta pages: "
-                            f"the file is truncated; {_REBUILD}")
-    metas = []
-    for page in (head, second):
-        magic, version = _META_HEAD.unpack_from(page, _META_HEAD_AT)
-        if magic != _MDB_MAGIC or version != _MDB_DATA_VERSION:
-            raise ImagenetError(f"{data}: the second meta page is not LMDB's (magic "
-                                f"{magic:#x}, version {version}): the file is corrupt; "
-                                f"{_REBUILD}")
-        last_page, txnid = _META_TAIL.unpack_from(page, _META_TAIL_AT)
-        metas.append((txnid, last_page))
-    txnid, last_page = max(metas)  # mdb_env_pick_meta: the newer transaction
-    needed = (last_page + 1) * psize
-    if size < needed:
-        raise ImagenetError(
-            f"{data}: {size:,} bytes, but its meta page (transaction {txnid}) uses "
-            f"{last_page + 1:,} pages of {psize} bytes = {needed:,} bytes: the file is "
-            f"truncated (reading it would crash with SIGBUS); {_REBUILD}")
-    return needed
 
 
 def _open_readonly(path: Path) -> lmdb.Environment:

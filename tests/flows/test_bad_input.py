@@ -5,7 +5,7 @@ asserts the error contract (flows/cli.py): the exit code; ONE error line,
 `imagenet <command>: error: ...`, naming the culprit (file:line, record key, flag) and, where
 it is not obvious, what to do; no traceback; and the workspace exactly as it was (nothing
 changed, created or deleted: the target of a failed command included). Cases that could kill
-the process (SIGBUS on a truncated LMDB) or need a read-only or full disk run as
+the process (SIGBUS or SIGABRT on a truncated or corrupt LMDB) or need a read-only or full disk run as
 subprocesses, the disks in a private mount namespace (`unshare`), skipped loudly where the
 machine cannot make one.
 """
@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -247,6 +248,9 @@ CASES = [
     Case("mean-second-meta-page-corrupt", MEAN + ["db"], ERROR,
          ("data.mdb", "second meta page", "rebuild it"),
          lambda ws: _patch(ws / "db" / "data.mdb", 4096 + 16, b"\0" * 8)),
+    Case("mean-lmdb-root-outside-the-file", MEAN + ["db"], ERROR,
+         ("data.mdb: page 1", "root page 9999", "outside the pages in use", "rebuild it"),
+         lambda ws: _patch_lmdb(ws, lambda at: (at["md_root"], struct.pack("<Q", 9999)))),
     Case("mean-empty-db", MEAN + ["empty"], ERROR, ("empty", "no records"),
          _lmdb("empty", [])),
     Case("mean-mixed-shapes", MEAN + ["mixed"], ERROR,
@@ -309,6 +313,9 @@ CASES = [
          _lmdb("db", [0, 1, -1, 2, 3, 0])),
     Case("train-record-not-a-datum", TRAIN, ERROR,
          ("db: record '00000002_img2.jpg'", "corrupt Datum"), lambda ws: _put(ws, 2, b"\xff" * 9)),
+    Case("train-lmdb-page-number-wrong", TRAIN, ERROR,
+         ("data.mdb: page 2", "its header says it is page 77", "rebuild it"),
+         lambda ws: _patch_lmdb(ws, lambda at: (at["root"], struct.pack("<Q", 77)))),
     Case("train-solver-is-a-folder", ["train", "--solver=images"], ERROR, ("images",)),
     Case("train-nul-in-a-data-source", TRAIN, ERROR,
          ("net.prototxt", "data_param.source (in layer 'data')", "NUL byte"),
@@ -325,6 +332,10 @@ CASES = [
     Case("test-label-above-classes", ["test", "--model=net.prototxt", "--weights=w.caffemodel",
                                       "--iterations=1"], ERROR,
          ("db: record '00000001_img1.jpg'", "label 9", "[0, 4)"), _lmdb("db", [0, 9, 1, 2, 3, 0])),
+    Case("test-lmdb-record-count-wrong", ["test", "--model=net.prototxt",
+                                          "--weights=w.caffemodel", "--iterations=1"], ERROR,
+         ("data.mdb", "hold 6 records but the meta page says 99", "rebuild it"),
+         lambda ws: _patch_lmdb(ws, lambda at: (at["md_entries"], struct.pack("<Q", 99)))),
     Case("test-no-model", ["test", "--weights=w.caffemodel"], ERROR, ("--model",)),
     # ---- time
     Case("time-zero-iterations", ["time", "--model=net.prototxt", "--iterations=0"], USAGE,
@@ -363,6 +374,30 @@ def _patch(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as fh:
         fh.seek(offset)
         fh.write(data)
+
+
+def _lmdb_places(data: Path) -> dict[str, int]:
+    """Byte offsets in a data.mdb to aim corruptions at (LMDB 0.9's layout, described in
+    data/lmdb_verify.py): the current meta page's md_entries and md_root, the root page, the
+    root's second child pointer (when the root is a branch), the leftmost leaf's first node."""
+    raw, ps = data.read_bytes(), 4096
+    meta = ps if struct.unpack_from("<Q", raw, ps + 144) > struct.unpack_from("<Q", raw, 144) \
+        else 0
+    (root,) = struct.unpack_from("<Q", raw, meta + 128)
+    node_at = lambda page, i: page * ps + struct.unpack_from("<H", raw, page * ps + 16 + 2 * i)[0]
+    at = {"md_entries": meta + 120, "md_root": meta + 128, "root": root * ps}
+    page = root
+    while raw[page * ps + 10] & 1:  # P_BRANCH: go down the leftmost child
+        at.setdefault("child", node_at(page, 1))
+        lo, hi = struct.unpack_from("<HH", raw, node_at(page, 0))
+        page = lo | hi << 16
+    at["leaf_node"] = node_at(page, 0)
+    return at
+
+
+def _patch_lmdb(ws: Path, where: Callable[[dict[str, int]], tuple[int, bytes]]) -> None:
+    data = ws / "db" / "data.mdb"
+    _patch(data, *where(_lmdb_places(data)))
 
 
 def _command(argv: list[str]) -> str:
@@ -481,6 +516,33 @@ def test_truncated_lmdb_is_an_error_not_sigbus(command, template, tmp_path):
     before = state(ws)
     args = ["compute-image-mean", "db", "m.binaryproto"] if command != "train" else TRAIN
     _assert_one_line(_imagenet(args, ws), command, "data.mdb", "truncated", "rebuild it")
+    assert state(ws) == before
+
+
+# A branch pointing back up the tree aborted LMDB (SIGABRT, mdb.c: Assertion 'IS_LEAF(mp)');
+# a leaf node's value size garbled read past the file's end (SIGBUS).
+LMDB_CORRUPTIONS = {
+    "branch-points-up": (lambda at: (at["child"], struct.pack("<HH", at["root"] // 4096, 0)),
+                         ("data.mdb: page", "reaches this page twice", "rebuild it")),
+    "value-size-garbled": (lambda at: (at["leaf_node"] + 2, struct.pack("<H", 0xFFFF)),
+                           ("data.mdb: page", "leaf node 0 points to overflow pages",
+                            "rebuild it")),
+}
+
+
+@pytest.mark.parametrize("command,corruption", [("train", "branch-points-up"),
+                                                ("compute-image-mean", "value-size-garbled")])
+def test_corrupt_lmdb_is_an_error_not_a_signal(command, corruption, template, tmp_path):
+    """Page numbers and sizes garbled inside data.mdb used to kill the process inside LMDB."""
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    shutil.rmtree(ws / "db")
+    _db(ws / "db", [i % CLASSES for i in range(120)], [(3, 40, 40)] * 120)  # a branch root
+    where, names = LMDB_CORRUPTIONS[corruption]
+    _patch_lmdb(ws, where)
+    before = state(ws)
+    args = ["compute-image-mean", "db", "m.binaryproto"] if command != "train" else TRAIN
+    _assert_one_line(_imagenet(args, ws), command, *names)
     assert state(ws) == before
 
 
