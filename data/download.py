@@ -5,6 +5,8 @@
 - HTTP downloads go to `<name>.part` (with a `<name>.part.json` sidecar holding the validator
   ETag/Last-Modified), resume with `Range` + `If-Range` after a drop or a kill, and are renamed
   to `<name>` only once the md5 verifies. A file already at `<name>` is verified and reused.
+  A failed download keeps a `.part` that holds bytes (the rerun resumes from it); one that
+  received nothing leaves nothing: its empty `.part` and the folders it created are removed.
 - Transient failures (timeouts, resets, truncated bodies, HTTP 5xx, 408, 429 with Retry-After)
   are retried with exponential backoff, each retry resuming where the last one stopped. Other
   4xx fail at once. A checksum mismatch renames the file to `<name>.md5-mismatch` and fails.
@@ -332,18 +334,57 @@ def download(
         raise ImagenetError(f"{masked}: cannot tell a plain file name from the URL "
                             f"(got {name!r}); pass filename=")
     dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    created = _missing_folders(dest_dir)
     final = dest_dir / name
-    want = expected_md5(name, md5)
-    if final.is_file():  # finished earlier (only verified files are ever renamed to `final`)
-        log.info("%s already present; verifying", final)
-        return _verify_local(final, want, bool(md5), progress, start, set_aside=True)
-
     part = dest_dir / (name + PART_SUFFIX)
     meta_path = dest_dir / (name + META_SUFFIX)
-    with _exclusive(dest_dir / (name + LOCK_SUFFIX), name):
-        return _download_http(source, masked, name, final, part, meta_path, want, bool(md5),
-                              retries, backoff, progress, credentials, timeout, sleep, start)
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        want = expected_md5(name, md5)
+        if final.is_file():  # finished earlier (only verified files are renamed to `final`)
+            log.info("%s already present; verifying", final)
+            return _verify_local(final, want, bool(md5), progress, start, set_aside=True)
+        with _exclusive(dest_dir / (name + LOCK_SUFFIX), name):
+            had_part = part.exists()
+            try:
+                return _download_http(source, masked, name, final, part, meta_path, want,
+                                      bool(md5), retries, backoff, progress, credentials,
+                                      timeout, sleep, start)
+            except BaseException:
+                _remove_empty_part(part, meta_path, had_part)
+                raise
+    except BaseException:
+        _remove_empty_folders(created)
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders that creating `folder` would create, deepest first."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty_part(part: Path, meta_path: Path, had_part: bool) -> None:
+    """After a failed download (under the file's lock): a `.part` that holds bytes stays with
+    its sidecar, since a rerun resumes from it and the error says so; an empty one this call
+    created (the connection failed before the first byte) is removed with its sidecar."""
+    with contextlib.suppress(OSError):
+        if not had_part and part.exists() and part.stat().st_size == 0:
+            part.unlink()
+        if not part.exists():
+            meta_path.unlink(missing_ok=True)
+
+
+def _remove_empty_folders(created: list[Path]) -> None:
+    """The folders a failed download created, deepest first, while they are empty: a
+    download that left nothing to resume leaves the disk as it was."""
+    with contextlib.suppress(OSError):
+        for folder in created:
+            folder.rmdir()  # raises (and stops) at the first folder that is not empty
 
 
 @contextlib.contextmanager
@@ -390,9 +431,11 @@ def _download_http(source: str, masked: str, name: str, final: Path, part: Path,
             break
         except _Transient as err:
             if attempt > retries:
-                raise ImagenetError(
-                    f"download of {masked} failed after {attempt} attempts: {err}; rerun to "
-                    f"resume from {part.stat().st_size if part.exists() else 0:,} bytes") from None
+                have = part.stat().st_size if part.exists() else 0
+                then = (f"rerun to resume from {have:,} bytes" if have else
+                        "nothing was received; check the URL and the network, then rerun")
+                raise ImagenetError(f"download of {masked} failed after {attempt} attempts: "
+                                    f"{err}; {then}") from None
             wait = backoff.delay(attempt)
             if err.retry_after is not None:
                 wait = min(max(wait, err.retry_after), backoff.maximum)

@@ -213,3 +213,35 @@ def test_credentials_follow_redirects_only_to_the_same_origin(mirror, sums, tmp_
     download(mirror.url("alias.tar"), tmp_path / "b", md5=sums[VAL], filename=VAL)
     assert "authorization" not in mirror.requests_for(VAL)[-1]
     assert mirror.requests_for("alias.tar")[-1]["authorization"] == "Bearer tok-456"
+
+
+def test_a_failed_download_leaves_only_what_resumes(mirror, mini_tiny, sums, tmp_path):
+    """Nothing answers, or the body drops before its first byte: the folders the call made
+    are gone (nothing to resume). A drop after some bytes keeps the .part, its sidecar and
+    their folder, and the rerun resumes."""
+    closed = f"http://127.0.0.1:{_closed_port()}/{VAL}"
+    with pytest.raises(ImagenetError, match="cannot connect"):
+        download(closed, tmp_path / "new" / "downloads", retries=1, backoff=FAST,
+                 sleep=lambda s: None)
+    mirror.fail(VAL, ("drop", 0), ("drop", 0))
+    with pytest.raises(ImagenetError, match="connection closed at byte 0"):
+        download(mirror.url(VAL), tmp_path / "new" / "downloads", md5=sums[VAL], retries=1,
+                 backoff=FAST, sleep=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+    mirror.fail(VAL, ("drop", 1000))
+    with pytest.raises(ImagenetError, match="rerun to resume from 1,000 bytes"):
+        download(mirror.url(VAL), tmp_path / "new", md5=sums[VAL], retries=0, backoff=FAST)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [VAL + ".part",
+                                                                    VAL + ".part.json"]
+    result = download(mirror.url(VAL), tmp_path / "new", md5=sums[VAL], backoff=FAST)
+    assert result.resumed and sorted(p.name for p in (tmp_path / "new").iterdir()) == [VAL]
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -182,6 +182,15 @@ def _symlink_tar(ws: Path) -> None:
     (ws / "link.tar").write_bytes(buf.getvalue())
 
 
+def _closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 CONVERT = ["convert-imageset", "images/", "list.txt"]
 MEAN = ["compute-image-mean"]
 TRAIN = ["train", "--solver=solver.prototxt"]
@@ -292,6 +301,9 @@ CASES = [
          ERROR, ("ok.tar", "md5")),
     Case("download-timeout-zero", ["download", "ok.tar", "--to=downloads", "--timeout=0"],
          ERROR, ("--timeout", "> 0")),
+    Case("download-connection-refused", ["download", f"http://127.0.0.1:{_closed_port()}/x.tar",
+                                         "--to=new/downloads", "--retries=0"], ERROR,
+         ("127.0.0.1", "cannot connect", "nothing was received")),
     Case("fetch-archives-missing", ["fetch", "--train=nope_train.tar", "--val=nope_val.tar",
                                     "--data_root=root"], ERROR, ("nope_",)),
     # ---- train
