@@ -10,7 +10,8 @@ float32 (no plan 10% faster), while in bf16 other plans beat it on every AlexNet
 so this module measures:
 
 - A convolution is keyed by its input and weight shapes, stride, pad, dilation, groups and
-  dtype. Every candidate plan's forward + both gradients is jitted on random data of that
+  dtype. Every candidate plan's forward + both gradients (the loss returned with them, so that
+  XLA cannot drop the forward) is jitted on random data of that
   shape and timed in interleaved rounds (a slow minute on a shared machine slows all the
   candidates, not one); after the first round, candidates more than PRUNE_RATIO slower than
   the best are dropped; the lowest wall time wins (more rounds where the load average says
@@ -63,7 +64,9 @@ MODES = {
 }
 DEFAULT_MODE = "auto"
 CACHE_FILE = "conv_plans.json"
-CACHE_VERSION = 1
+# 2: the forward is timed too (version 1's candidates ran under grad of a loss linear in y,
+# so XLA dropped the forward).
+CACHE_VERSION = 2
 # Forward GFLOP below which a convolution is not worth measuring (AlexNet's at batch 32 are
 # 4.5-7.1 GFLOP; alexnet_mini's and the digits nets' are below 0.1).
 MIN_TUNED_GFLOP = 0.5
@@ -272,7 +275,9 @@ def _candidate_step(key: ConvKey, plan: ConvPlan, x: jax.Array, w: jax.Array, dy
         return jnp.sum(y.astype(jnp.float32) * g)
 
     # Every array is an argument: a closed-over one would be a constant XLA folds at compile.
-    step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w, dy).compile()
+    # value_and_grad, not grad: the loss is linear in y, so under grad alone nothing needs y
+    # and XLA drops the forward's GEMM or convolution, timing only the gradients.
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w, dy).compile()
     return lambda: jax.block_until_ready(step(x, w, dy))
 
 

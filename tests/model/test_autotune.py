@@ -141,3 +141,17 @@ def test_remeasure_replaces_a_cached_plan_once_per_process(tuning, monkeypatch):
     assert autotune.conv_plan(*key_args) == plan and len(autotune.measured()) == 1
     entry = json.loads(autotune.cache_path().read_text())["machines"][machine.fingerprint()][text]
     assert entry["plan"] == plan.name and entry["rounds"] >= autotune.ROUNDS
+
+
+def test_candidates_are_timed_forward_and_backward():
+    # The timed step returns the loss with the gradients: a loss linear in y under grad alone
+    # let XLA drop the forward, so version 1 of the cache ranked plans by their gradients only.
+    key = autotune.ConvKey(X_SHAPE, W_SHAPE, (1, 1), (1, 1), (1, 1), 2, "float32")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(X_SHAPE, np.float32))
+    w = jnp.asarray(rng.standard_normal(W_SHAPE, np.float32))
+    dy = jnp.asarray(rng.standard_normal((2, 6, 9, 9), np.float32))
+    value, (dx, dw) = autotune._candidate_step(key, kernels.GEMM_PLAN, x, w, dy)()
+    want = jnp.sum(kernels.conv2d_reference(x, w, None, 1, 1, 1, 2) * dy)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    assert dx.shape == X_SHAPE and dw.shape == W_SHAPE
