@@ -275,7 +275,8 @@ def conv_impls(s: ConvShape, batch: int, all_plans: bool, torch_ok: bool
         if plan != chosen:
             plans[f"{label} ({plan.name})"] = plan
     if all_plans:
-        for plan in kernels.CANDIDATE_PLANS:
+        for plan in kernels.candidate_plans((s.k, s.k), (s.stride,) * 2, (s.pad,) * 2, (1, 1),
+                                            "float32"):
             if plan not in plans.values():
                 plans[plan.name] = plan
     impls = {name: jax_conv(s, batch, plan) for name, plan in plans.items()}

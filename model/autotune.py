@@ -1,12 +1,13 @@
 """Convolution plans chosen by measurement, once per machine, and cached.
 
-Which way of computing a convolution is fastest (model/kernels.py's `CANDIDATE_PLANS`: XLA's
+Which way of computing a convolution is fastest (model/kernels.py's `candidate_plans`: XLA's
 own convolution or im2col + GEMM forward, XLA's transposed convolution or GEMM + col2im input
-gradient, GEMM or XLA weight gradient) depends on the CPU, the XLA build, the dtype and the
-shape. On a 2-core AMD Zen 3 (AVX2) the GEMM paths won most AlexNet layers by 1.2-2.7x; on a
-2-core Zen 4 (AVX-512, jax 0.10's XLA handing convolutions to YNNPACK) that rule still held in
-float32 (no plan 10% faster), while in bf16 other plans beat it on every AlexNet layer, by
-1.1-2.5x (benchmarks/README.md). No rule written on one machine and dtype holds on the next,
+gradient, GEMM or XLA weight gradient, and for 3x3 stride-1 float32 convolutions Winograd's
+F(2x2, 3x3) in any pass) depends on the CPU, the XLA build, the dtype and the shape. On a
+2-core AMD Zen 3 (AVX2) the GEMM paths won most AlexNet layers by 1.2-2.7x; on a 2-core
+Zen 4 (AVX-512, jax 0.10's XLA handing convolutions to YNNPACK) no direct plan beat that rule
+by 10% in float32, Winograd did on conv3-5, and in bf16 other plans beat it on every AlexNet
+layer, by 1.1-2.5x (benchmarks/README.md). No rule written on one machine and dtype holds on the next,
 so this module measures:
 
 - A convolution is keyed by its input and weight shapes, stride, pad, dilation, groups and
@@ -65,7 +66,7 @@ MODES = {
 DEFAULT_MODE = "auto"
 CACHE_FILE = "conv_plans.json"
 # 2: the forward is timed too (version 1's candidates ran under grad of a loss linear in y,
-# so XLA dropped the forward).
+# so XLA dropped the forward) and 3x3 stride-1 shapes have Winograd candidates.
 CACHE_VERSION = 2
 # Forward GFLOP below which a convolution is not worth measuring (AlexNet's at batch 32 are
 # 4.5-7.1 GFLOP; alexnet_mini's and the digits nets' are below 0.1).
@@ -283,11 +284,14 @@ def _candidate_step(key: ConvKey, plan: ConvPlan, x: jax.Array, w: jax.Array, dy
 
 def measure(key: ConvKey, plans: tuple[ConvPlan, ...] | None = None,
             rounds: int = ROUNDS, keep: ConvPlan | None = None) -> Measurement:
-    """Time every plan (default: kernels.CANDIDATE_PLANS) forward + input and weight
-    gradients on random data of `key`'s shape; runs eagerly even while a jit trace is open.
+    """Time every plan (default: kernels.candidate_plans for the shape) forward + input and
+    weight gradients on random data of `key`'s shape; runs eagerly even while a jit trace is
+    open.
     The fastest wins, except that `keep` (the built-in rule) stays unless the fastest beats
     it by KEEP_RULE_MARGIN."""
-    plans = kernels.CANDIDATE_PLANS if plans is None else plans
+    if plans is None:
+        plans = kernels.candidate_plans(key.w_shape[2:], key.stride, key.pad, key.dilation,
+                                        key.dtype)
     started = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > OVERLOADED_PER_CORE * machine.cpu_info().cores:

@@ -13,6 +13,8 @@ module owns drop-in replacements and lets the machine choose among them (model/a
   A `ConvPlan` says how each pass runs: forward as XLA's convolution or im2col + one GEMM;
   input gradient as XLA's transposed convolution or W^T @ dY + col2im; weight gradient as the
   GEMM dW = dY @ cols^T or XLA's own (a `jax.custom_vjp`; the all-XLA plan is plain XLA).
+  For 3x3 stride-1 float32 convolutions the forward and the input gradient can also be
+  Winograd's F(2x2, 3x3) (52% of the multiplications on AlexNet's 13x13 layers).
   Which plan is fastest depends on the CPU and shape: model/autotune.py measures them once
   per machine; `heuristic_plan` is the rule for shapes nobody measured.
 - `max_pool2d`: Caffe's MAX pooling (src/caffe/layers/pooling_layer.cpp): ceil-mode output
@@ -44,10 +46,11 @@ GEMM_PRECISION = lax.Precision.HIGHEST
 # How each pass of a convolution is computed. Forward: "lax" = XLA's own convolution (on CPU a
 # library call: YNNPACK in jax 0.10) or "gemm" = Caffe's im2col + one GEMM. Input gradient:
 # "lax" = XLA's transposed convolution or "col2im" = the GEMM W^T @ dY and Caffe's col2im
-# scatter-add. Weight gradient: "gemm" = dY @ cols^T or "lax" = XLA's own.
-FORWARD_METHODS = ("lax", "gemm")
-INPUT_GRAD_METHODS = ("lax", "col2im")
-WEIGHT_GRAD_METHODS = ("gemm", "lax")
+# scatter-add. Weight gradient: "gemm" = dY @ cols^T or "lax" = XLA's own. "winograd", in any
+# pass, is Winograd's F(2x2, 3x3) (`winograd_applies` says for which convolutions).
+FORWARD_METHODS = ("lax", "gemm", "winograd")
+INPUT_GRAD_METHODS = ("lax", "col2im", "winograd")
+WEIGHT_GRAD_METHODS = ("gemm", "lax", "winograd")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class ConvPlan:
         return cls(fields["fwd"], fields["dx"], fields["dw"])
 
     @property
+    def uses_winograd(self) -> bool:
+        return "winograd" in (self.forward, self.input_grad, self.weight_grad)
+
+    @property
     def is_xla(self) -> bool:
         return (self.forward, self.input_grad, self.weight_grad) == ("lax", "lax", "lax")
 
@@ -87,9 +94,12 @@ class ConvPlan:
 DEFAULT_PLAN = ConvPlan(forward="lax", input_grad="col2im")
 GEMM_PLAN = ConvPlan(forward="gemm", input_grad="col2im")
 XLA_PLAN = ConvPlan(forward="lax", input_grad="lax", weight_grad="lax")
-# Every combination: what model/autotune.py measures on each machine.
-CANDIDATE_PLANS = tuple(ConvPlan(f, d, w) for f in FORWARD_METHODS for d in INPUT_GRAD_METHODS
-                        for w in WEIGHT_GRAD_METHODS)
+WINOGRAD_PLAN = ConvPlan(forward="winograd", input_grad="winograd", weight_grad="winograd")
+# Every combination of the direct methods: what model/autotune.py measures on each machine,
+# with WINOGRAD_PLANS added where `winograd_applies`.
+CANDIDATE_PLANS = tuple(ConvPlan(f, d, w) for f in FORWARD_METHODS[:2]
+                        for d in INPUT_GRAD_METHODS[:2] for w in WEIGHT_GRAD_METHODS[:2])
+WINOGRAD_PLANS = (WINOGRAD_PLAN, ConvPlan("winograd", "winograd", "gemm"))
 # Largest kernel area whose stride-1 forward goes through im2col + GEMM (the built-in rule).
 GEMM_FORWARD_MAX_AREA = 9
 
@@ -257,6 +267,145 @@ def _gemm_conv(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pa
     return jnp.transpose(y.reshape(o, n, ho, wo), (1, 0, 2, 3)), cols
 
 
+# -- Winograd F(2x2, 3x3) ----------------------------------------------------------------
+# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016): each 2x2
+# block of outputs is computed from a 4x4 input tile with 16 multiplications per (input,
+# output) channel pair where the direct convolution needs 36: Y = A^T [(G g G^T) . (B^T d B)] A.
+# The 16 products of every tile are one batched GEMM (16, O, C) @ (16, C, tiles); the
+# transforms are additions and halvings. All three passes of a 3x3 stride-1 convolution have
+# this form: the input gradient is the convolution of dY with the flipped, transposed
+# filters, and the weight gradient is the GEMM of the transformed dY (A dY A^T) with the
+# forward's transformed tiles, summed over the tiles and mapped back by G^T . G. AlexNet's
+# conv3-5 at 13x13: 7x7 tiles cover 14x14, so the GEMMs do 16 * 49 / (9 * 169) = 52% of the
+# direct multiplications; float32 error against float64 was 3-9e-7 of the output's scale, as
+# for im2col + GEMM (tests/model/test_kernels.py). The transposed transforms are written out
+# like the forward ones: jax.linear_transpose of the forward's made one zero-padded
+# full-size array per tile position and summed them (conv3's weight gradient 20 ms slower
+# than the im2col GEMM's instead of faster).
+def winograd_applies(kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
+                     dilation: Sequence[int], dtype: object = jnp.float32) -> bool:
+    """Whether the Winograd methods can compute this convolution: 3x3 kernels, stride 1, no
+    dilation, padding 0-2 (the input gradient pads dY by 2 - pad), float32 (bfloat16
+    transforms would round away what the fewer multiplications gain)."""
+    return (tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and max(pad) <= 2 and min(pad) >= 0 and jnp.dtype(dtype) == jnp.float32)
+
+
+def candidate_plans(kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
+                    dilation: Sequence[int], dtype: object) -> tuple[ConvPlan, ...]:
+    """The plans model/autotune.py times for a convolution of this geometry."""
+    if winograd_applies(kernel, stride, pad, dilation, dtype):
+        return CANDIDATE_PLANS + WINOGRAD_PLANS
+    return CANDIDATE_PLANS
+
+
+def _winograd_tiles(hw: Pair, pad: Pair) -> tuple[int, int, int, int]:
+    """Output height and width of the 3x3 stride-1 convolution, and tiles per axis."""
+    ho, wo = hw[0] + 2 * pad[0] - 2, hw[1] + 2 * pad[1] - 2
+    return ho, wo, -(-ho // 2), -(-wo // 2)
+
+
+def _winograd_bt(d: Sequence[jax.Array]) -> list[jax.Array]:
+    """B^T applied along one axis of a tile, given its 4 rows (or columns) d0..d3."""
+    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _winograd_input(x: jax.Array, pad: Pair) -> jax.Array:
+    """(N, C, H, W) -> V (16, C, N*th*tw): B^T d B of every 4x4 tile (tiles 2 apart), in the
+    (c, n, tile) column order the batched GEMM takes without a transposing copy. The tiles
+    are read from the 2x2 phases of the padded input (row 2t + a is row t + a // 2 of phase
+    a % 2), so every slice is unstrided (see `_im2col_kn`)."""
+    n, c, h, w = x.shape
+    _, _, th, tw = _winograd_tiles((h, w), pad)
+    xt = lax.pad(jnp.transpose(x, (1, 0, 2, 3)), jnp.array(0, x.dtype),
+                 ((0, 0, 0), (0, 0, 0), (pad[0], 2 * th + 2 - h - pad[0], 0),
+                  (pad[1], 2 * tw + 2 - w - pad[1], 0)))
+    phases = xt.reshape(c, n, th + 1, 2, tw + 1, 2)
+    rows = [phases[:, :, a // 2:a // 2 + th, a % 2] for a in range(4)]  # (C, N, th, tw+1, 2)
+    out = []
+    for r in _winograd_bt(rows):
+        out += _winograd_bt([r[:, :, :, b // 2:b // 2 + tw, b % 2] for b in range(4)])
+    return jnp.stack(out).reshape(16, c, n * th * tw)
+
+
+def _winograd_g(g: Sequence[jax.Array]) -> list[jax.Array]:
+    """G applied along one axis of a 3x3 filter, given its 3 rows (or columns) g0..g2."""
+    half = [v * 0.5 for v in g]
+    return [g[0], half[0] + half[1] + half[2], half[0] - half[1] + half[2], g[2]]
+
+
+def _winograd_filter(w: jax.Array) -> jax.Array:
+    """(O, C, 3, 3) -> U (16, O, C): G g G^T of every filter, written out as sums (an einsum
+    with G took 7.4 ms for conv3's filters, as much as the input's transform)."""
+    o, c = w.shape[:2]
+    out = []
+    for r in _winograd_g([w[:, :, i, :] for i in range(3)]):  # (O, C, 3) each
+        out += _winograd_g([r[:, :, j] for j in range(3)])
+    return jnp.stack(out).reshape(16, o, c)
+
+
+def _winograd_output(m: jax.Array, n: int, ho: int, wo: int) -> jax.Array:
+    """M (16, O, N*th*tw) -> (N, O, ho, wo): A^T m A of every tile, interleaved into the
+    image and cropped to the output size."""
+    o = m.shape[1]
+    th, tw = -(-ho // 2), -(-wo // 2)
+    m = m.reshape(4, 4, o, n, th, tw)
+    t = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]  # A^T along the tile's rows: (4, O, N, th, tw)
+    y = jnp.stack([jnp.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], axis=-1) for r in t],
+                  axis=3)  # (O, N, th, 2, tw, 2)
+    y = y.reshape(o, n, 2 * th, 2 * tw)[:, :, :ho, :wo]
+    return jnp.transpose(y, (1, 0, 2, 3))
+
+
+def _winograd_conv(x: jax.Array, w: jax.Array, pad: Pair) -> tuple[jax.Array, jax.Array]:
+    """3x3 stride-1 convolution by F(2x2, 3x3); also returns the transformed input tiles V,
+    which the Winograd weight gradient reuses."""
+    n, _, h, wd = x.shape
+    ho, wo, _, _ = _winograd_tiles((h, wd), pad)
+    v = _winograd_input(x, pad)
+    m = lax.dot_general(_winograd_filter(w), v, (((2,), (1,)), ((0,), (0,))),
+                        precision=GEMM_PRECISION)  # (16, O, tiles)
+    return _winograd_output(m, n, ho, wo), v
+
+
+def _winograd_input_grad(dy: jax.Array, w: jax.Array, pad: Pair) -> jax.Array:
+    """dX of a 3x3 stride-1 convolution: dY convolved with the filters flipped and with input
+    and output channels swapped, padded by 2 - pad (the full correlation, cropped)."""
+    w_t = jnp.transpose(jnp.flip(w, (2, 3)), (1, 0, 2, 3))
+    return _winograd_conv(dy, w_t, (2 - pad[0], 2 - pad[1]))[0]
+
+
+def _winograd_at_t(d: Sequence[jax.Array]) -> list[jax.Array]:
+    """The transpose of A^T along one axis: a tile's 2 output rows -> its 4 product rows."""
+    return [d[0], d[0] + d[1], d[0] - d[1], -d[1]]
+
+
+def _winograd_g_t(u: Sequence[jax.Array]) -> list[jax.Array]:
+    """The transpose of G along one axis: 4 transformed rows -> the filter's 3 rows."""
+    h1, h2 = u[1] * 0.5, u[2] * 0.5
+    return [u[0] + h1 + h2, h1 - h2, h1 + h2 + u[3]]
+
+
+def _winograd_weight_grad(dy: jax.Array, v: jax.Array) -> jax.Array:
+    """dW (O, C, 3, 3) from dY and the forward's transformed tiles V (16, C, tiles): the
+    transposed output transform of dY, the GEMM dU = dM @ V^T summed over every tile, and the
+    transposed filter transform."""
+    n, o, ho, wo = dy.shape
+    th, tw = -(-ho // 2), -(-wo // 2)
+    d = lax.pad(jnp.transpose(dy, (1, 0, 2, 3)), jnp.array(0, dy.dtype),
+                ((0, 0, 0), (0, 0, 0), (0, 2 * th - ho, 0), (0, 2 * tw - wo, 0)))
+    d = d.reshape(o, n, th, 2, tw, 2)
+    out = []
+    for r in _winograd_at_t([d[:, :, :, 0], d[:, :, :, 1]]):  # (O, N, th, tw, 2) each
+        out += _winograd_at_t([r[..., 0], r[..., 1]])
+    dm = jnp.stack(out).reshape(16, o, n * th * tw)
+    du = lax.dot_general(dm, v, (((2,), (2,)), ((0,), (0,))), precision=GEMM_PRECISION)
+    du = du.reshape(4, 4, o, -1)
+    rows = _winograd_g_t([du[a] for a in range(4)])  # (4, O, C) each, over the columns
+    return jnp.stack([jnp.stack(_winograd_g_t([r[b] for b in range(4)]), axis=-1)
+                      for r in rows], axis=-2)
+
+
 def _lax_conv_any(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: Pair,
                   plan: ConvPlan) -> jax.Array:
     return _lax_conv(x, w, stride, pad, dilation)
@@ -266,6 +415,8 @@ def _conv_primal(x: jax.Array, w: jax.Array, stride: Pair, pad: Pair, dilation: 
                  plan: ConvPlan) -> jax.Array:
     if plan.forward == "gemm":
         return _gemm_conv(x, w, stride, pad, dilation)[0]
+    if plan.forward == "winograd":
+        return _winograd_conv(x, w, pad)[0]
     return _lax_conv(x, w, stride, pad, dilation)
 
 
@@ -282,11 +433,15 @@ def _conv_single_fwd(x, w, stride, pad, dilation, plan):
         # batch 32, and one im2col fewer per step).
         y, cols = _gemm_conv(x, w, stride, pad, dilation)
         return y, (x, w, cols)
+    if plan.forward == "winograd" and plan.weight_grad == "winograd":
+        # Likewise the transformed tiles V (conv3's: 26 MB at batch 32).
+        y, v = _winograd_conv(x, w, pad)
+        return y, (x, w, v)
     return _conv_primal(x, w, stride, pad, dilation, plan), (x, w, None)
 
 
 def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
-    x, w, cols_kn = res
+    x, w, kept = res  # the forward's im2col columns or Winograd tiles, or None
     o = w.shape[0]
     kernel = (w.shape[2], w.shape[3])
     n = x.shape[0]
@@ -295,12 +450,15 @@ def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
         # dY in the (O, N*P) layout both GEMMs take.
         dy_t = jnp.transpose(dy.reshape(n, o, -1), (1, 0, 2)).reshape(o, -1)
     if plan.weight_grad == "gemm":
+        cols_kn = kept
         if cols_kn is None:
             # No columns kept by the forward: built here, in the (K, N*P) layout that feeds
             # the GEMM without a transposing copy.
             cols_kn = _im2col_kn(x, kernel, stride, pad, dilation)  # (K, N*P)
         # dW = dY (O, N*P) @ cols^T: one GEMM over the whole batch (Caffe: one per image).
         dw = _gemm(dy_t, cols_kn, ((1,), (1,))).reshape(w.shape)
+    elif plan.weight_grad == "winograd":
+        dw = _winograd_weight_grad(dy, kept if kept is not None else _winograd_input(x, pad))
     else:
         _, dw_vjp = jax.vjp(lambda b: _lax_conv(x, b, stride, pad, dilation), w)
         (dw,) = dw_vjp(dy)
@@ -311,6 +469,8 @@ def _conv_single_bwd(stride, pad, dilation, plan, res, dy):
         dcols = _gemm(w.reshape(o, -1), dy_t, ((0,), (0,)))  # (K, N*P)
         _, im2col_vjp = jax.vjp(lambda a: _im2col_kn(a, kernel, stride, pad, dilation), x)
         (dx,) = im2col_vjp(dcols.astype(x.dtype))
+    elif plan.input_grad == "winograd":
+        dx = _winograd_input_grad(dy, w, pad)
     else:
         _, conv_vjp = jax.vjp(lambda a: _lax_conv(a, w, stride, pad, dilation), x)
         (dx,) = conv_vjp(dy)
@@ -348,6 +508,10 @@ def conv2d(
 
         plan = autotune.conv_plan(tuple(x.shape), tuple(w.shape), stride_, pad_, dil_, groups,
                                   jnp.dtype(x.dtype).name)
+    if plan.uses_winograd and not winograd_applies(w.shape[2:], stride_, pad_, dil_, x.dtype):
+        raise ValueError(f"conv2d: plan {plan.name!r} needs a 3x3 stride-1 float32 convolution "
+                         f"with pad <= 2, not kernel {tuple(w.shape[2:])} stride {stride_} pad "
+                         f"{pad_} dilation {dil_} {jnp.dtype(x.dtype).name}")
     # XLA's own plan is differentiated by XLA: no custom gradient to wrap it in.
     single = _lax_conv_any if plan.is_xla else _conv_single
     if groups == 1:
@@ -533,7 +697,10 @@ __all__ = [
     "CANDIDATE_PLANS",
     "DEFAULT_PLAN",
     "GEMM_PLAN",
+    "WINOGRAD_PLAN",
+    "WINOGRAD_PLANS",
     "XLA_PLAN",
+    "candidate_plans",
     "heuristic_plan",
     "matmul",
     "conv2d",
@@ -543,4 +710,5 @@ __all__ = [
     "max_pool2d_reference",
     "max_pool2d_windows",
     "pool_output_hw",
+    "winograd_applies",
 ]

@@ -28,7 +28,7 @@ def tuning(tmp_path, monkeypatch):
     monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(autotune.MODE_ENV, "auto")
     monkeypatch.setattr(autotune, "MIN_TUNED_GFLOP", 0.0)
-    monkeypatch.setattr(kernels, "CANDIDATE_PLANS", TWO_PLANS)
+    monkeypatch.setattr(kernels, "candidate_plans", lambda *geometry: TWO_PLANS)
     notes: list[str] = []
     autotune.forget()
     autotune.configure(notify=notes.append)

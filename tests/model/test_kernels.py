@@ -99,7 +99,72 @@ def test_conv2d_rejects_bad_groups():
     with pytest.raises(ValueError, match="groups 3"):
         kernels.conv2d(x, jnp.zeros((6, 4, 3, 3)), None, groups=3)
     with pytest.raises(ValueError, match="ConvPlan.forward"):
-        kernels.ConvPlan(forward="winograd")
+        kernels.ConvPlan(forward="fft")
+    with pytest.raises(ValueError, match="ConvPlan.weight_grad"):
+        kernels.ConvPlan(weight_grad="col2im")
+
+
+WINOGRAD_CASES = [
+    # (N, C, H, W, O, pad, groups)
+    (2, 4, 9, 9, 6, 1, 2),    # conv4/5-like: grouped, pad 1, odd size (last tile half outside)
+    (2, 3, 8, 7, 5, 0, 1),    # no padding, non-square, even and odd output sizes
+    (1, 2, 6, 5, 3, 2, 1),    # pad 2: the input gradient's own padding is 0
+    (2, 6, 1, 1, 3, 1, 3),    # a 1x1 image: one tile, mostly padding
+]
+# Plans using Winograd in one, two or three passes, with each of the other methods beside it.
+WINOGRAD_USERS = kernels.WINOGRAD_PLANS + (
+    kernels.ConvPlan("gemm", "winograd", "winograd"),
+    kernels.ConvPlan("winograd", "col2im", "gemm"),
+    kernels.ConvPlan("lax", "lax", "winograd"),
+    kernels.ConvPlan("winograd", "lax", "lax"))
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_winograd_plans_match_float64_and_lax_gradients(case):
+    # Same tolerance as the direct methods: F(2x2, 3x3)'s transforms are sums and halvings, so
+    # its float32 error stays at the GEMM's (measured 1e-7 to 6e-7 of the scale on AlexNet's
+    # conv3-5 shapes against float64).
+    n, c, h, w, o, pad, groups = case
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((o, c // groups, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    expect = _conv_numpy(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64),
+                         *_pairs(1, pad, 1), groups)
+    dy = rng.standard_normal(expect.shape).astype(np.float32)
+    ref_grads = jax.grad(lambda *a: jnp.sum(
+        kernels.conv2d_reference(*a, 1, pad, 1, groups) * dy), argnums=(0, 1, 2))(x, wt, b)
+    for plan in WINOGRAD_USERS:
+        def ours(a, b_, c_, plan=plan):
+            return kernels.conv2d(a, b_, c_, 1, pad, 1, groups, plan=plan)
+
+        y, grads = jax.jit(lambda *a: (ours(*a), jax.grad(lambda *g: jnp.sum(ours(*g) * dy),
+                                                          argnums=(0, 1, 2))(*a)))(x, wt, b)
+        np.testing.assert_allclose(y, expect, rtol=0, atol=RTOL * np.abs(expect).max(),
+                                   err_msg=plan.name)
+        for name, got, want in zip("xwb", grads, ref_grads):
+            np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max(),
+                                       err_msg=f"d{name} {plan.name}")
+
+
+@pytest.mark.parametrize("w_shape, stride, pad, dilation, dtype", [
+    ((4, 2, 5, 5), 1, 2, 1, jnp.float32),     # 5x5 kernel
+    ((4, 2, 3, 3), 2, 1, 1, jnp.float32),     # stride 2
+    ((4, 2, 3, 3), 1, 3, 1, jnp.float32),     # pad 3: dY would need negative padding
+    ((4, 2, 3, 3), 1, 1, 2, jnp.float32),     # dilated
+    ((4, 2, 3, 3), 1, 1, 1, jnp.bfloat16),    # bfloat16
+])
+def test_winograd_is_refused_and_not_a_candidate_where_it_does_not_apply(w_shape, stride, pad,
+                                                                          dilation, dtype):
+    k, pairs = w_shape[2:], _pairs(stride, pad, dilation)
+    assert kernels.WINOGRAD_PLAN not in kernels.candidate_plans(k, *pairs, jnp.dtype(dtype))
+    x = jnp.zeros((1, 2, 9, 9), dtype)
+    with pytest.raises(ValueError, match="needs a 3x3 stride-1 float32"):
+        kernels.conv2d(x, jnp.zeros(w_shape, dtype), None, stride, pad, dilation,
+                       plan=kernels.WINOGRAD_PLAN)
+    # where it applies it is one more candidate, after the direct plans
+    assert kernels.candidate_plans((3, 3), (1, 1), (1, 1), (1, 1), "float32") == (
+        kernels.CANDIDATE_PLANS + kernels.WINOGRAD_PLANS)
 
 
 def _max_pool_numpy(x, k, s, p):
