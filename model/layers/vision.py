@@ -130,10 +130,14 @@ def caffe_ave_divisor(size: Pair, out: Pair, kernel: Pair, stride: Pair, pad: Pa
 
 
 def _pow_neg_beta(scale: jax.Array, beta: float) -> jax.Array:
-    """scale^-beta; for AlexNet's beta 0.75 as rsqrt(s) * rsqrt(sqrt(s)), which XLA CPU computes
-    much faster than pow (MACHINE_NOTES.md) and within float32 rounding of it."""
+    """scale^-beta; for AlexNet's beta 0.75 as t * sqrt(t) with t = rsqrt(s), which XLA CPU
+    computes much faster than pow (MACHINE_NOTES.md) and within float32 rounding of it (3e-7
+    relative at most over s in [1, 101]). Forward + backward of bvlc_alexnet's norm1 at batch
+    32 on the 2-core Zen 4: 21.5 ms, against 34.9 for rsqrt(s) * rsqrt(sqrt(s)), whose second
+    rsqrt XLA ran as a pass of its own, and 57.0 for pow (norm2: 18.4, 30.9, 36.4)."""
     if beta == 0.75:
-        return lax.rsqrt(scale) * lax.rsqrt(jnp.sqrt(scale))
+        t = lax.rsqrt(scale)
+        return t * jnp.sqrt(t)
     if beta == 0.5:
         return lax.rsqrt(scale)
     return scale ** (-beta)
