@@ -249,11 +249,21 @@ def test_max_pool_windows_with_cropping_high_padding_matches_cropped_input():
     ((1, 2, 9, 12), (5, 5), (2, 3), (2, 0)),
 ])
 def test_phase_split_im2col_equals_strided_slices(shape, kernel, stride, pad):
-    # The fast column builder moves the same values as the plain strided-slice one.
+    # The fast column builder moves the same values as the plain strided-slice one, whose
+    # rows are Caffe's (c, i, j); a strided convolution's rows come in blocks, in the order
+    # _weight_rows puts the weights (checked by sending each weight's (c, i, j) index through).
     x = jnp.asarray(np.random.default_rng(3).standard_normal(shape, np.float32))
     fast = jax.jit(lambda a: kernels._im2col_kn(a, kernel, stride, pad, (1, 1)))(x)
     plain = jax.jit(lambda a: kernels._im2col_kn_dilated(a, kernel, stride, pad, (1, 1)))(x)
-    assert fast.shape == plain.shape and np.array_equal(fast, plain)
+    c = shape[1]
+    index = jnp.arange(c * kernel[0] * kernel[1]).reshape(1, c, *kernel)
+    order = np.asarray(kernels._weight_rows(index, stride, (1, 1)))[0]
+    assert sorted(order) == list(range(len(order)))
+    assert fast.shape == plain.shape and np.array_equal(fast, np.asarray(plain)[order])
+    w = jnp.asarray(np.random.default_rng(4).standard_normal((2, c, *kernel), np.float32))
+    back = kernels._weight_from_rows(kernels._weight_rows(w, stride, (1, 1)), w.shape, stride,
+                                     (1, 1))
+    assert np.array_equal(back, w)
 
 
 def test_bf16_gemms_sum_in_float32_in_both_passes():
