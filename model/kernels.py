@@ -666,18 +666,25 @@ def _max_pool_bwd(kernel, stride, pads, res, dy):
     ho, wo = dy.shape[2], dy.shape[3]
     # The padded input as stride x stride phases (as `_im2col_kn` splits it): window element
     # (i, j) of output (oh, ow) is element (oh + i // sh, ow + j // sw) of phase
-    # (i % sh, j % sw), so each element's gradient lands by an unstrided pad, and the phases
-    # are interleaved once at the end (measured: pool1 1.8x, pool2 1.6x faster than
-    # interior-padding each of the kh*kw contributions to the full image).
+    # (i % sh, j % sw), so element (p, q) of that phase takes dY[p - i // sh, q - j // sw]
+    # where the window's first maximum is (i, j); the phases are interleaved once at the end
+    # (measured: pool1 1.8x, pool2 1.6x faster than interior-padding each of the kh*kw
+    # contributions to the full image). dY and the indices are padded once (the indices with
+    # -1, which no window element has) so that each contribution is a plain slice of them:
+    # padding each contribution instead made XLA check bounds per element (pool1 forward +
+    # backward 28.3 vs 9.5 ms, pool2 17.7 vs 6.6 at batch 32 on the 2-core Zen 4).
     hq, wq = ho + (kh - 1) // sh, wo + (kw - 1) // sw
+    mh, mw = (kh - 1) // sh, (kw - 1) // sw
     zero = jnp.array(0, dy.dtype)
+    grid = ((0, 0, 0), (0, 0, 0), (mh, hq - ho, 0), (mw, wq - wo, 0))
+    dyp = lax.pad(dy, zero, grid)
+    idxp = lax.pad(idx, jnp.array(-1, idx.dtype), grid)
     phases: dict[Pair, jax.Array] = {}
     for k in range(kh * kw):
         (qi, a), (qj, b) = divmod(k // kw, sh), divmod(k % kw, sw)
-        contrib = jnp.where(idx == k, dy, zero)
-        placed = lax.pad(contrib, zero, ((0, 0, 0), (0, 0, 0), (qi, hq - qi - ho, 0),
-                                         (qj, wq - qj - wo, 0)))
-        phases[a, b] = placed + phases[a, b] if (a, b) in phases else placed
+        rows, cols = slice(mh - qi, mh - qi + hq), slice(mw - qj, mw - qj + wq)
+        contrib = jnp.where(idxp[:, :, rows, cols] == k, dyp[:, :, rows, cols], zero)
+        phases[a, b] = contrib + phases[a, b] if (a, b) in phases else contrib
     none = jnp.zeros((n, c, hq, wq), dy.dtype)
     dxp = jnp.stack([jnp.stack([phases.get((a, b), none) for b in range(sw)], axis=-1)
                      for a in range(sh)], axis=3).reshape(n, c, hq * sh, wq * sw)
