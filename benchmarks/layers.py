@@ -8,7 +8,8 @@ Layers: the five convolutions, the three max-pools, the two LRNs and the three i
 of model/zoo/bvlc_alexnet at 227x227 input. Ours are the functions the nets call on CPU
 (model/layers/vision.py -> model/kernels.py; a convolution runs the plan model/autotune.py
 chose for this machine, measured first if the cache lacks it, the built-in rule and XLA's own
-plan beside it; --all-plans times all eight). PyTorch runs the same shapes (NCHW; the LRN as
+plan beside it; --all-plans times every candidate: the eight direct plans, and the two
+Winograd ones for 3x3 stride-1 layers). PyTorch runs the same shapes (NCHW; the LRN as
 benchmarks/torch_alexnet.py's shift-sum, its fastest on CPU, and as nn.LocalResponseNorm).
 
 Each row: median wall ms and median CPU ms (all threads; the steadier figure on a loaded
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,pool1")
     parser.add_argument("--all-plans", action="store_true",
-                        help="time all eight convolution plans, not only chosen/rule/XLA")
+                        help="time every candidate convolution plan, not only chosen/rule/XLA")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="PyTorch intra-op threads (default: all cores)")
