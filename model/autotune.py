@@ -7,8 +7,8 @@ F(2x2, 3x3) in any pass) depends on the CPU, the XLA build, the dtype and the sh
 2-core AMD Zen 3 (AVX2) the GEMM paths won most AlexNet layers by 1.2-2.7x; on a 2-core
 Zen 4 (AVX-512, jax 0.10's XLA handing convolutions to YNNPACK) no direct plan beat that rule
 by 10% in float32, Winograd did on conv3-5, and in bf16 other plans beat it on every AlexNet
-layer, by 1.1-2.5x (benchmarks/README.md). No rule written on one machine and dtype holds on the next,
-so this module measures:
+layer, by 1.1-2.5x (benchmarks/README.md). No rule written on one machine and dtype holds on
+the next, so this module measures:
 
 - A convolution is keyed by its input and weight shapes, stride, pad, dilation, groups and
   dtype. Every candidate plan's forward + both gradients (the loss returned with them, so that

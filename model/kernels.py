@@ -13,8 +13,8 @@ module owns drop-in replacements and lets the machine choose among them (model/a
   A `ConvPlan` says how each pass runs: forward as XLA's convolution or im2col + one GEMM;
   input gradient as XLA's transposed convolution or W^T @ dY + col2im; weight gradient as the
   GEMM dW = dY @ cols^T or XLA's own (a `jax.custom_vjp`; the all-XLA plan is plain XLA).
-  For 3x3 stride-1 float32 convolutions the forward and the input gradient can also be
-  Winograd's F(2x2, 3x3) (52% of the multiplications on AlexNet's 13x13 layers).
+  For 3x3 stride-1 float32 convolutions any pass can also be Winograd's F(2x2, 3x3) (52%
+  of the multiplications on AlexNet's 13x13 layers).
   Which plan is fastest depends on the CPU and shape: model/autotune.py measures them once
   per machine; `heuristic_plan` is the rule for shapes nobody measured.
 - `max_pool2d`: Caffe's MAX pooling (src/caffe/layers/pooling_layer.cpp): ceil-mode output
