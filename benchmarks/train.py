@@ -154,7 +154,8 @@ def setup_ours(data: common.BenchData, args: argparse.Namespace, devices: list[A
                          jax.random.PRNGKey(0))
     state = jax.device_put(state, replicated)
     step_fn = jax.jit(T.make_train_step(fed, solver, params, precision=PRECISIONS[args.precision]),
-                      out_shardings=(replicated, replicated), donate_argnums=(0,))
+                      out_shardings=(replicated, replicated), donate_argnums=(0,),
+                      compiler_options=T.TRAIN_STEP_COMPILER_OPTIONS)
     (src,) = fed.sources.values()
     res = Result("ours", config=f"jax {jax.__version__}, {n_dev} x {devices[0].device_kind}, "
                                 f"{args.precision}")

@@ -322,6 +322,13 @@ def merge_statistics(net: Net, flat: tuple, updates: Mapping[str, Sequence[Any]]
     return tuple(out)
 
 
+# XLA options for the jitted train step (jax.jit's compiler_options). Region analysis in copy
+# insertion: without it XLA:CPU copied every donated weight blob before the update wrote it in
+# place (bvlc_alexnet: 243 MB per step, 10-20 ms of a 905-935 ms step on the 2-core Zen 4;
+# benchmarks/README.md).
+TRAIN_STEP_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
 def make_train_step(fed: FedNet, solver: CaffeSolver, template: Params, *,
                     precision: str = "fp32") -> Callable:
     """train_step(state, batch, hyper) -> (new_state, metrics); pure, jit it.
@@ -810,7 +817,8 @@ class Solver:
         self.state = self._place_state(flatten_params(self.net, self.params), None, 0)
         self.step_fn = jax.jit(
             make_train_step(self.train_net, self.rule, self.params, precision=self.precision),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+            out_shardings=(self.replicated, self.replicated), donate_argnums=(0,),
+            compiler_options=TRAIN_STEP_COMPILER_OPTIONS)
         self.fwd_train = jax.jit(make_train_forward(self.train_net, self.params,
                                                     precision=self.precision),
                                  out_shardings=self.replicated)
