@@ -203,6 +203,13 @@ def _im2col(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair)
     return cols.reshape(n, c * kh * kw, ho * wo)
 
 
+def _channels_first_padded(x: jax.Array, rows: Pair, cols: Pair) -> jax.Array:
+    """(N, C, H, W) -> (C, N, H', W') zero-padded by (low, high) rows and columns (a negative
+    high crops): the layout the column and Winograd builders slice."""
+    return lax.pad(jnp.transpose(x, (1, 0, 2, 3)), jnp.array(0, x.dtype),
+                   ((0, 0, 0), (0, 0, 0), (rows[0], rows[1], 0), (cols[0], cols[1], 0)))
+
+
 def _im2col_kn(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair) -> jax.Array:
     """(N, C, H, W) -> (C*kh*kw, N*Ho*Wo): Caffe's column buffer for the whole batch, columns
     ordered (n, oh, ow), so that no transposing copy of the (large) columns is needed before
@@ -224,8 +231,7 @@ def _im2col_kn(x: jax.Array, kernel: Pair, stride: Pair, pad: Pair, dilation: Pa
     # Rows and columns a window can reach, rounded up to whole phases; lax.pad crops (negative
     # high padding) what no window reads.
     hs, ws = sh * (ho + (kh - 1) // sh), sw * (wo + (kw - 1) // sw)
-    xt = lax.pad(jnp.transpose(x, (1, 0, 2, 3)), jnp.array(0, x.dtype),
-                 ((0, 0, 0), (0, 0, 0), (ph, hs - h - ph, 0), (pw, ws - w - pw, 0)))
+    xt = _channels_first_padded(x, (ph, hs - h - ph), (pw, ws - w - pw))
     if max(stride) > 1:
         # (C, phase row a, phase column b, N, H/sh, W/sw)
         phases = jnp.transpose(xt.reshape(c, n, hs // sh, sh, ws // sw, sw), (0, 3, 5, 1, 2, 4))
@@ -360,9 +366,8 @@ def _winograd_input(x: jax.Array, pad: Pair) -> jax.Array:
     a % 2), so every slice is unstrided (see `_im2col_kn`)."""
     n, c, h, w = x.shape
     _, _, th, tw = _winograd_tiles((h, w), pad)
-    xt = lax.pad(jnp.transpose(x, (1, 0, 2, 3)), jnp.array(0, x.dtype),
-                 ((0, 0, 0), (0, 0, 0), (pad[0], 2 * th + 2 - h - pad[0], 0),
-                  (pad[1], 2 * tw + 2 - w - pad[1], 0)))
+    xt = _channels_first_padded(x, (pad[0], 2 * th + 2 - h - pad[0]),
+                                (pad[1], 2 * tw + 2 - w - pad[1]))
     phases = xt.reshape(c, n, th + 1, 2, tw + 1, 2)
     rows = [phases[:, :, a // 2:a // 2 + th, a % 2] for a in range(4)]  # (C, N, th, tw+1, 2)
     out = []
@@ -435,9 +440,7 @@ def _winograd_weight_grad(dy: jax.Array, v: jax.Array) -> jax.Array:
     transposed filter transform."""
     n, o, ho, wo = dy.shape
     th, tw = -(-ho // 2), -(-wo // 2)
-    d = lax.pad(jnp.transpose(dy, (1, 0, 2, 3)), jnp.array(0, dy.dtype),
-                ((0, 0, 0), (0, 0, 0), (0, 2 * th - ho, 0), (0, 2 * tw - wo, 0)))
-    d = d.reshape(o, n, th, 2, tw, 2)
+    d = _channels_first_padded(dy, (0, 2 * th - ho), (0, 2 * tw - wo)).reshape(o, n, th, 2, tw, 2)
     out = []
     for r in _winograd_at_t([d[:, :, :, 0], d[:, :, :, 1]]):  # (O, N, th, tw, 2) each
         out += _winograd_at_t([r[..., 0], r[..., 1]])
