@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from data.mean import ACCUMULATIONS, compute_image_mean
+from data.mean import ACCUMULATIONS, DEFAULT_ACCUMULATION, compute_image_mean
 from flows.flags import add_flag, check_backend
 
 
@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_file", metavar="OUTPUT_FILE", nargs="?", default=None,
                         help="where to write the mean (.binaryproto); omitted: only print it")
     add_flag(parser, "backend", default="lmdb", help="lmdb (leveldb is not supported)")
-    add_flag(parser, "accumulation", default="exact", choices=sorted(ACCUMULATIONS),
+    add_flag(parser, "accumulation", default=DEFAULT_ACCUMULATION, choices=sorted(ACCUMULATIONS),
              help="; ".join(f"{k}: {v}" for k, v in ACCUMULATIONS.items()))
 
 

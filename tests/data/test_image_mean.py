@@ -24,8 +24,8 @@ def test_mean_of_caffes_lmdb_is_caffes_mean(golden: Path, tmp_path: Path, db: st
                                             mean_file: str, logged: list[str]) -> None:
     out = tmp_path / "mean.binaryproto"
     caffe_mean = read_blobproto(golden / mean_file)[0]
-    caffe_way = compute_image_mean(golden / db, accumulation="caffe")
-    assert np.array_equal(caffe_way.mean, caffe_mean)
+    exact_way = compute_image_mean(golden / db, accumulation="exact", threads=2)
+    assert np.array_equal(exact_way.mean, caffe_mean)
     result = compute_image_mean(golden / db, out, threads=2)
     assert result.count == 25 and result.mean.dtype == np.float32
     # The brief allows 1e-3; float32(sum of uint8) / float32(N) is Caffe's arithmetic exactly
@@ -82,7 +82,7 @@ def test_exact_sum_across_many_tasks_threads_and_folds(tmp_path: Path,
             writer.put(f"{i:08d}".encode(), encode_datum_bytes(rec, i % 3))
     expected = (recs.astype(np.uint64).sum(0).astype(np.float32) / np.float32(n))
     for threads in (1, 3):
-        result = compute_image_mean(tmp_path / "db", threads=threads)
+        result = compute_image_mean(tmp_path / "db", threads=threads, accumulation="exact")
         assert result.count == n and np.array_equal(result.mean, expected)
 
 
@@ -92,7 +92,7 @@ def test_uint16_sums_never_overflow(tmp_path: Path) -> None:
     with LmdbWriter(tmp_path / "db") as writer:
         for i in range(n):
             writer.put(f"{i:08d}".encode(), encode_datum_bytes(np.full((1, 2, 2), 255, np.uint8), 0))
-    result = compute_image_mean(tmp_path / "db", threads=1)
+    result = compute_image_mean(tmp_path / "db", threads=1, accumulation="exact")
     assert result.count == n and np.array_equal(result.mean, np.full((1, 2, 2), 255, np.float32))
 
 
@@ -135,23 +135,78 @@ def test_cli_prints_channel_means_and_writes_file(golden: Path, tmp_path: Path,
     assert "not supported" in capsys.readouterr().err
 
 
-def test_caffe_accumulation_reproduces_float32_rounding_past_2_to_24(tmp_path: Path) -> None:
-    # 66,000 records of 255: Caffe's float32 running sum passes 2**24 and starts rounding.
-    n, values = 66_000, np.array([255, 201], np.uint8).reshape(2, 1, 1)
-    value = encode_datum_bytes(values, 0)
-    with LmdbWriter(tmp_path / "db", commit_every=20_000) as writer:
-        for i in range(n):
-            writer.put(f"{i:08d}".encode(), value)
-    caffe = compute_image_mean(tmp_path / "db", accumulation="caffe")
-    exact = compute_image_mean(tmp_path / "db", accumulation="exact", threads=2)
-    running = np.cumsum(np.repeat(values.reshape(1, 2).astype(np.float32), n, axis=0), axis=0,
-                        dtype=np.float32)[-1]  # sequential float32 adds, as Caffe does them
-    assert np.array_equal(caffe.mean.ravel(), running / np.float32(n))
-    assert np.array_equal(exact.mean.ravel(), (values.ravel().astype(np.float64) * n).astype(
-        np.float32) / np.float32(n))
-    assert not np.array_equal(caffe.mean, exact.mean)  # the difference the modes exist for
+def _bright_db(path: Path, n: int, seed: int = 3) -> np.ndarray:
+    """n records of 3x8x8 bright pixels (200-255), as the issue's 100,000-record example: their
+    float32 running sums pass 2**24 around record 70,000. Returns the records (n, 192)."""
+    rng = np.random.default_rng(seed)
+    pictures = rng.integers(200, 256, (16, 3, 8, 8), dtype=np.uint8)
+    order = rng.integers(0, len(pictures), n)
+    values = [encode_datum_bytes(p, 0) for p in pictures]
+    with LmdbWriter(path, commit_every=50_000) as writer:
+        for i, k in enumerate(order):
+            writer.put(f"{i:08d}".encode(), values[k])
+    return pictures.reshape(len(pictures), -1)[order]
+
+
+def test_default_mean_is_caffes_float32_running_sum_past_65793_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caffe adds every record into a float32 sum in key order; past 2**24 each add rounds.
+    100,000 records: the default mean equals that sequential sum (np.cumsum over axis 0 adds
+    one row after the other in float32), on any number of threads (each thread a slice of the
+    pixels: 12 elements per slice here, so 3 threads really split), while "exact" differs."""
+    n = 100_000
+    records = _bright_db(tmp_path / "db", n)
+    running = np.cumsum(records.astype(np.float32), axis=0, dtype=np.float32)[-1]
+    caffe = (running / np.float32(n)).reshape(3, 8, 8)
+    exact = (records.astype(np.float64).sum(0).astype(np.float32) / np.float32(n)).reshape(3, 8, 8)
+    differ = int((caffe != exact).sum())
+    assert differ > 150, differ  # the issue saw 190 of 192 values differ
+    monkeypatch.setattr(mean_module, "MIN_ELEMENTS_PER_SLICE", 12)
+    for threads in (1, 3):
+        result = compute_image_mean(tmp_path / "db", threads=threads)
+        assert result.count == n and np.array_equal(result.mean, caffe), threads
+    assert np.array_equal(compute_image_mean(tmp_path / "db", accumulation="exact").mean, exact)
     with pytest.raises(ImagenetError, match=r"valid: \['caffe', 'exact'\]"):
         compute_image_mean(tmp_path / "db", accumulation="double")
+
+
+def test_cli_default_writes_caffes_mean_past_65793_records(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    n = 80_000
+    records = _bright_db(tmp_path / "db", n, seed=4)
+    running = np.cumsum(records.astype(np.float32), axis=0, dtype=np.float32)[-1]
+    out = tmp_path / "mean.binaryproto"
+    assert cli_main(["compute-image-mean", str(tmp_path / "db"), str(out)]) == 0
+    assert np.array_equal(read_blobproto(out).ravel(), running / np.float32(n))
+    assert cli_main(["compute-image-mean", "--accumulation=exact", str(tmp_path / "db"),
+                     str(tmp_path / "exact.binaryproto")]) == 0
+    assert out.read_bytes() != (tmp_path / "exact.binaryproto").read_bytes()
+    assert f"Processed {n} files." in capsys.readouterr().out
+
+
+def test_encoded_and_float_records_in_caffes_order(tmp_path: Path, monkeypatch) -> None:
+    """The ordered sum decodes encoded records on threads and keeps key order; a float_data
+    record among uint8 ones is added where it stands (forced here below 65,793 records)."""
+    monkeypatch.setattr(mean_module, "CAFFE_EXACT_RECORDS", 0)
+    img = (np.arange(4 * 6 * 3) * 7 % 256).astype(np.uint8).reshape(4, 6, 3)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    chw = img.transpose(2, 0, 1)
+    floats = caffe_pb2.Datum(channels=3, height=4, width=6, label=0)
+    floats.float_data.extend((np.arange(72) * 0.1 + 0.05).astype(np.float32).tolist())
+    values = [encode_datum_bytes(chw, 0), encoded_datum_bytes(png, 0),
+              floats.SerializeToString(), encoded_datum_bytes(png, 0)] * 40
+    with LmdbWriter(tmp_path / "db") as writer:
+        for i, v in enumerate(values):
+            writer.put(f"{i:08d}".encode(), v)
+    flat = [chw.ravel().astype(np.float32), chw.ravel().astype(np.float32),
+            np.array(floats.float_data, np.float32), chw.ravel().astype(np.float32)] * 40
+    running = np.cumsum(np.stack(flat), axis=0, dtype=np.float32)[-1]
+    for threads in (1, 2):
+        result = compute_image_mean(tmp_path / "db", threads=threads)
+        assert np.array_equal(result.mean.ravel(), running / np.float32(len(values)))
+    monkeypatch.setattr(mean_module, "CAFFE_EXACT_RECORDS", 10**6)  # exact pass, then redone
+    assert np.array_equal(compute_image_mean(tmp_path / "db").mean.ravel(),
+                          running / np.float32(len(values)))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
