@@ -17,10 +17,10 @@ a failure; a failed or interrupted build never leaves a finished-looking DB (Lmd
 free space the DB will take is checked before the first image is read.
 
 At ImageNet's size (1.28 M records, ~257 GB) the one ordered writer is what limits many cores,
-so it does as little as possible: the workers also hash each record for the content digest and
-(with pixel_sum=True, raw records of one size) add its pixels into per-thread exact sums, from
-which the mean is had without reading the DB again (data/pixelsum.py); LmdbWriter commits on
-a thread of its own.
+so it does as little as possible: the workers also hash each record for the content digest;
+LmdbWriter commits on a thread of its own; and with pixel_sum=True (raw records of one size)
+each record put is handed, in key order, to a thread that adds it into Caffe's float32 running
+sum (data/pixelsum.py), from which the mean is had without reading the DB again.
 """
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ class ConvertResult:
     digest: str = ""
     seconds: float = 0.0
     seed: int | None = None  # the shuffle seed actually used (None: no shuffle)
-    # Exact per-pixel sum of every record written (float64, C x H x W), with pixel_sum=True
-    # when every record was summed (raw, one size, thread or serial workers); else None.
+    # Caffe's float32 running sum of every record written, in key order (C x H x W), with
+    # pixel_sum=True when every record was summed (raw records of one size); else None.
     pixel_sum: "np.ndarray | None" = None
 
     def summary(self) -> str:
@@ -128,7 +128,6 @@ class _Outcome:
     truncated: bool = False
     data_size: int = -1  # raw records: len(Datum.data), for --check_size
     hashed: bytes | None = None  # lmdb_io.value_hash(value), when the options ask for it
-    summed: bool = False  # its pixels went into the conversion's PixelSums
 
 
 def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
@@ -222,18 +221,16 @@ def _encoding_for(opts: ConvertOptions, rel: str) -> str:
     return ""
 
 
-def convert_one(opts: ConvertOptions, index: int, entry: ListingEntry,
-                sums: PixelSums | None = None) -> _Outcome:
+def convert_one(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outcome:
     """One listing entry -> one record, exactly as Caffe's ReadImageToDatum builds it (and its
-    digest hash and pixel sum, which this thread has time for while the writer has not)."""
-    outcome = _build(opts, index, entry, sums)
+    digest hash, which this thread has time for while the writer has not)."""
+    outcome = _build(opts, index, entry)
     if outcome.value is not None and opts.hash_values:
         outcome.hashed = value_hash(outcome.value)
     return outcome
 
 
-def _build(opts: ConvertOptions, index: int, entry: ListingEntry,
-           sums: PixelSums | None = None) -> _Outcome:
+def _build(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outcome:
     key = f"{index:0{KEY_DIGITS}d}_{entry.path}".encode("utf-8", "surrogateescape")
     try:
         img = images.load_image(
@@ -255,29 +252,26 @@ def _build(opts: ConvertOptions, index: int, entry: ListingEntry,
             return _Outcome(index, key, value, truncated=img.truncated)
         chw = images.to_chw(img.pixels)
         return _Outcome(index, key, encode_datum_bytes(chw, entry.label),
-                        truncated=img.truncated, data_size=chw.size,
-                        summed=sums is not None and sums.add(img.pixels))
+                        truncated=img.truncated, data_size=chw.size)
     except images.ImageSkip as skip:
         return _Outcome(index, key, None, reason=skip.reason)
 
 
 # Worker state: set once per worker by the pool initializer, so chunks carry only the listing
-# entries. The sums are shared by threads (each sums into its own buffer); worker processes
-# get none (their sums would have to travel back: the mean is then read from the DB).
+# entries.
 _worker_opts: ConvertOptions | None = None
-_worker_sums: PixelSums | None = None
 
 
-def _init_worker(opts: ConvertOptions, sums: PixelSums | None = None) -> None:
-    global _worker_opts, _worker_sums
-    _worker_opts, _worker_sums = opts, sums
+def _init_worker(opts: ConvertOptions) -> None:
+    global _worker_opts
+    _worker_opts = opts
     # One OpenCV thread per worker: the workers already use every core.
     cv2.setNumThreads(1)
 
 
 def _convert_chunk(chunk: list[tuple[int, ListingEntry]]) -> list[_Outcome]:
     assert _worker_opts is not None, "worker used before _init_worker"
-    return [convert_one(_worker_opts, index, entry, _worker_sums) for index, entry in chunk]
+    return [convert_one(_worker_opts, index, entry) for index, entry in chunk]
 
 
 def _chunks(items: list[tuple[int, ListingEntry]], size: int
@@ -304,7 +298,7 @@ def _ordered_parallel(pool: Pool, chunks: Iterable[list], in_flight: int
         yield from outcomes
 
 
-def _process_pool(workers: int, opts: ConvertOptions, sums: PixelSums | None) -> Pool:
+def _process_pool(workers: int, opts: ConvertOptions) -> Pool:
     # forkserver, not fork: forking a process whose OpenCV thread pool is running (any earlier
     # cv2.resize) can leave the child waiting forever on a lock copied while held. The server
     # preloads this module, not the caller's __main__ (the default, which re-imports whatever
@@ -314,8 +308,8 @@ def _process_pool(workers: int, opts: ConvertOptions, sums: PixelSums | None) ->
     return context.Pool(workers, initializer=_init_worker, initargs=(opts,))
 
 
-def _thread_pool(workers: int, opts: ConvertOptions, sums: PixelSums | None) -> Pool:
-    _init_worker(opts, sums)  # also limits OpenCV to one thread in this process, until restored
+def _thread_pool(workers: int, opts: ConvertOptions) -> Pool:
+    _init_worker(opts)  # also limits OpenCV to one thread in this process, until restored
     return ThreadPool(workers)
 
 
@@ -323,18 +317,18 @@ def _thread_pool(workers: int, opts: ConvertOptions, sums: PixelSums | None) -> 
 # release the GIL, so decoding scales with no start-up cost and no copies between processes),
 # or separate processes (start-up and pickling cost more; for pipelines where Python-level
 # work per image would make the GIL the limit).
-POOLS: dict[str, Callable[[int, ConvertOptions, PixelSums | None], Pool]] = {
+POOLS: dict[str, Callable[[int, ConvertOptions], Pool]] = {
     "process": _process_pool, "thread": _thread_pool}
 
 
 def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], workers: int,
-              pool_kind: str, sums: PixelSums | None) -> Iterator[_Outcome]:
+              pool_kind: str) -> Iterator[_Outcome]:
     if workers <= 1:
         for index, entry in items:
-            yield convert_one(opts, index, entry, sums)
+            yield convert_one(opts, index, entry)
         return
     cv_threads = cv2.getNumThreads()
-    pool = POOLS[pool_kind](workers, opts, sums)
+    pool = POOLS[pool_kind](workers, opts)
     try:
         yield from _ordered_parallel(pool, _chunks(items, CHUNK_SIZE),
                                      workers * CHUNKS_IN_FLIGHT_PER_WORKER)
@@ -346,8 +340,8 @@ def _outcomes(opts: ConvertOptions, items: list[tuple[int, ListingEntry]], worke
 
 
 def _clear_worker() -> None:
-    global _worker_opts, _worker_sums
-    _worker_opts = _worker_sums = None
+    global _worker_opts
+    _worker_opts = None
 
 
 def _clear_bar(bar: Progress) -> None:
@@ -385,8 +379,7 @@ def convert_imageset(
 
     `digest` fills ConvertResult.digest (lmdb_content_digest, hashed while writing); the
     command line turns it off, as it does not print it. `pool` picks how workers run (POOLS).
-    `pixel_sum` fills ConvertResult.pixel_sum where it can (raw records resized to one size,
-    thread or serial workers). `check_space` refuses to start when the filesystem of `db_path`
+    `pixel_sum` fills ConvertResult.pixel_sum where it can (raw records resized to one size). `check_space` refuses to start when the filesystem of `db_path`
     lacks the estimated size of the DB (estimate_db_bytes).
 
     Raises ImagenetError (and leaves nothing at `db_path`) on a malformed listing, an existing
@@ -430,16 +423,16 @@ def convert_imageset(
                              f"(estimated {needed / 2**30:,.1f} GiB; free some space or choose "
                              "another place for the DB)")
     sums = None
-    if pixel_sum and resize_height > 0 and resize_width > 0 and not opts.encoded \
-            and (workers <= 1 or pool == "thread"):
-        sums = PixelSums((1 if gray else 3, resize_height, resize_width))
     summed = 0
     with ExitStack() as stack:
+        if pixel_sum and resize_height > 0 and resize_width > 0 and not opts.encoded:
+            sums = stack.enter_context(PixelSums((1 if gray else 3, resize_height,
+                                                  resize_width)))
         writer = stack.enter_context(
             LmdbWriter(db_path, overwrite=overwrite, commit_every=commit_every, digest=digest))
         bar = stack.enter_context(Progress(len(entries), desc="convert_imageset", unit="img",
                                            enabled=show_progress, on_update=progress))
-        outcomes = stack.enter_context(closing(_outcomes(opts, items, workers, pool, sums)))
+        outcomes = stack.enter_context(closing(_outcomes(opts, items, workers, pool)))
         for outcome in outcomes:
             entry = entries[outcome.index]
             bar.update()
@@ -470,7 +463,8 @@ def convert_imageset(
                         f"{outcome.data_size} bytes of pixels, the first image gave "
                         f"{expected_size}; no DB written at {db_path}")
             writer.put(outcome.key, outcome.value, outcome.hashed)
-            summed += outcome.summed
+            if sums is not None:
+                summed += sums.add(outcome.value)
         result.count = writer.puts
         if not result.count:
             # Raised inside the `with`: the writer throws the empty build away.

@@ -1,15 +1,13 @@
-"""The mean for free: exact per-pixel sums of the records a conversion writes, kept on disk
-beside the LMDB so that the mean stage need not read the database again.
+"""The mean for free: Caffe's per-pixel float32 sums of the records a conversion writes, kept
+on disk beside the LMDB so that the mean stage need not read the database again.
 
-compute_image_mean (data/mean.py, tools/compute_image_mean.cpp) divides the float32 sum of
-every record by the count. Its default ("exact") sum is the exact integer sum rounded once to
-float32, so a sum accumulated exactly while converting gives the same mean.binaryproto bit for
-bit: `mean = float32(exact sum) / float32(count)`.
-
-Each converting thread adds the uint8 pixels it decoded (H x W x C, as OpenCV hands them) into
-its own float32 running sum, which is exact below 2**24 and so is folded into a float64 total
-every RECORDS_PER_FLOAT32_SUM records (float64 holds integer sums exactly up to 2**53, i.e.
-35 trillion records of 255). The threads' sums are added at the end and laid out C x H x W.
+compute_image_mean (data/mean.py, tools/compute_image_mean.cpp) divides Caffe's float32
+running sum of every record, added in key order, by the count. Past 65,793 records that sum
+rounds, and how depends on the order, so the conversion keeps the same running sum in the same
+order: the one ordered writer hands each raw record it puts (in key order) to PixelSums, which
+adds the record's pixels (C x H x W, straight from the Datum's bytes) on a thread of its own
+(data.mean.RunningSum). `mean = float32 sum / float32(count)` is then compute_image_mean's
+default ("caffe") file bit for bit, at any record count.
 
 The sums file (`<lmdb>.pixel-sum.npz`, written atomically) records the content digest of the
 LMDB it was summed from: a reader uses it only when that digest is the LMDB's current one.
@@ -18,88 +16,93 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from data.atomic import remove_stale_temps, write_bytes_atomic
+from data.datum import raw_datum_prefix
 from data.errors import ImagenetError
+from data.mean import RECORDS_PER_ORDERED_CHUNK, RunningSum, SavedSum
 
-# Records a float32 running sum takes before it is folded into float64: it stays exact while
-# below 2**24, i.e. up to 65,793 records of 255 (the same bound as data/mean.py's sums).
-RECORDS_PER_FLOAT32_SUM = 65_536
 SUFFIX = ".pixel-sum.npz"
-_FORMAT_VERSION = 1
-
-
-class _ThreadPixelSum:
-    """One thread's running sum (H x W x C float32, folded into float64 before it rounds)."""
-
-    def __init__(self, hwc: tuple[int, ...]) -> None:
-        self.running = np.zeros(hwc, np.float32)
-        self.in_running = 0
-        self.folded = np.zeros(hwc, np.float64)
-        self.count = 0
-
-    def add(self, pixels: np.ndarray) -> None:
-        if self.in_running == RECORDS_PER_FLOAT32_SUM:
-            self.folded += self.running
-            self.running[...] = 0
-            self.in_running = 0
-        # One IEEE float32 add per element, SIMD and without the GIL (as in data/mean.py).
-        cv2.accumulate(pixels, self.running)
-        self.in_running += 1
-        self.count += 1
+# 2: Caffe's float32 running sum in key order (1 held exact float64 sums, which differ from
+# Caffe's past 65,793 records: such a file is not used, and the mean is read from the LMDB).
+_FORMAT_VERSION = 2
+# Records waiting for the summing thread at most (each a reference to a Datum the writer holds
+# anyway): bounds memory when the sum falls behind the writer.
+QUEUED_RECORDS = 4 * RECORDS_PER_ORDERED_CHUNK
 
 
 class PixelSums:
-    """Exact per-pixel sums of uint8 images of one shape, added from any number of threads
-    (each thread sums into its own buffer: no lock per image)."""
+    """Caffe's float32 running sum of raw records of one shape, added in the order given (the
+    writer's key order) on a background thread; use as a context manager, or close()."""
 
     def __init__(self, chw: tuple[int, int, int]) -> None:
-        c, h, w = chw
-        self.chw = (int(c), int(h), int(w))
-        self._hwc = (h, w) if c == 1 else (h, w, c)
-        self._local = threading.local()
-        self._sums: list[_ThreadPixelSum] = []
-        self._lock = threading.Lock()
+        self.chw = tuple(int(d) for d in chw)
+        self._size = int(np.prod(self.chw))
+        self._prefix = raw_datum_prefix(self.chw)
+        self._running = RunningSum(self._size)
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(
+            QUEUED_RECORDS // RECORDS_PER_ORDERED_CHUNK)
+        self._batch: list[bytes] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pixel-sum", daemon=True)
+        self._thread.start()
 
-    def add(self, pixels: np.ndarray) -> bool:
-        """Add one decoded image (H x W x C, or H x W for one channel, uint8); False (and
-        nothing added) when its shape is not this sum's."""
-        if pixels.dtype != np.uint8 or pixels.shape != self._hwc:
+    def add(self, value: bytes) -> bool:
+        """Queue one record's serialized Datum (as the writer puts it); False (and nothing
+        added) when it is not a raw record of this shape."""
+        plen = len(self._prefix)
+        if len(value) < plen + self._size or value[:plen] != self._prefix:
             return False
-        mine = getattr(self._local, "sum", None)
-        if mine is None:
-            mine = self._local.sum = _ThreadPixelSum(self._hwc)
-            with self._lock:
-                self._sums.append(mine)
-        mine.add(pixels)
+        self._batch.append(value)
+        if len(self._batch) == RECORDS_PER_ORDERED_CHUNK:
+            self._put(self._batch)
+            self._batch = []
         return True
+
+    def _put(self, batch: list[bytes] | None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        plen, size = len(self._prefix), self._size
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._running.add([np.frombuffer(v, np.uint8, size, plen) for v in batch])
+                except BaseException as err:  # noqa: BLE001 - raised to the caller
+                    self._error = err
+
+    def total(self) -> np.ndarray:
+        """The float32 running sum (C x H x W) of every record added; ends the thread."""
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._running.sum.reshape(self.chw).copy()
 
     @property
     def count(self) -> int:
-        with self._lock:
-            return sum(s.count for s in self._sums)
+        return self._running.count
 
-    def total(self) -> np.ndarray:
-        """The exact sum (float64, C x H x W) of everything added so far."""
-        out = np.zeros(self._hwc, np.float64)
-        with self._lock:
-            for s in self._sums:
-                out += s.folded
-                out += s.running
-        return out.reshape(self._hwc[0], self._hwc[1], -1).transpose(2, 0, 1).copy()
+    def close(self) -> None:
+        if self._thread.is_alive():
+            if self._batch:
+                self._queue.put(self._batch)
+                self._batch = []
+            self._queue.put(None)
+            self._thread.join()
+        self._running.close()
 
+    def __enter__(self) -> "PixelSums":
+        return self
 
-@dataclass(frozen=True)
-class SavedSum:
-    total: np.ndarray  # float64 (C, H, W), exact
-    count: int
-    digest: str  # lmdb_content_digest of the LMDB these records are in
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def sum_path(db_path: str | os.PathLike) -> Path:
@@ -113,7 +116,7 @@ def save(path: str | os.PathLike, total: np.ndarray, count: int, digest: str) ->
     temporaries of writers killed before their rename (a rerun after a kill leaves nothing)."""
     path = Path(path)
     buf = io.BytesIO()
-    np.savez(buf, version=np.int64(_FORMAT_VERSION), total=np.asarray(total, np.float64),
+    np.savez(buf, version=np.int64(_FORMAT_VERSION), total=np.asarray(total, np.float32),
              count=np.int64(count), digest=np.str_(digest))
     remove_stale_temps(path.parent, path.name)
     write_bytes_atomic(path, buf.getvalue(), durable=False)
@@ -127,7 +130,7 @@ def load(path: str | os.PathLike) -> SavedSum | None:
             if int(z["version"]) != _FORMAT_VERSION:
                 return None
             total = z["total"]
-            if total.dtype != np.float64 or total.ndim != 3:
+            if total.dtype != np.float32 or total.ndim != 3:
                 return None
             return SavedSum(total, int(z["count"]), str(z["digest"]))
     except (OSError, KeyError, ValueError):
@@ -135,9 +138,8 @@ def load(path: str | os.PathLike) -> SavedSum | None:
 
 
 def mean_of(total: np.ndarray, count: int) -> np.ndarray:
-    """compute_image_mean's mean from an exact sum: float32(sum) / float32(count), bit for bit
-    its default ("exact") result."""
+    """compute_image_mean's mean from Caffe's float32 sum: sum / float32(count), bit for bit
+    its default ("caffe") result."""
     if count < 1:
         raise ImagenetError("no records were summed: there is nothing to average")
-    total32 = total.astype(np.float32)
-    return np.divide(total32, np.float32(count), out=total32)
+    return np.divide(total.astype(np.float32), np.float32(count))

@@ -27,10 +27,7 @@ def _images(folder: Path, n: int) -> Path:
 
 
 @pytest.mark.parametrize("gray", [False, True])
-def test_sum_from_conversion_gives_the_mean_file_bit_for_bit(tmp_path: Path, gray: bool,
-                                                             monkeypatch) -> None:
-    # Fold every 3 records, so the float32 -> float64 folding is exercised on 2 workers too.
-    monkeypatch.setattr(pixelsum, "RECORDS_PER_FLOAT32_SUM", 3)
+def test_sum_from_conversion_gives_the_mean_file_bit_for_bit(tmp_path: Path, gray: bool) -> None:
     listing = _images(tmp_path, 11)
     db = tmp_path / "db"
     result = convert_imageset(tmp_path, listing, db, resize_height=12, resize_width=10,
@@ -90,3 +87,48 @@ def test_save_removes_what_a_killed_writer_left(tmp_path):
     left.write_bytes(b"half")
     pixelsum.save(target, np.zeros((3, 2, 2)), 0, "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_sum_past_65793_records_is_caffes_running_sum(tmp_path: Path, pool: str) -> None:
+    """80,000 bright records: Caffe's float32 sums pass 2**24 near record 74,000 and round from
+    there, in an order-dependent way. The sums the conversion keeps (any worker pool) give the
+    file compute-image-mean writes, and both are Caffe's sequential float32 sums."""
+    rng = np.random.default_rng(11)
+    shape = (2, 3, 3)  # H, W, C
+    pictures = rng.integers(200, 256, (7, *shape), dtype=np.uint8)
+    for i, picture in enumerate(pictures):
+        cv2.imwrite(str(tmp_path / f"p{i}.png"), picture)
+    n = 80_000
+    order = rng.integers(0, len(pictures), n)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"p{k}.png 0\n" for k in order))
+    db = tmp_path / "db"
+    result = convert_imageset(tmp_path, listing, db, resize_height=2, resize_width=3,
+                              workers=2, pool=pool, pixel_sum=True, commit_every=20_000)
+    assert result.count == n and result.pixel_sum is not None
+    records = pictures.transpose(0, 3, 1, 2).reshape(len(pictures), -1)[order]
+    running = np.cumsum(records.astype(np.float32), axis=0, dtype=np.float32)[-1]
+    caffe = (running / np.float32(n)).reshape(3, 2, 3)
+    exact = (records.astype(np.float64).sum(0).astype(np.float32) / np.float32(n)).reshape(3, 2, 3)
+    assert not np.array_equal(caffe, exact)  # past 2**24 the two sums differ
+    free = mean_from_sum(pixelsum.SavedSum(result.pixel_sum, result.count, result.digest),
+                         tmp_path / "free.binaryproto")
+    read = compute_image_mean(db, tmp_path / "read.binaryproto")
+    assert np.array_equal(free.mean, caffe) and np.array_equal(read.mean, caffe)
+    assert (tmp_path / "free.binaryproto").read_bytes() == \
+        (tmp_path / "read.binaryproto").read_bytes()
+
+
+def test_a_sums_file_of_the_old_exact_format_is_not_used(tmp_path: Path) -> None:
+    """Version 1 kept exact float64 sums, which are not Caffe's past 65,793 records: the mean
+    stage reads the LMDB instead of trusting them."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, version=np.int64(1), total=np.zeros((3, 2, 2), np.float64),
+             count=np.int64(4), digest=np.str_("d"))
+    old = tmp_path / "db.pixel-sum.npz"
+    old.write_bytes(buf.getvalue())
+    assert pixelsum.load(old) is None
+    assert pixelsum.load(pixelsum.save(old, np.zeros((3, 2, 2), np.float32), 4, "d")) is not None
