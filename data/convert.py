@@ -94,6 +94,7 @@ class ConvertOptions:
     encoded: bool = False
     max_pixels: int = images.MAX_PIXELS_DEFAULT
     hash_values: bool = True  # value_hash each record for the writer's content digest
+    resize_mode: str = images.SQUASH  # images.RESIZE_MODES; squash is Caffe's
 
 
 @dataclass
@@ -170,9 +171,13 @@ def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
 
 
 def check_options(resize_height: int, resize_width: int, encode_type: str,
-                  max_pixels: int = images.MAX_PIXELS_DEFAULT) -> None:
+                  max_pixels: int = images.MAX_PIXELS_DEFAULT,
+                  resize_mode: str = images.SQUASH) -> None:
     """Refuse flag values that would fail on every image (or exhaust memory) before any work:
-    sizes, an encoding OpenCV cannot write."""
+    sizes, an encoding OpenCV cannot write, an unknown resize mode."""
+    if resize_mode not in images.RESIZE_MODES:
+        raise ImagenetError(f"--resize_mode={resize_mode!r}: valid modes are "
+                            f"{', '.join(images.RESIZE_MODES)}")
     if resize_height < 0 or resize_width < 0:
         raise ImagenetError(f"--resize_height and --resize_width must be >= 0, got "
                             f"{resize_height} and {resize_width}")
@@ -236,7 +241,7 @@ def _build(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outcome:
         img = images.load_image(
             resolve_listed(opts.root_folder, entry.path), gray=opts.gray,
             resize_height=opts.resize_height, resize_width=opts.resize_width,
-            max_pixels=opts.max_pixels)
+            max_pixels=opts.max_pixels, resize_mode=opts.resize_mode)
         encoding = _encoding_for(opts, entry.path)
         if encoding:
             resized = opts.resize_height > 0 and opts.resize_width > 0
@@ -357,6 +362,7 @@ def convert_imageset(
     *,
     resize_height: int = 0,
     resize_width: int = 0,
+    resize_mode: str = images.SQUASH,
     shuffle: bool = False,
     seed: int | None = None,
     gray: bool = False,
@@ -377,6 +383,8 @@ def convert_imageset(
 ) -> ConvertResult:
     """Convert the images named in `listfile` (relative to `root_folder`) into a new LMDB.
 
+    `resize_mode` (images.RESIZE_MODES) says how images reach resize_height x resize_width:
+    squash (Caffe's, the default), crop, fill or half_crop (NVIDIA DIGITS's modes).
     `digest` fills ConvertResult.digest (lmdb_content_digest, hashed while writing); the
     command line turns it off, as it does not print it. `pool` picks how workers run (POOLS).
     `pixel_sum` fills ConvertResult.pixel_sum where it can (raw records resized to one size). `check_space` refuses to start when the filesystem of `db_path`
@@ -386,7 +394,7 @@ def convert_imageset(
     DB without overwrite, a size mismatch under check_size, or more than max_skipped skips.
     """
     started = time.monotonic()
-    check_options(resize_height, resize_width, encode_type, max_pixels)
+    check_options(resize_height, resize_width, encode_type, max_pixels, resize_mode)
     if max_skipped is not None and max_skipped < 0:
         raise ImagenetError(f"max_skipped must be >= 0, got {max_skipped}")
     workers = available_cores() if workers is None else workers
@@ -410,7 +418,8 @@ def convert_imageset(
         used_seed = seed if seed is not None else random.SystemRandom().getrandbits(_SEED_BITS)
         random.Random(used_seed).shuffle(entries)
     opts = ConvertOptions(root, resize_height, resize_width, gray, encode_type,
-                          encoded or bool(encode_type), max_pixels, hash_values=digest)
+                          encoded or bool(encode_type), max_pixels, hash_values=digest,
+                          resize_mode=resize_mode)
     result = ConvertResult(Path(db_path), 0, total_lines=len(entries), seed=used_seed)
     items = list(enumerate(entries))
     expected_size = -1

@@ -10,10 +10,13 @@ What this module adds around that recipe:
 - decompression bombs are refused from the header dimensions before any pixel is decoded;
 - a truncated JPEG (no EOI marker) is reported so the caller can warn and count it: libjpeg
   decodes it anyway with the missing rows gray (128), which is what Caffe stores;
-- an undecodable file raises ImageSkip with the reason, for the caller to count and report.
+- an undecodable file raises ImageSkip with the reason, for the caller to count and report;
+- DIGITS's other resize modes (crop, fill, half_crop: `resize`) beside Caffe's squash.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data.errors import ImagenetError
+
 # Refuse images with more pixels than this before decoding them: 2**28 pixels is 768 MiB of
 # BGR, far beyond any real photo collection (ImageNet's largest is ~ 2**25) yet well below
 # what would exhaust memory in every worker at once.
@@ -29,6 +34,15 @@ MAX_PIXELS_DEFAULT = 2**28
 
 # Encodings to suggest when --encode_type names one OpenCV cannot write.
 COMMON_ENCODINGS = ("jpg", "png", "bmp", "webp")
+
+# How an image becomes resize_height x resize_width (NVIDIA DIGITS's resize modes,
+# digits/utils/image.py resize_image): "squash" is Caffe's (aspect ratio ignored) and the default.
+SQUASH, CROP, FILL, HALF_CROP = "squash", "crop", "fill", "half_crop"
+RESIZE_MODES = (SQUASH, CROP, FILL, HALF_CROP)
+# fill / half_crop pad with uniform noise in [0, NOISE_HIGH) like DIGITS (np.random.randint(0,
+# 255)), but seeded from the file's bytes: the same image always gets the same padding, so the
+# records are the same for any worker count and on every rerun.
+NOISE_HIGH = 255
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8"
@@ -152,6 +166,108 @@ class DecodedImage:
     file_bytes: bytes  # the original file, stored as-is by --encoded when no re-encode is needed
 
 
+def check_resize_mode(mode: str) -> str:
+    """The mode itself, or ImagenetError listing the valid ones."""
+    if mode not in RESIZE_MODES:
+        raise ImagenetError(f"unknown resize mode {mode!r}; valid: {', '.join(RESIZE_MODES)}")
+    return mode
+
+
+def _round(x: float) -> int:
+    """Python 2's round(), which DIGITS ran on: halves away from zero (Python 3 rounds them to
+    even, which would move a centre crop by a pixel)."""
+    return int(math.floor(x + 0.5))
+
+
+def _cv_resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    # cv::resize(src, dst, cv::Size(width, height)): dsize is (width, height).
+    return cv2.resize(pixels, (max(width, 1), max(height, 1)), interpolation=cv2.INTER_LINEAR)
+
+
+def _noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, NOISE_HIGH, shape, dtype=np.uint8)
+
+
+def resize(pixels: np.ndarray, height: int, width: int, mode: str = SQUASH, *,
+           noise_seed: int = 0) -> np.ndarray:
+    """`pixels` (HxW or HxWxC, uint8) at height x width by `mode`, as DIGITS's resize_image
+    defines the modes, with OpenCV's INTER_LINEAR (Caffe's resize) in place of scipy's bilinear:
+
+    - squash: resize to exactly height x width, aspect ratio ignored (Caffe's convert_imageset);
+    - crop: resize so the image covers the target keeping its aspect ratio, then cut the centre;
+    - fill: resize so the image fits inside the target keeping its aspect ratio, then pad both
+      sides of the short dimension with noise (an even padding: DIGITS rounds the image up);
+    - half_crop: resize to the mean of the two ratios, cut the centre of the too-long dimension
+      and pad the too-short one with noise: half the distortion of each of the others.
+    An image whose aspect ratio already is the target's is squashed in every mode."""
+    check_resize_mode(mode)
+    h, w = pixels.shape[:2]
+    if (h, w) == (height, width):
+        return pixels
+    width_ratio, height_ratio = w / width, h / height
+    if mode == SQUASH or width_ratio == height_ratio:
+        return _cv_resize(pixels, height, width)
+    wide = width_ratio > height_ratio  # relatively wider than the target
+    if mode == CROP:
+        if wide:
+            rh, rw = height, _round(w / height_ratio)
+        else:
+            rh, rw = _round(h / width_ratio), width
+        out = _cv_resize(pixels, rh, rw)
+        return _centre(out, height, width, wide)
+    if mode == FILL:
+        if wide:
+            rh, rw = max(1, _round(h / width_ratio)), width
+            rh += (height - rh) % 2
+        else:
+            rh, rw = height, max(1, _round(w / height_ratio))
+            rw += (width - rw) % 2
+        out = _cv_resize(pixels, rh, rw)
+    else:  # HALF_CROP
+        ratio = (width_ratio + height_ratio) / 2.0
+        rh, rw = max(1, _round(h / ratio)), max(1, _round(w / ratio))
+        if wide:
+            rh += (height - rh) % 2
+        else:
+            rw += (width - rw) % 2
+        out = _centre(_cv_resize(pixels, rh, rw), min(rh, height), min(rw, width), wide)
+    return _pad(out, height, width, wide, noise_seed)
+
+
+def _centre(pixels: np.ndarray, height: int, width: int, wide: bool) -> np.ndarray:
+    """Cut the centre of the dimension that is too long (DIGITS's rounding of the offset)."""
+    if wide:
+        start = _round((pixels.shape[1] - width) / 2.0)
+        return pixels[:, start:start + width]
+    start = _round((pixels.shape[0] - height) / 2.0)
+    return pixels[start:start + height, :]
+
+
+def _pad(pixels: np.ndarray, height: int, width: int, wide: bool, seed: int) -> np.ndarray:
+    """Pad the dimension that is too short with noise, the same amount on both sides."""
+    extra = pixels.shape[2:]
+    if wide:
+        pad = (height - pixels.shape[0]) // 2
+        if pad <= 0:
+            return pixels
+        shape = (pad, width, *extra)
+        axis = 0
+    else:
+        pad = (width - pixels.shape[1]) // 2
+        if pad <= 0:
+            return pixels
+        shape = (height, pad, *extra)
+        axis = 1
+    noise = _noise((2, *shape), seed)
+    return np.ascontiguousarray(np.concatenate((noise[0], pixels, noise[1]), axis=axis))
+
+
+def noise_seed(data: bytes) -> int:
+    """The seed of an image's padding noise: from its bytes, so it never depends on the order
+    or the worker that decoded it."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def load_image(
     path: str | Path,
     *,
@@ -159,9 +275,11 @@ def load_image(
     resize_height: int = 0,
     resize_width: int = 0,
     max_pixels: int = MAX_PIXELS_DEFAULT,
+    resize_mode: str = SQUASH,
 ) -> DecodedImage:
     """Read, check and decode one image like Caffe's ReadImageToCVMat; raise ImageSkip if it
-    cannot be converted."""
+    cannot be converted. `resize_mode` (RESIZE_MODES, see resize) applies when both sizes are
+    set; the default, squash, is Caffe's own resize."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -182,9 +300,13 @@ def load_image(
         if pixels is None:
             raise ImageSkip("OpenCV could not decode it (Caffe: \"Could not open or find file\")")
         if resize_height > 0 and resize_width > 0:
-            # cv::resize(src, dst, cv::Size(width, height)): dsize is (width, height).
-            pixels = cv2.resize(pixels, (resize_width, resize_height),
-                                interpolation=cv2.INTER_LINEAR)
+            if resize_mode == SQUASH:
+                # cv::resize(src, dst, cv::Size(width, height)): dsize is (width, height).
+                pixels = cv2.resize(pixels, (resize_width, resize_height),
+                                    interpolation=cv2.INTER_LINEAR)
+            else:
+                pixels = resize(pixels, resize_height, resize_width, resize_mode,
+                                noise_seed=noise_seed(data))
     except cv2.error as err:  # OpenCV throws on what it cannot handle: a counted skip
         raise ImageSkip(f"OpenCV failed on it: {getattr(err, 'err', '') or err}") from None
     except MemoryError:

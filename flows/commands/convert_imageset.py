@@ -11,6 +11,7 @@ import logging
 import sys
 
 from data.convert import check_options, convert_imageset, read_listing
+from data.images import RESIZE_MODES, SQUASH
 from flows.flags import add_flag, check_backend, int_at_least
 
 
@@ -29,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="resize to this width (needs --resize_height too; 0 = keep)")
     add_flag(parser, "resize_height", type=int_at_least(0), default=0,
              help="resize to this height (needs --resize_width too; 0 = keep)")
+    add_flag(parser, "resize_mode", default=SQUASH, choices=RESIZE_MODES,
+             help="how images reach the resize size (squash: "
+             "Caffe's, aspect ratio ignored; crop: keep the aspect ratio, cut the centre; fill: "
+             "keep it, pad with noise; half_crop: half of each; NVIDIA DIGITS's modes)")
     add_flag(parser, "check_size", type=bool, default=False,
              help="fail if the images do not all have the same size")
     add_flag(parser, "encoded", type=bool, default=False,
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     # Every flag is checked before anything is printed or read (convert_imageset checks them
     # again for library callers).
     check_backend(args.backend)
-    check_options(args.resize_height, args.resize_width, args.encode_type)
+    check_options(args.resize_height, args.resize_width, args.encode_type,
+                  resize_mode=args.resize_mode)
     # Warnings (skipped / truncated images) as one plain line each on stderr.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     result = convert_imageset(
         args.root_folder, args.listfile, args.db_name,
         resize_height=args.resize_height, resize_width=args.resize_width,
-        shuffle=args.shuffle, seed=args.seed, gray=args.gray, encoded=args.encoded,
+        resize_mode=args.resize_mode, shuffle=args.shuffle, seed=args.seed, gray=args.gray, encoded=args.encoded,
         encode_type=args.encode_type, check_size=args.check_size, workers=args.workers,
         overwrite=args.overwrite, max_skipped=args.max_skipped, digest=False)
     if result.seed is not None and args.seed is None:
