@@ -15,7 +15,7 @@ Owns
   outputs and result come back as JSON lines on its stdout; the others' stderr is kept for the
   error message. One failing process stops the rest (they would wait in a collective).
 
-What each process reads, who logs and who snapshots is model/train.py's Solver.
+What each process reads, who logs and who snapshots is model/solve.py's Solver.
 """
 from __future__ import annotations
 
