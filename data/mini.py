@@ -35,7 +35,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -91,11 +91,16 @@ class Profile:
     grain_sigma: float  # std of the full-resolution grain added before encoding (0: none)
 
 
-# Named looks of the images: "mini" (small files: the demo and the tests) and "ilsvrc" (the
-# sizes and pixel counts of real ILSVRC2012 photos, for benchmarks/scale.py).
+# Thumbnails: ILSVRC2012's counts and layout at ~0.7 KB an image (benchmarks/fullcount.py puts
+# all 1,331,167 images on one small disk with them).
+THUMB_IMAGE_SIZES: tuple[tuple[tuple[int, int], float], ...] = (((16, 16), 1.0),)
+# Named looks of the images: "mini" (small files: the demo and the tests), "ilsvrc" (the
+# sizes and pixel counts of real ILSVRC2012 photos, for benchmarks/scale.py) and "thumb" (16x16
+# thumbnails, for the full-count rehearsal).
 PROFILES: dict[str, Profile] = {
     "mini": Profile(IMAGE_SIZES, 85, 0.0),
     "ilsvrc": Profile(ILSVRC_IMAGE_SIZES, 94, 11.0),
+    "thumb": Profile(THUMB_IMAGE_SIZES, 90, 0.0),
 }
 # The grain comes from one tile drawn per seed (crops of it per image): drawing fresh noise for
 # every pixel of every image would double the generation time.
@@ -178,7 +183,7 @@ def _mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ImagenetError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
-@functools.lru_cache(maxsize=len(IMAGE_SIZES) + len(ILSVRC_IMAGE_SIZES))
+@functools.lru_cache(maxsize=len(IMAGE_SIZES) + len(ILSVRC_IMAGE_SIZES) + len(THUMB_IMAGE_SIZES))
 def _grid(w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     return yy, xx
@@ -293,10 +298,12 @@ def make_mini_ilsvrc12(
     seed: int = 0,
     profile: str = "mini",
     progress: Callable[[int, int], None] | None = None,
+    train_counts: Sequence[int] | None = None,
 ) -> MiniResult:
     """Write a mini ILSVRC2012 into `outdir` (see the module docstring); `progress(done, total)`
-    is called per image; `profile` (PROFILES) sets the images' sizes and file sizes. The same
-    arguments always give byte-identical files."""
+    is called per image; `profile` (PROFILES) sets the images' sizes and file sizes;
+    `train_counts` (one per class) replaces `train_per_class` where classes differ in size, as
+    ILSVRC2012's do (732 to 1300). The same arguments always give byte-identical files."""
     start = time.monotonic()
     known = real_synsets()
     if not 1 <= classes <= len(known):
@@ -305,21 +312,24 @@ def make_mini_ilsvrc12(
     if profile not in PROFILES:
         raise ImagenetError(f"unknown --profile {profile!r}; valid: {', '.join(PROFILES)}")
     look = PROFILES[profile]
-    if train_per_class < 1 or val_per_class < 1:
-        raise ImagenetError(f"--train-per-class {train_per_class} / --val-per-class "
+    counts = [train_per_class] * classes if train_counts is None else [int(n) for n in train_counts]
+    if len(counts) != classes:
+        raise ImagenetError(f"train_counts: {len(counts)} counts for {classes} classes")
+    if min(counts) < 1 or val_per_class < 1:
+        raise ImagenetError(f"--train-per-class {min(counts)} / --val-per-class "
                             f"{val_per_class}: need at least one image of each")
-    if classes * train_per_class < len(AWKWARD):
-        raise ImagenetError(f"{classes} x {train_per_class} train images: need at least "
+    if sum(counts) < len(AWKWARD) or min(counts) * classes < len(AWKWARD):
+        raise ImagenetError(f"{classes} x {min(counts)} train images: need at least "
                             f"{len(AWKWARD)} to hold the awkward cases ({', '.join(AWKWARD)})")
     id_span = TRAIN_ID_RANGE[1] - TRAIN_ID_RANGE[0]
-    if train_per_class > id_span:
-        raise ImagenetError(f"--train-per-class {train_per_class}: at most {id_span}")
+    if max(counts) > id_span:
+        raise ImagenetError(f"--train-per-class {max(counts)}: at most {id_span}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     chosen = known[:classes]
     synsets = [w for w, _ in chosen]
     words = dict(chosen)
-    total = classes * (train_per_class + val_per_class)
+    total = sum(counts) + classes * val_per_class
     done = 0
 
     def tick() -> None:
@@ -337,7 +347,7 @@ def make_mini_ilsvrc12(
     with open(_tmp(train_tar), "wb") as raw, _open_tar(raw) as outer:
         for label, wnid in enumerate(synsets):
             rng = np.random.default_rng([seed, 1, label])
-            ids = np.sort(rng.choice(np.arange(*TRAIN_ID_RANGE), train_per_class, replace=False))
+            ids = np.sort(rng.choice(np.arange(*TRAIN_ID_RANGE), counts[label], replace=False))
             inner_buf = io.BytesIO()
             with _open_tar(inner_buf) as inner:
                 for k, image_id in enumerate(ids):
@@ -391,7 +401,7 @@ def make_mini_ilsvrc12(
         ids = np.roll(ids, 1)  # never let ID order coincide with label order
     leaves = [dict(ILSVRC2012_ID=float(ids[k]), WNID=w, words=words[w], gloss="",
                    num_children=0.0, children=[], wordnet_height=0.0,
-                   num_train_images=float(train_per_class)) for k, w in enumerate(synsets)]
+                   num_train_images=float(counts[k])) for k, w in enumerate(synsets)]
     leaves.sort(key=lambda s: s["ILSVRC2012_ID"])  # meta.mat lists synsets by ID
     root = dict(ILSVRC2012_ID=float(classes + 1), WNID=ROOT_SYNSET[0], words=ROOT_SYNSET[1],
                 gloss="", num_children=float(classes), children=[float(i) for i in sorted(ids)],

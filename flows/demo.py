@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from flows import prefect_env
 
@@ -64,12 +65,15 @@ class MirrorServer:
 
 
 def build_mirror(folder: Path, classes: int, train_per_class: int, val_per_class: int,
-                 seed: int) -> Path:
-    """The mini ILSVRC12 archives (built once per configuration; reused after)."""
+                 seed: int, **options: Any) -> Path:
+    """The mini ILSVRC12 archives (built once per configuration; reused after). `options` go
+    to make_mini_ilsvrc12 as they are (profile, train_counts, progress) and, except progress,
+    into the configuration."""
     from data.mini import make_mini_ilsvrc12
 
     wanted = {"classes": classes, "train_per_class": train_per_class,
-              "val_per_class": val_per_class, "seed": seed}
+              "val_per_class": val_per_class, "seed": seed,
+              **{k: v for k, v in options.items() if k != "progress"}}
     stamp = folder / MIRROR_STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (folder / "MD5SUMS").is_file():
         print(f"mini ILSVRC12 mirror: reusing {folder}")
@@ -77,7 +81,7 @@ def build_mirror(folder: Path, classes: int, train_per_class: int, val_per_class
     print(f"mini ILSVRC12 mirror: building {classes} classes x ({train_per_class} train + "
           f"{val_per_class} val) in {folder}")
     make_mini_ilsvrc12(folder, classes=classes, train_per_class=train_per_class,
-                       val_per_class=val_per_class, seed=seed)
+                       val_per_class=val_per_class, seed=seed, **options)
     stamp.write_text(json.dumps(wanted))
     return folder
 

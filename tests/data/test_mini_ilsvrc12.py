@@ -141,3 +141,22 @@ def test_real_wnids_match_the_golden_classes(golden):
     wnids = [w for w, _ in real_synsets()]
     assert wnids == sorted(wnids) and len(set(wnids)) == len(wnids) == 1000
     assert all(ilsvrc12.WNID_RE.match(w) for w in wnids)
+
+
+def test_thumb_profile_with_per_class_counts(tmp_path):
+    """The full-count rehearsal's set (benchmarks/fullcount.py): 16x16 thumbnails, classes of
+    different sizes as in ILSVRC2012, the counts in train.txt and in the devkit's meta.mat."""
+    counts = [5, 1, 3]
+    mini = make_mini_ilsvrc12(tmp_path, classes=3, val_per_class=1, profile="thumb",
+                              train_counts=counts)
+    images = train_images(mini.train_tar)
+    assert mini.train_images == len(images) == sum(counts)
+    per_class = [sum(p.startswith(w + "/") for p in images) for w in mini.synsets]
+    assert per_class == counts
+    assert all(Image.open(io.BytesIO(d)).size == (16, 16) for d in images.values())
+    assert np.mean([len(d) for p, d in images.items() if p not in mini.awkward.values()]) < 1500
+    with tarfile.open(mini.aux_tar) as tar:
+        listed = tar.extractfile("train.txt").read().decode().splitlines()
+    assert len(listed) == sum(counts)
+    with pytest.raises(ImagenetError, match="2 counts for 3 classes"):
+        make_mini_ilsvrc12(tmp_path / "bad", classes=3, train_counts=[1, 2])
