@@ -24,5 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("flows.commands.extract", "safely extract one ILSVRC12 archive"),
     "make-mini-ilsvrc12": ("flows.commands.make_mini_ilsvrc12",
                            "write a small dataset with exactly ILSVRC2012's shape"),
+    "make-image-folder": ("flows.commands.make_image_folder",
+                          "write a folder of class folders of generated photos (an example "
+                          "for pipeline --images)"),
     "pipeline": ("flows.commands.pipeline", "run the full Prefect pipeline from the terminal"),
 }
