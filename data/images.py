@@ -3,11 +3,14 @@
 Caffe (src/caffe/util/io.cpp, ReadImageToCVMat) decodes with `cv::imread(path, IMREAD_COLOR or
 IMREAD_GRAYSCALE)` (EXIF orientation applied, format sniffed from the content, so a PNG named
 .JPEG decodes) and resizes with `cv::resize(img, Size(width, height))` (INTER_LINEAR, aspect
-ratio ignored) only when BOTH sizes are > 0. We call the same OpenCV functions, which reproduces
-Caffe's records byte for byte (tests/data/test_convert_imageset.py checks every golden record).
+ratio ignored) only when BOTH sizes are > 0. We call the same OpenCV functions (imdecode on the
+file's bytes, which gives imread's pixels), which reproduces Caffe's records byte for byte
+(tests/data/test_convert_imageset.py checks every golden record).
 
 What this module adds around that recipe:
-- decompression bombs are refused from the header dimensions before any pixel is decoded;
+- decompression bombs are refused from the header dimensions before any pixel is decoded, in
+  every format OpenCV decodes (data/image_headers.py);
+- no path ever reaches OpenCV's file API, so a file name that is not UTF-8 is just a name;
 - a truncated JPEG (no EOI marker) is reported so the caller can warn and count it: libjpeg
   decodes it anyway with the missing rows gray (128), which is what Caffe stores;
 - an undecodable file raises ImageSkip with the reason, for the caller to count and report;
@@ -26,6 +29,8 @@ import cv2
 import numpy as np
 
 from data.errors import ImagenetError
+# read_header and ImageHeader are this module's API too (callers read sizes from here).
+from data.image_headers import ImageHeader, read_header  # noqa: F401
 
 # Refuse images with more pixels than this before decoding them: 2**28 pixels is 768 MiB of
 # BGR, far beyond any real photo collection (ImageNet's largest is ~ 2**25) yet well below
@@ -44,14 +49,15 @@ RESIZE_MODES = (SQUASH, CROP, FILL, HALF_CROP)
 # records are the same for any worker count and on every rerun.
 NOISE_HIGH = 255
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8"
-# JPEG start-of-frame markers that carry the image size (C0-CF except DHT C4, JPG C8, DAC CC).
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
 # Markers without a length field: TEM, RST0-7, SOI, EOI.
 _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8), 0xD8, 0xD9])
-_JPEG_SOS = 0xDA
-_JPEG_EOI = 0xD9
+# What libjpeg's file source feeds the decoder after the last byte of a truncated JPEG: a fake
+# EOI marker, again on every further read (jdatasrc.c fill_input_buffer). Decoding from memory
+# with as many EOIs behind the data as any segment could still ask for (a length field is 16
+# bits) gives imread's pixels, gray rows included, without handing OpenCV a path.
+_JPEG_EOF_PADDING = b"\xff\xd9" * (0xFFFF // 2 + 1)
 # Inside entropy-coded data 0xFF is always followed by 0x00 (stuffing) or RST0-7 (D0-D7);
 # any other byte after 0xFF starts a real marker.
 _JPEG_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
@@ -63,52 +69,6 @@ class ImageSkip(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    format: str
-    width: int
-    height: int
-
-
-def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first SOF segment, walking marker segments from SOI."""
-    pos = 2
-    n = len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill bytes before a marker are allowed
-            pos += 1
-            continue
-        if marker in _JPEG_STANDALONE:
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker in _JPEG_SOF:
-            if pos + 9 > n:
-                return None
-            height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width, height
-        if marker == _JPEG_SOS:
-            return None
-        pos += 2 + length
-    return None
-
-
-def read_header(data: bytes) -> ImageHeader | None:
-    """Format and dimensions from the first bytes of a JPEG or PNG (None for other formats or
-    a header too damaged to read: OpenCV then decides, and fails on garbage)."""
-    if data.startswith(_PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b"IHDR":
-        width, height = struct.unpack_from(">II", data, 16)
-        return ImageHeader("png", width, height)
-    if data.startswith(_JPEG_SOI):
-        dims = _jpeg_dimensions(data)
-        if dims is not None:
-            return ImageHeader("jpeg", *dims)
-    return None
 
 
 def jpeg_is_truncated(data: bytes) -> bool:
@@ -148,8 +108,14 @@ def jpeg_is_truncated(data: bytes) -> bool:
 
 
 def check_size(header: ImageHeader | None, max_pixels: int, path: str | Path) -> None:
-    """Refuse a decompression bomb from its header alone."""
-    if header is not None and header.width * header.height > max_pixels:
+    """Refuse a decompression bomb from its header alone, in every format OpenCV decodes
+    (data/image_headers.py), and a header OpenCV would refuse for having no size."""
+    if header is None:
+        return  # no decoder claims these bytes: OpenCV fails on them without decoding
+    if not header.readable:
+        raise ImageSkip(f"its {header.format.upper()} header gives no usable image size "
+                        "(damaged or cut short)")
+    if header.width * header.height > max_pixels:
         raise ImageSkip(
             f"{header.format.upper()} header says {header.width}x{header.height} = "
             f"{header.width * header.height:,} pixels, over the limit of {max_pixels:,} "
@@ -289,14 +255,15 @@ def load_image(
     check_size(read_header(data), max_pixels, path)
     flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
     truncated = jpeg_is_truncated(data)
-    # imdecode of the bytes we already hold gives imread's pixels (EXIF applied, format
-    # sniffed; checked on every golden image) without reading the file twice. But OpenCV 5's
-    # imdecode rejects a truncated JPEG that imread (like Caffe's OpenCV 4.6 imread) decodes
-    # with gray rows, so those, and anything imdecode refuses, go through Caffe's own call.
+    # imdecode of the bytes we already hold gives imread's pixels (EXIF applied, format sniffed;
+    # checked on every golden image and on truncations of every format) without reading the
+    # file twice, and without giving OpenCV a path: its file API takes the name as UTF-8 and
+    # crashed (SIGSEGV) on names that are not. A truncated JPEG, which imread (like Caffe's)
+    # decodes with gray rows and OpenCV's memory source refuses, gets the fake EOIs libjpeg's
+    # file source would have read.
     try:
-        pixels = None if truncated else cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-        if pixels is None:
-            pixels = cv2.imread(str(path), flag)
+        buffer = data + _JPEG_EOF_PADDING if truncated else data
+        pixels = cv2.imdecode(np.frombuffer(buffer, dtype=np.uint8), flag)
         if pixels is None:
             raise ImageSkip("OpenCV could not decode it (Caffe: \"Could not open or find file\")")
         if resize_height > 0 and resize_width > 0:

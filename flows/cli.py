@@ -59,6 +59,28 @@ def one_line(text: str) -> str:
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def printable(text: str) -> str:
+    """`text` safe to print on any stream: the bytes of a file name that is not UTF-8 (held as
+    surrogate escapes since the OS gave them) shown as \\xNN, so the line names the file
+    unambiguously instead of failing to encode."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that came from no file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _tolerate_file_names_on_streams() -> None:
+    """stdout and stderr write a non-UTF-8 file name's own bytes back (as `ls` does) instead
+    of raising UnicodeEncodeError from a print or a log line halfway through a command."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", "") == "strict":
+            try:
+                reconfigure(errors="surrogateescape")
+            except (ValueError, OSError):
+                pass
+
+
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -92,7 +114,7 @@ def _device_out_of_memory(err: BaseException) -> bool:
 
 def _report_bug(name: str, err: BaseException) -> int:
     where = (f"imagenet {name}: error: unexpected {type(err).__name__}: "
-             f"{one_line(str(err))[:MAX_DETAIL]}")
+             f"{printable(one_line(str(err))[:MAX_DETAIL])}")
     try:
         path = write_traceback(name, err)
     except OSError as write_err:
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one `imagenet` command; returns its exit status (see the module docstring).
     argparse's own exits (--help, a bad flag) raise SystemExit as usual."""
     argv = caffe_style_argv(list(sys.argv[1:] if argv is None else argv))
+    _tolerate_file_names_on_streams()
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
         return EXIT_USAGE
@@ -177,7 +200,7 @@ def _report(name: str, err: BaseException) -> int:
                    "batch_size, --precision=bf16 or more devices")
     else:
         return _report_bug(name, err)
-    print(f"imagenet {name}: error: {message}", file=sys.stderr)
+    print(f"imagenet {name}: error: {printable(message)}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import cv2
+import image_bombs
 import numpy as np
 import pytest
 
@@ -249,6 +250,15 @@ CASES = [
     Case("convert-path-too-long-for-a-key", CONVERT + ["new_db"], ERROR,
          ("list.txt:1", "longer than", "LMDB key"), _write("list.txt", "x" * 600 + ".jpg 0\n")),
     Case("convert-nul-in-db-name", CONVERT + ["new\0db"], ERROR, ("NUL byte",)),
+    Case("convert-name-not-utf8", ["convert-imageset", "--max_skipped=0"] + CONVERT[1:]
+         + ["new_db"], ERROR, ("caf", "list.txt:2", "could not decode", "no DB written"),
+         _both(_write("list.txt", b"a.jpg 0\ncaf\xe9.jpg 1\n"),
+               lambda ws: (ws / "images" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"junk"))),
+    *[Case(f"convert-bomb-{name}", ["convert-imageset", "--max_skipped=0"] + CONVERT[1:]
+           + ["new_db"], ERROR, ("bomb", "header says 20000x20000", "decompression bomb"),
+           _both(_write("list.txt", "a.jpg 0\nbomb 1\n"),
+                 _write("images/bomb", image_bombs.BOMBS[name][0](20000, 20000))))
+      for name in sorted(image_bombs.BOMBS) if not name.startswith("webp-vp8")],
     # ---- compute-image-mean
     Case("mean-db-missing", MEAN + ["nope_lmdb"], ERROR, ("nope_lmdb", "does not exist")),
     Case("mean-folder-not-lmdb", MEAN + ["images"], ERROR, ("images", "not an LMDB")),
