@@ -9,7 +9,7 @@ from whichever source the user has.
   and val labels from ONE of:
   * the devkit (`ILSVRC2012_devkit_t12.tar.gz` or its folder): the ground truth holds
     ILSVRC2012_IDs, which index the devkit's meta.mat synsets (NOT the sorted-WNID labels), so
-    they are mapped ID -> WNID -> label. meta.mat is read with data/matfile.py (MAT v5); a
+    they are mapped ID -> WNID -> label. meta.mat is read with scipy.io (data/devkit_meta.py); a
     plain-text `ILSVRC2012_mapping.txt` (`<ILSVRC2012_ID> <WNID>` per line) in the devkit's data/
     folder is used instead where meta.mat is absent;
   * Kaggle's `LOC_val_solution.csv` (`ImageId,PredictionString`; the first token is the WNID);
@@ -30,10 +30,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data import devkit_meta
 from data import ilsvrc12
 from data.errors import ImagenetError
 from data.extract import STATE_DIR
-from data.matfile import loadmat
 
 EXAMPLES_SHOWN = 3
 PLAIN_MAPPING = "ILSVRC2012_mapping.txt"
@@ -185,16 +185,11 @@ def devkit_synsets(devkit: Path) -> tuple[dict[int, str], dict[str, str]]:
     ids: dict[int, str] = {}
     words: dict[str, str] = {}
     if "meta.mat" in files:
-        mat = loadmat(f"{devkit}:meta.mat", files["meta.mat"])
-        synsets = mat.get("synsets")
-        if not isinstance(synsets, list) or not synsets or "WNID" not in synsets[0]:
-            raise ImagenetError(f"{devkit}:meta.mat: no 'synsets' struct with WNIDs")
-        for s in synsets:
-            children = s.get("num_children")
-            if children is not None and float(children.ravel()[0]) > 0:
+        for synset in devkit_meta.read_meta(files["meta.mat"], f"{devkit}:meta.mat"):
+            if synset.num_children > 0:
                 continue  # an inner WordNet node, not one of the classes
-            ids[int(s["ILSVRC2012_ID"].ravel()[0])] = s["WNID"]
-            words[s["WNID"]] = s.get("words", "")
+            ids[synset.ilsvrc2012_id] = synset.wnid
+            words[synset.wnid] = synset.words
     elif PLAIN_MAPPING in files:
         where = f"{devkit}:{PLAIN_MAPPING}"
         for i, line in enumerate(files[PLAIN_MAPPING].decode().splitlines(), 1):

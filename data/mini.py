@@ -43,7 +43,7 @@ from PIL import Image
 
 from data import ilsvrc12
 from data.errors import ImagenetError
-from data.matfile import savemat
+from data.devkit_meta import format_meta
 
 # Caffe's synset_words.txt for ILSVRC2012: the 1000 WNIDs in ASCII order with their WordNet
 # words (the same lines as the aux tarball's file, which this generator re-creates).
@@ -406,7 +406,7 @@ def make_mini_ilsvrc12(
     root = dict(ILSVRC2012_ID=float(classes + 1), WNID=ROOT_SYNSET[0], words=ROOT_SYNSET[1],
                 gloss="", num_children=float(classes), children=[float(i) for i in sorted(ids)],
                 wordnet_height=1.0, num_train_images=0.0)
-    meta = savemat(None, {"synsets": leaves + [root]})
+    meta = format_meta(leaves + [root])
     ground_truth_text = "".join(f"{int(ids[lab])}\n" for _, lab in val_entries)
     devkit_tar = outdir / ilsvrc12.DEVKIT_ARCHIVE
     _write_tar_gz(_tmp(devkit_tar), [

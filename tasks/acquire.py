@@ -35,7 +35,7 @@ MINI_SEED = 0
 MINI_ARCHIVES = {"train": TRAIN_ARCHIVE, "val": VAL_ARCHIVE, "aux": AUX_ARCHIVE}
 MINI_CHECKSUMS = "MD5SUMS"
 # Library modules whose source is part of each stage's cache key.
-MINI_CODE = ("data.mini", "data.matfile")
+MINI_CODE = ("data.mini", "data.devkit_meta")
 DOWNLOAD_CODE = ("data.download",)
 EXTRACT_CODE = ("data.extract",)
 LISTINGS_CODE = ("data.listings", "data.ilsvrc12")
