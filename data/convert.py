@@ -349,12 +349,6 @@ def _clear_worker() -> None:
     _worker_opts = None
 
 
-def _clear_bar(bar: Progress) -> None:
-    # A warning line would otherwise be glued to the end of the progress bar's line.
-    if bar.enabled:
-        bar.stream.write("\r\x1b[K")
-
-
 def convert_imageset(
     root_folder: str | os.PathLike,
     listfile: str | os.PathLike,
@@ -447,7 +441,7 @@ def convert_imageset(
             bar.update()
             if outcome.value is None:
                 result.skipped.append((entry.line_no, entry.path, outcome.reason))
-                _clear_bar(bar)
+                bar.clear_line()  # else the warning is glued to the bar's line
                 log.warning("skipped %s (listing line %d): %s",
                             resolve_listed(root, entry.path), entry.line_no, outcome.reason)
                 if max_skipped is not None and len(result.skipped) > max_skipped:
@@ -458,7 +452,7 @@ def convert_imageset(
                 continue
             if outcome.truncated:
                 result.truncated.append((entry.line_no, entry.path))
-                _clear_bar(bar)
+                bar.clear_line()  # else the warning is glued to the bar's line
                 log.warning("truncated JPEG %s (listing line %d): written with the missing rows "
                             "gray (128), as Caffe does", resolve_listed(root, entry.path),
                             entry.line_no)
