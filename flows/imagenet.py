@@ -324,7 +324,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
             plan = training.prepare_training(
                 root, p.solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
                 mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval,
-                processes=p.processes,
+                processes=p.processes, devices=p.devices,
                 image_listings={"train": (root / TRAIN_LIST, trees["train"]),
                                 "val": (root / VAL_LIST, trees["val"])})
         data_inputs = {"train": lmdbs["train"], "val": lmdbs["val"], "mean": mean_file}

@@ -5,7 +5,10 @@ Owns
   before anything touches a JAX backend: `jax.distributed.initialize` with those values, or with
   none of them where a scheduler's environment says the job has several processes
   (`CLUSTER_ENVS`: SLURM's srun, Open MPI's mpirun), so JAX's own cluster detection fills them
-  in. One process and no scheduler: nothing to join.
+  in. One process and no scheduler: nothing to join. With explicit flags, model/peers.py's
+  rendezvous runs first (a missing process is named in one line after `timeout_s`, 60 s by
+  default: --join_timeout) and its watchdog stays beside JAX for the run (a process that fails
+  or dies stops the others at once, with one line).
 - the CPU collectives: XLA's CPU client reduces across processes with gloo over TCP
   (`jax_cpu_collectives_implementation`, gloo by default in jax 0.10; "mpi" is the other
   implementation, chosen with JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi). GPU processes reduce
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from data.errors import ImagenetError
+from model import peers
 
 # Schedulers whose environment JAX's cluster detection reads (jax/_src/clusters/): name ->
 # (variables it needs, the one holding the process count).
@@ -47,8 +51,9 @@ CLUSTER_ENVS: dict[str, tuple[tuple[str, ...], str]] = {
 CPU_COLLECTIVES = "gloo"
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 COLLECTIVES_ENV = "JAX_CPU_COLLECTIVES_IMPLEMENTATION"
-# Seconds a process waits for all the others to join (jax.distributed's default).
-JOIN_TIMEOUT_S = 300
+# Seconds a process waits for all the others to join (--join_timeout; jax.distributed's own
+# default is 300 and ends in a native abort).
+JOIN_TIMEOUT_S = 60
 LOCALHOST = "127.0.0.1"
 MAX_PORT = 65535
 # After a failure or cancellation: seconds the other processes get to stop (a SIGTERM makes
@@ -60,6 +65,8 @@ WATCH_INTERVAL_S = 0.5
 EVENT_PREFIX = "@imagenet-event "
 # Characters of a failed process's stderr quoted in the error.
 STDERR_TAIL = 2000
+# This process's peer watchdog once joined with explicit flags (model/peers.py).
+_WATCHDOG: peers.Watchdog | None = None
 
 
 def detected_cluster(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -110,8 +117,21 @@ def join(coordinator: str | None = None, num_processes: int | None = None,
                             "ids run from 0 to num_processes - 1")
     if num_processes == 1:
         return 1
+    if timeout_s <= 0:
+        raise ImagenetError(f"--join_timeout={timeout_s}: must be a positive number of seconds")
+    global _WATCHDOG
+    host, port = parse_coordinator(coordinator)
+    links = peers.rendezvous(host, port, num_processes, process_id, timeout_s)
+    _WATCHDOG = peers.Watchdog(links, process_id, num_processes)
     return _initialize(coordinator, num_processes, process_id, environ, timeout_s,
                        f"coordinator {coordinator}")
+
+
+def report_failure(message: str) -> None:
+    """This process ends in an error: the other processes stop at once, naming it (model/peers.py);
+    nothing to do with one process."""
+    if _WATCHDOG is not None:
+        _WATCHDOG.report_failure(message)
 
 
 def _initialize(coordinator: str | None, num_processes: int | None, process_id: int | None,
@@ -195,7 +215,9 @@ def run_local_processes(processes: int, solver: str, *, workdir: str | os.PathLi
                 f.close()
     if user_error is not None:
         raise ImagenetError(user_error)
-    bad = [(i, c) for i, c in enumerate(codes) if c != 0]
+    # the process that failed first, not those its watchdog stopped (model/peers.py)
+    bad = sorted(((i, c) for i, c in enumerate(codes) if c != 0),
+                 key=lambda ic: ic[1] == peers.EXIT_PEER_LOST)
     if bad or result is None:
         i, code = bad[0] if bad else (0, codes[0])
         raise RuntimeError(f"training process {i} of {processes} exited with status {code}: "
@@ -301,6 +323,7 @@ def _worker(spec: dict[str, Any], out: TextIO) -> int:
                        on_test=lambda it, outs: emit(
                            {"event": "test", "iter": it, "outputs": outs}))
     except ImagenetError as err:
+        report_failure(str(err))
         emit({"event": "error", "message": str(err)})
         print(f"process {spec['process_id']}: error: {err}", file=sys.stderr)
         return 1

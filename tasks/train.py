@@ -21,7 +21,7 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from google.protobuf import text_format
 from prefect import task
@@ -151,14 +151,17 @@ def prepare_training(
     snapshot_interval: int | None = None,
     image_listings: Mapping[str, tuple[Path | str, Path | str]] | None = None,
     processes: int = 1,
+    devices: Sequence[int] | None = None,
 ) -> TrainingPlan:
     """Write this data root's copies of the solver and net and cut max_iter into segments.
 
     Data layers are pointed at the LMDBs; ImageData layers (a net that reads images from a
     listing) at `image_listings` {"train"|"val": (listing, image folder)}, the listings and
     extracted trees of this data root. Either kind's mean_file becomes this root's mean.
-    `processes` > 1 (local training processes, one device each on a CPU host) multiplies the
-    global batch, so it is part of the configuration id."""
+    `processes` > 1 (local training processes, one device each on a CPU host) and `devices`
+    (ids per process; default one device, as `caffe train` without --gpu) multiply the global
+    batch, so both are part of the configuration id: a rerun on another count trains anew
+    instead of resuming the other's snapshots."""
     solver_path = _resolve(solver_src, REPO_ROOT)
     solver = _read(solver_path, caffe_pb2.SolverParameter())
     if not solver.net:
@@ -218,6 +221,7 @@ def prepare_training(
         "code": code_digest(TRAIN_CODE),
         # absent for one process: the ids of single-process configurations stay as they were
         **({"processes": processes} if processes > 1 else {}),
+        **({"devices": len(devices)} if devices and len(devices) > 1 else {}),
     }
     import hashlib
 

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="multi-process training: how many processes (hosts) train together")
     add_flag(parser, "process_id", type=int, default=None,
              help="multi-process training: this process's id, 0 .. num_processes - 1")
+    add_flag(parser, "join_timeout", type=int_at_least(1), default=distributed.JOIN_TIMEOUT_S,
+             help="multi-process training: seconds to wait for every process to join before "
+             "stopping with the missing ones named")
     add_flag(parser, "sigint_effect", default="stop",
              help="accepted for Caffe compatibility; SIGINT/SIGTERM always snapshot, then stop")
 
@@ -73,11 +76,17 @@ def run(args: argparse.Namespace) -> int:
     if args.sigint_effect not in ("stop", "snapshot", "none"):
         raise ImagenetError(f"--sigint_effect={args.sigint_effect!r}; valid: stop, snapshot, "
                             "none")
-    processes = distributed.join(args.coordinator, args.num_processes, args.process_id)
+    processes = distributed.join(args.coordinator, args.num_processes, args.process_id,
+                                 timeout_s=args.join_timeout)
     report_conv_plan_measuring()
-    result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
-                   devices=parse_gpu(args.gpu), stop_at_iter=args.iterations,
-                   precision=args.precision)
+    try:
+        result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
+                       devices=parse_gpu(args.gpu), stop_at_iter=args.iterations,
+                       precision=args.precision)
+    except BaseException as err:  # the other processes stop at once, naming this one's error
+        distributed.report_failure(str(err).strip().splitlines()[0] if str(err).strip()
+                                   else type(err).__name__)
+        raise
     if processes > 1 and distributed.process_index() != 0:
         return 0  # process 0 prints the summary
     print(f"final iteration {result.final_iter}; "

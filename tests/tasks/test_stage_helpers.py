@@ -85,6 +85,18 @@ def test_prepare_training_points_the_net_at_this_data_root(tmp_path):
     assert again.segment_ends == [3, 6] and again.run_dir != plan.run_dir
 
 
+def test_device_and_process_counts_are_part_of_the_configuration(tmp_path):
+    """Both multiply the global batch: a rerun on another count never resumes the other's
+    snapshots. One device (no ids, one id, the CPU) keeps the id it always had."""
+    one = _prepare(tmp_path, classes=10).config_id
+    assert _prepare(tmp_path, classes=10, devices=[0]).config_id == one
+    assert _prepare(tmp_path, classes=10, devices=[-1]).config_id == one
+    two = _prepare(tmp_path, classes=10, devices=[0, 1]).config_id
+    assert two != one and _prepare(tmp_path, classes=10, devices=[2, 3]).config_id == two
+    procs = _prepare(tmp_path, classes=10, processes=2).config_id
+    assert len({one, two, procs}) == 3
+
+
 def test_image_data_nets_read_this_roots_listings_and_images(tmp_path):
     """A net with ImageData layers runs as the pipeline's solver: its layers read the root's
     train.txt/val.txt and extracted trees, which become inputs of the configuration."""

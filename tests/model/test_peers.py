@@ -1,0 +1,108 @@
+"""Multi-process failure modes (model/peers.py), with real `imagenet train` processes on
+127.0.0.1: a process that never starts is named after --join_timeout, not after JAX's 300 s
+and a native abort; a process that is killed or fails mid-run stops the other at once, with one
+line naming it, and never a C++ stack (JAX alone: 100 s heartbeat, then an abort).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model import distributed, peers
+from test_train_tiny import SOLVER, child_env, make_tiny
+
+JOIN_TIMEOUT_S = 4
+# Interpreter, JAX and project imports before the rendezvous starts, on a busy 2-core machine.
+STARTUP_S = 40
+# A peer's death to the other's exit: the link closes at once; generous for a loaded machine.
+STOP_BOUND_S = 10
+WAIT_S = 240
+NATIVE = ("Check failure", "Terminating process", "DEADLINE_EXCEEDED", "Traceback")
+
+
+def cli(run: Path, port: int, pid: int, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "--solver=solver.prototxt",
+         f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}", *extra],
+        cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_line(err: str) -> str:
+    return [line for line in err.strip().splitlines() if line.strip()][-1]
+
+
+@pytest.mark.parametrize("pid", [0, 1])
+def test_a_process_alone_names_who_is_missing_after_the_join_timeout(tmp_path,
+                                                                     tmp_path_factory, pid):
+    run = make_tiny(tmp_path / "alone")
+    port = distributed.free_port()
+    start = time.monotonic()
+    p = cli(run, port, pid, child_env(tmp_path_factory), f"--join_timeout={JOIN_TIMEOUT_S}")
+    _, err = p.communicate(timeout=WAIT_S)
+    took = time.monotonic() - start
+    assert p.returncode == 1, err[-3000:]
+    assert not any(n in err for n in NATIVE), err[-3000:]
+    line = last_line(err)
+    if pid == 0:
+        assert "process 1 of 2 did not join within 4 s" in line, line
+    else:
+        assert f"could not reach process 0 at --coordinator=127.0.0.1:{port}" in line, line
+    assert "--num_processes=2" in line and "--join_timeout" in line
+    assert took < JOIN_TIMEOUT_S + STARTUP_S, took
+
+
+# Process 1 either fails with an error (raised at iteration 20) or is killed there.
+FAILING = r"""
+import os, signal, sys
+from data.errors import ImagenetError
+from model import distributed
+from model.train import train
+port, pid, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.join(f"127.0.0.1:{port}", 2, pid)
+def progress(it, max_iter):
+    if pid == int(how[-1]) and it == 20:
+        print("ACTING", flush=True)
+        if how.startswith("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ImagenetError("a bad label 7 in batch 20 (injected)")
+train("solver.prototxt", workdir=".", log=lambda l: None, on_progress=progress)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill1", "fail1", "fail0"])
+def test_a_peer_that_dies_or_fails_stops_the_other_at_once(tmp_path, tmp_path_factory, how):
+    run = make_tiny(tmp_path / how, batch=2, solver=SOLVER.replace("max_iter: 10",
+                                                                    "max_iter: 100000"))
+    port = distributed.free_port()
+    env = child_env(tmp_path_factory)
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING, str(port), str(i), how], cwd=run,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    culprit = int(how[-1])
+    other = procs[1 - culprit]
+    for line in procs[culprit].stdout:  # gloo prints its connection notes there too
+        if line.strip() == "ACTING":
+            break
+    acted = time.monotonic()
+    _, err = other.communicate(timeout=WAIT_S)
+    took = time.monotonic() - acted
+    procs[culprit].communicate(timeout=WAIT_S)
+    assert other.returncode == peers.EXIT_PEER_LOST, err[-3000:]
+    assert not any(n in err for n in NATIVE), err[-3000:]
+    line = last_line(err)
+    assert line.startswith(f"error: process {culprit} of 2 "), line
+    if how.startswith("kill"):
+        assert "exited or was killed" in line
+        assert procs[culprit].returncode == -signal.SIGKILL
+    else:
+        assert "failed: a bad label 7 in batch 20 (injected)" in line
+        assert procs[culprit].returncode == 1
+    assert took < STOP_BOUND_S, took
+    assert os.path.exists(run / "solver.prototxt")
