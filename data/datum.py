@@ -366,7 +366,7 @@ def read_proto_file(path: str | os.PathLike, message: M, what: str, kind: str) -
     try:
         message.ParseFromString(payload)
     except Exception as exc:  # protobuf's DecodeError has no stable import path across backends
-        raise ImagenetError(f"{p}: not a binary {kind}: {exc}") from None
+        raise ImagenetError(f"{p}: not a binary {kind} (corrupt or cut short): {exc}") from None
     return message
 
 

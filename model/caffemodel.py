@@ -8,6 +8,14 @@ layers carrying blobs with new-style `shape` and `data` only. Copying weights in
 Net::CopyTrainedLayersFrom: by layer NAME, unknown source layers logged and ignored, any shape
 mismatch fatal. Legacy 4-D blob shapes match a target whose shape, left-padded with ones to
 4-D, is the same (Blob::ShapeEquals), e.g. old InnerProduct weights stored 1x1xOxI.
+
+Where we are stricter than Caffe on purpose: Caffe scores or trains whatever a weights file
+leaves out at its random initialisation without a word, so an empty file, or one cut short at
+a layer boundary (a protobuf prefix of whole fields still parses), silently gives a random
+model. Here an empty file or one without layers is refused when it is read, and
+`check_coverage` refuses weights that leave a learnable layer out where the whole net must come
+from the file (test, classify, resume) and, for finetuning, weights that match no learnable
+layer or that are exactly the first layers of this very net (a file cut short).
 """
 from __future__ import annotations
 
@@ -30,10 +38,19 @@ Weights = dict[str, list[np.ndarray]]
 
 
 def read_net_binary(path: str | Path) -> caffe_pb2.NetParameter:
-    """Parse a binary NetParameter file and upgrade it to the `layer` form."""
+    """Parse a binary NetParameter file and upgrade it to the `layer` form; an empty file or
+    one that holds no layer (what is left of a file cut after its name) is refused."""
     net = read_proto_file(path, caffe_pb2.NetParameter(), "caffemodel",
                           "caffemodel (NetParameter)")
-    return prototxt.upgrade_net(net, str(Path(path)))
+    if net.ByteSize() == 0:
+        raise ImagenetError(f"{path}: empty weights file (0 bytes of NetParameter): it holds "
+                            "no weights; was it cut short or never written? use the complete "
+                            ".caffemodel")
+    net = prototxt.upgrade_net(net, str(Path(path)))
+    if not net.layer:
+        raise ImagenetError(f"{path}: holds no layers ({net.ByteSize()} bytes): not a "
+                            "caffemodel, or one cut short; use the complete .caffemodel")
+    return net
 
 
 def load_caffemodel(path: str | Path) -> Weights:
@@ -127,11 +144,60 @@ def copy_layers(
     return out
 
 
+def layers_needing_weights(net: Net) -> list[str]:
+    """The layers of `net` that own a parameter blob (shared blobs count for their owner)."""
+    return [layer.name for layer in net.layers if any(
+        net.param_owner(layer.name, i) == (layer.name, i) for i in range(len(layer.blobs)))]
+
+
+def _names(names: Sequence[str], shown: int = 4) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
+
+
+def check_coverage(net: Net, sources: Sequence[Mapping[str, Sequence[np.ndarray]]],
+                   paths: Sequence[str | Path], *, whole_net: bool) -> list[str]:
+    """Refuse weights that would leave layers at their random initialisation by accident.
+
+    whole_net=True (test, classify, resume): every layer of `net` that owns parameters must be
+    in some source. whole_net=False (finetuning, Caffe's --weights): at least one such layer
+    must be, and no source may be exactly the first layers of `net` and stop short of a
+    learnable one (a file cut at a layer boundary: renamed layers for finetuning leave the
+    source's own layers after them). Returns the layers that stay at their fillers."""
+    needing = layers_needing_weights(net)
+    given = list(dict.fromkeys(name for source in sources for name in source))
+    missing = [name for name in needing if name not in given]
+    where = ", ".join(str(p) for p in paths)
+    if not missing:
+        return []
+    if whole_net:
+        raise ImagenetError(
+            f"{where} has no weights for layer(s) {_names(missing)} of net {net.name!r}, which "
+            "would be used at their random initialisation; it holds "
+            f"{_names(given or ['no layer'])}: is it cut short, or a model of another net?")
+    if len(missing) == len(needing):
+        raise ImagenetError(
+            f"{where} has weights for none of the {len(needing)} learnable layers of net "
+            f"{net.name!r} ({_names(needing)}); it holds {_names(given)}, so nothing "
+            "would be copied: is it a model of this net?")
+    order = [layer.name for layer in net.layers]
+    for source, path in zip(sources, paths):
+        names = list(source)
+        cut = len(names)
+        if names == order[:cut] and any(n in missing for n in order[cut:]):
+            raise ImagenetError(
+                f"{path} holds only the first {cut} of the {len(order)} layers of net "
+                f"{net.name!r} (the last one {names[-1]!r}): it looks cut short, and "
+                f"{_names([n for n in missing if n in order[cut:]])} would train from their "
+                "random initialisation; use the complete .caffemodel")
+    return missing
+
+
 def _fmt(shape: Sequence[int]) -> str:
     # Blob::shape_string: "16 3 11 11 (5808)".
     dims = [int(d) for d in shape]
     return f"{' '.join(map(str, dims))} ({int(np.prod(dims)) if dims else 1})"
 
 
-__all__ = ["copy_layers", "load_caffemodel", "net_to_proto",
-           "read_net_binary", "save_caffemodel"]
+__all__ = ["check_coverage", "copy_layers", "layers_needing_weights", "load_caffemodel",
+           "net_to_proto", "read_net_binary", "save_caffemodel"]

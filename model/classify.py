@@ -156,7 +156,7 @@ class Classifier:
                  oversample: bool = True, batch_images: int = 1, device=None) -> None:
         import jax
 
-        from model.caffemodel import copy_layers, load_caffemodel
+        from model.caffemodel import check_coverage, copy_layers, load_caffemodel
         from model.net import Net
         from model.prototxt import read_net_parameter
 
@@ -187,13 +187,9 @@ class Classifier:
         self.output = self.net.output_names[0]
         template = {layer.name: [None] * len(layer.blobs) for layer in self.net.layers
                     if layer.blobs}
-        params = copy_layers(self.net, template, [load_caffemodel(weights)], log=lambda m: None)
-        missing = [name for name, blobs in params.items()
-                   if any(b is None and self.net.param_owner(name, i) == (name, i)
-                          for i, b in enumerate(blobs))]
-        if missing:
-            raise ImagenetError(f"{weights} has no weights for layer(s) "
-                                f"{', '.join(missing)} of {model}; is it a model of this net?")
+        source = load_caffemodel(weights)
+        params = copy_layers(self.net, template, [source], log=lambda m: None)
+        check_coverage(self.net, [source], [weights], whole_net=True)
         self.device = device or jax.devices()[0]
         self.params = jax.device_put(params, self.device)
         self.num_outputs = math.prod(self.net.blob_shapes[self.output][1:])

@@ -22,17 +22,16 @@ from model import snapshot as snap
 from model.caffemodel import load_caffemodel
 
 
-def load_weights(spec: str | Sequence[str], root: Path) -> list[dict[str, list[np.ndarray]]]:
+def weights_paths(spec: str | Sequence[str], root: Path) -> list[Path]:
     """--weights: comma-separated .caffemodel files, relative ones against `root`."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for n in names:
-        n = n.strip()
-        if not n:
-            continue
-        p = Path(n) if Path(n).is_absolute() else root / n
-        out.append(load_caffemodel(p))
-    return out
+    return [Path(n) if Path(n).is_absolute() else root / n
+            for n in (n.strip() for n in names) if n]
+
+
+def load_weights(spec: str | Sequence[str], root: Path) -> list[dict[str, list[np.ndarray]]]:
+    """The weights of every file in --weights (weights_paths), in order."""
+    return [load_caffemodel(p) for p in weights_paths(spec, root)]
 
 
 @dataclass(frozen=True)

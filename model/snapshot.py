@@ -86,8 +86,18 @@ def solverstate_bytes(iteration: int, learned_net: str, history: Sequence[np.nda
 
 
 def read_solverstate(path: str | Path) -> SolverStateData:
-    """Parse a .solverstate written by Caffe or by us."""
+    """Parse a .solverstate written by Caffe or by us. SGDSolver writes iter, learned_net, the
+    history blobs and current_step in that order, every one of them always: a file missing one
+    is empty or was cut short (a cut between fields still parses) and is refused."""
     state = read_proto_file(path, caffe_pb2.SolverState(), "solverstate", "SolverState")
+    if state.ByteSize() == 0:
+        raise ImagenetError(f"{path}: empty solverstate (0 bytes): was it cut short or never "
+                            "written? resume from a complete snapshot")
+    absent = [f for f in ("iter", "learned_net", "current_step") if not state.HasField(f)]
+    if absent:
+        raise ImagenetError(f"{path}: the solverstate has no {' or '.join(absent)} (Caffe "
+                            "always writes them): it was cut short; resume from a complete "
+                            "snapshot")
     history = []
     for i, bp in enumerate(state.history):
         try:

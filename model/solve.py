@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data.errors import ImagenetError
 from data.pipeline import DEFAULT_PREFETCH, HostBatch, Prefetcher
 from model import snapshot as snap
-from model.caffemodel import copy_layers, load_caffemodel, net_to_proto
+from model.caffemodel import check_coverage, copy_layers, load_caffemodel, net_to_proto
 from model.devices import local_copy, select_devices
 from model.feed import (TEST_STREAM, TRAIN_STREAM, FedNet, build_fed_net, fed_batch_size,
                         net_param, num_test_nets, stack_batches)
@@ -44,7 +44,7 @@ from model.metrics import (CaffeLog, LogFn, MetricsWriter, OutputSums, discard, 
                            output_lines)
 from model.net import Net, Params
 from model.resume import (DataPosition, ResumePoint, choose_seed, load_weights,
-                          read_resume_point)
+                          read_resume_point, weights_paths)
 from model.solver import build_solver, read_solver
 from model.steps import (TrainState, flatten_params, jit_train_step, make_forward,
                          make_train_forward, place_state, unflatten_params)
@@ -231,6 +231,12 @@ class Solver:
             for w in (weights.split(",") if isinstance(weights, str) else weights):
                 self.log(f"Finetuning from {w.strip()}", "caffe.cpp:124")
             self._copy_layers(sources)
+            # Caffe would train from scratch without a word on an empty or cut-short file
+            fresh = check_coverage(self.net, sources, weights_paths(weights, self.root),
+                                   whole_net=False)
+            if fresh:
+                self.log(f"Not in the weights, initialised by their fillers: "
+                         f"{', '.join(fresh)}", "net.cpp:746")
 
     def _copy_layers(self, sources: list[dict[str, list[np.ndarray]]]) -> None:
         """Net::CopyTrainedLayersFrom into the train net and every test net."""
@@ -571,11 +577,17 @@ class Solver:
         weights, the history blobs, iter and current_step; from our side file also the data
         position and the smoothing window (Caffe restarts its readers: BVLC/caffe#1059)."""
         self.log(f"Resuming from {point.given}", "caffe.cpp:235")
-        self._copy_layers([load_caffemodel(point.caffemodel)])
+        learned = load_caffemodel(point.caffemodel)
+        self._copy_layers([learned])
+        check_coverage(self.net, [learned], [point.caffemodel], whole_net=True)
         self.iter, self.current_step = point.state.iter, point.state.current_step
         self.log("SGDSolver: restoring history", "sgd_solver.cpp:336")
-        self.state = self._place_state(flatten_params(self.net, self.params),
-                                       point.state.history, self.iter)
+        try:
+            self.state = self._place_state(flatten_params(self.net, self.params),
+                                           point.state.history, self.iter)
+        except ImagenetError as err:
+            raise ImagenetError(f"{point.solverstate}: {err} (cut short, or the snapshot of "
+                                "another net?)") from None
         side = point.side
         caveat = snap.side_format_caveat(side) if side is not None else None
         if caveat:

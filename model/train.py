@@ -33,13 +33,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.errors import ImagenetError
 from data.pipeline import DEFAULT_PREFETCH, Prefetcher
-from model.caffemodel import copy_layers
+from model.caffemodel import check_coverage, copy_layers
 from model.devices import SOLVER_MODE_CPU, local_copy, select_devices
 from model.feed import (TEST_STREAM, TRAIN_STREAM, FedNet, build_fed_net, fed_batch_size,
                         num_test_nets, stack_batches)
 from model.metrics import PLOT_SIZE, CaffeLog, LogFn, MetricsWriter, OutputSums, fmt
 from model.resume import (DataPosition, ResumePoint, choose_seed, load_weights,
-                          read_resume_point)
+                          read_resume_point, weights_paths)
 from model.solve import Solver, TrainResult, update_smoothed_loss
 from model.steps import (PRECISIONS, TRAIN_STEP_COMPILER_OPTIONS, TrainState, flatten_params,
                          make_forward, make_train_forward, make_train_step, merge_statistics,
@@ -103,8 +103,10 @@ def evaluate(model_prototxt: str | os.PathLike, weights: str | Sequence[str], it
     fed = build_fed_net(read_net_parameter(path), "TEST", root=root, seed=0, stream=TEST_STREAM,
                         n_devices=1, source_name=str(path))
     params = fed.net.init(jax.random.PRNGKey(0))
-    params = copy_layers(fed.net, params, load_weights(weights, root),
-                         log=lambda m: clog(m, "net.cpp:746"))
+    sources = load_weights(weights, root)
+    params = copy_layers(fed.net, params, sources, log=lambda m: clog(m, "net.cpp:746"))
+    # Caffe scores whatever the file leaves out at its random initialisation; we refuse
+    check_coverage(fed.net, sources, weights_paths(weights, root), whole_net=True)
     mesh = Mesh(np.array(devs), ("data",))
     # `caffe test` runs one device at the prototxt's batch size; several devices just hold
     # replicas

@@ -107,6 +107,54 @@ def _weights(path: Path) -> None:
     save_caffemodel(path, net, net.init(jax.random.PRNGKey(0)))
 
 
+DEPLOY = """name: "Corpus"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc"
+  inner_product_param { num_output: 4 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def _cut_weights(rel: str, keep: int) -> Callable[[Path], None]:
+    """w.caffemodel cut at a layer boundary: its name and first `keep` layers, which is a
+    prefix of the file's bytes that still parses."""
+    def setup(ws: Path) -> None:
+        from data.proto import caffe_pb2
+
+        full = (ws / "w.caffemodel").read_bytes()
+        net = caffe_pb2.NetParameter.FromString(full)
+        cut = caffe_pb2.NetParameter(name=net.name, layer=net.layer[:keep]).SerializeToString()
+        assert full.startswith(cut) and len(cut) < len(full)
+        (ws / rel).write_bytes(cut)
+    return setup
+
+
+def _snapshot(solverstate: bytes | None = None, caffemodel: str = "w.caffemodel"
+              ) -> Callable[[Path], None]:
+    """A Caffe-written snapshot (no resume side file): s_iter_1.solverstate naming
+    `caffemodel`, or the given solverstate bytes."""
+    def setup(ws: Path) -> None:
+        from model.snapshot import solverstate_bytes
+
+        state = solverstate if solverstate is not None else solverstate_bytes(
+            1, caffemodel, [np.zeros((4, 108), np.float32), np.zeros(4, np.float32)], 0)
+        (ws / "s_iter_1.solverstate").write_bytes(state)
+    return setup
+
+
+def _solverstate_without(field: str) -> bytes:
+    from data.proto import caffe_pb2
+    from model.snapshot import solverstate_bytes
+
+    state = caffe_pb2.SolverState.FromString(solverstate_bytes(
+        1, "w.caffemodel", [np.zeros((4, 108), np.float32), np.zeros(4, np.float32)], 0))
+    if field == "history":
+        del state.history[1:]
+    else:
+        state.ClearField(field)
+    return state.SerializeToString()
+
+
 def state(root: Path) -> dict[str, tuple]:
     """Every entry under root: kind, size and content digest (files), link target (links)."""
     out: dict[str, tuple] = {}
@@ -359,6 +407,46 @@ CASES = [
          ("data.mdb", "hold 6 records but the meta page says 99", "rebuild it"),
          lambda ws: _patch_lmdb(ws, lambda at: (at["md_entries"], struct.pack("<Q", 99)))),
     Case("test-no-model", ["test", "--weights=w.caffemodel"], ERROR, ("--model",)),
+    # weights that would leave layers at their random initialisation, in every reader
+    Case("test-weights-empty-file", ["test", "--model=net.prototxt", "--weights=zero.caffemodel",
+                                     "--iterations=1"], ERROR,
+         ("zero.caffemodel", "empty weights file"), _write("zero.caffemodel", b"")),
+    Case("test-weights-cut-at-a-layer-boundary", ["test", "--model=net.prototxt",
+                                                  "--weights=cut.caffemodel", "--iterations=1"],
+         ERROR, ("cut.caffemodel", "no weights for layer(s) 'fc'", "random initialisation",
+                 "cut short"), _cut_weights("cut.caffemodel", 1)),
+    Case("test-weights-cut-after-the-name", ["test", "--model=net.prototxt",
+                                             "--weights=cut.caffemodel", "--iterations=1"],
+         ERROR, ("cut.caffemodel", "holds no layers"), _cut_weights("cut.caffemodel", 0)),
+    Case("train-weights-empty-file", TRAIN + ["--weights=zero.caffemodel"], ERROR,
+         ("zero.caffemodel", "empty weights file"), _write("zero.caffemodel", b"")),
+    Case("train-weights-cut-at-a-layer-boundary", TRAIN + ["--weights=cut.caffemodel"], ERROR,
+         ("cut.caffemodel", "none of the 1 learnable layers", "'fc'"),
+         _cut_weights("cut.caffemodel", 1)),
+    Case("train-snapshot-solverstate-empty", TRAIN + ["--snapshot=s_iter_1.solverstate"],
+         ERROR, ("s_iter_1.solverstate", "empty solverstate"), _snapshot(b"")),
+    Case("train-snapshot-solverstate-cut-before-current-step",
+         TRAIN + ["--snapshot=s_iter_1.solverstate"], ERROR,
+         ("s_iter_1.solverstate", "no current_step", "cut short"),
+         lambda ws: _snapshot(_solverstate_without("current_step"))(ws)),
+    Case("train-snapshot-solverstate-cut-in-the-history",
+         TRAIN + ["--snapshot=s_iter_1.solverstate"], ERROR,
+         ("s_iter_1.solverstate", "history blobs", "has 1", "needs 2", "cut short"),
+         lambda ws: _snapshot(_solverstate_without("history"))(ws)),
+    Case("train-snapshot-caffemodel-empty", TRAIN + ["--snapshot=s_iter_1.solverstate"], ERROR,
+         ("zero.caffemodel", "empty weights file"),
+         _both(_write("zero.caffemodel", b""), _snapshot(caffemodel="zero.caffemodel"))),
+    Case("train-snapshot-caffemodel-cut", TRAIN + ["--snapshot=s_iter_1.solverstate"], ERROR,
+         ("cut.caffemodel", "no weights for layer(s) 'fc'", "cut short"),
+         _both(_cut_weights("cut.caffemodel", 1), _snapshot(caffemodel="cut.caffemodel"))),
+    Case("classify-weights-empty-file", ["classify", "--model=deploy.prototxt",
+                                         "--weights=zero.caffemodel", "images/a.jpg"], ERROR,
+         ("zero.caffemodel", "empty weights file"),
+         _both(_write("zero.caffemodel", b""), _write("deploy.prototxt", DEPLOY))),
+    Case("classify-weights-cut-at-a-layer-boundary",
+         ["classify", "--model=deploy.prototxt", "--weights=cut.caffemodel", "images/a.jpg"],
+         ERROR, ("cut.caffemodel", "no weights for layer(s) 'fc'"),
+         _both(_cut_weights("cut.caffemodel", 1), _write("deploy.prototxt", DEPLOY))),
     # ---- time
     Case("time-zero-iterations", ["time", "--model=net.prototxt", "--iterations=0"], USAGE,
          ("--iterations", ">= 1")),

@@ -156,7 +156,12 @@ def test_one_line_errors(golden, mini_deploy, tmp_path, capsys) -> None:
     empty = tmp_path / "empty.caffemodel"
     empty.write_bytes(caffe_pb2.NetParameter(name="other").SerializeToString())
     code, _, err = classify(capsys, model, f"--weights={empty}", image)
-    assert code == 1 and "has no weights for layer(s) conv1, bn_conv1, scale_conv1" in err
+    assert code == 1 and "holds no layers" in err
+    other = tmp_path / "other.caffemodel"
+    other.write_bytes(caffe_pb2.NetParameter(name="other", layer=[caffe_pb2.LayerParameter(
+        name="data", type="Input")]).SerializeToString())
+    code, _, err = classify(capsys, model, f"--weights={other}", image)
+    assert code == 1 and "has no weights for layer(s) 'conv1', 'bn_conv1', 'scale_conv1'" in err
     code, _, err = classify(capsys, model, f"--weights={weights}", str(tmp_path / "nope.jpg"))
     assert code == 1 and "no such file or folder" in err and "no images to classify" in err
     bad = tmp_path / "bad.jpg"

@@ -15,7 +15,9 @@ from google.protobuf import json_format
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from model.caffemodel import (
+    check_coverage,
     copy_layers,
+    layers_needing_weights,
     load_caffemodel,
     net_to_proto,
     read_net_binary,
@@ -226,3 +228,61 @@ layer { name: "ip2" type: "InnerProduct" bottom: "a" top: "y2" param { name: "w"
 """
     with pytest.raises(ImagenetError, match="shared parameter 'w'.*ip1"):
         Net.from_prototxt(parse_net_text(mismatch))
+
+
+# ---------------------------------------------------------------- weights that cover the net
+
+def _cut_at_layer(path, keep: int) -> bytes:
+    """The golden caffemodel's bytes up to the end of its `keep`-th layer: a protobuf prefix of
+    whole fields, which still parses."""
+    full = path.read_bytes()
+    net = caffe_pb2.NetParameter.FromString(full)
+    cut = caffe_pb2.NetParameter(name=net.name, layer=net.layer[:keep]).SerializeToString()
+    assert full.startswith(cut)
+    return cut
+
+
+def test_empty_and_layerless_weights_are_refused(tmp_path):
+    (tmp_path / "zero.caffemodel").write_bytes(b"")
+    with pytest.raises(ImagenetError, match="zero.caffemodel: empty weights file"):
+        load_caffemodel(tmp_path / "zero.caffemodel")
+    (tmp_path / "named.caffemodel").write_bytes(
+        caffe_pb2.NetParameter(name="x").SerializeToString())
+    with pytest.raises(ImagenetError, match="named.caffemodel: holds no layers"):
+        load_caffemodel(tmp_path / "named.caffemodel")
+
+
+def test_weights_must_cover_the_whole_net_for_scoring(train_net, golden, tmp_path):
+    path = golden / "alexmini_iter_10.caffemodel"
+    assert check_coverage(train_net, [load_caffemodel(path)], [path], whole_net=True) == []
+    for keep in range(1, len(train_net.layers)):
+        cut = tmp_path / f"cut{keep}.caffemodel"
+        cut.write_bytes(_cut_at_layer(path, keep))
+        weights = load_caffemodel(cut)
+        missing = [n for n in layers_needing_weights(train_net) if n not in weights]
+        if not missing:
+            continue  # cut after the last learnable layer: every weight is there
+        with pytest.raises(ImagenetError, match=rf"cut{keep}.caffemodel has no weights for "
+                                                rf"layer\(s\) '{missing[0]}'"):
+            check_coverage(train_net, [weights], [cut], whole_net=True)
+
+
+def test_finetuning_refuses_a_cut_file_and_accepts_renamed_layers(train_net, golden, tmp_path):
+    path = golden / "alexmini_iter_10.caffemodel"
+    weights = load_caffemodel(path)
+    # Caffe's finetuning recipe: the last layer renamed, so it starts from its filler
+    renamed = dict(weights)
+    renamed["fc8_new"] = renamed.pop("fc8")
+    assert check_coverage(train_net, [renamed], [path], whole_net=False) == ["fc8"]
+    # nothing in common: nothing would be copied
+    with pytest.raises(ImagenetError, match="weights for none of the .* learnable layers"):
+        check_coverage(train_net, [{"other": []}], ["o.caffemodel"], whole_net=False)
+    # the first layers of this very net and no more: cut at a layer boundary
+    needing = layers_needing_weights(train_net)
+    order = [layer.name for layer in train_net.layers]
+    keep = order.index(needing[1])  # conv1 and what precedes it, not the next learnable one
+    cut = tmp_path / "cut.caffemodel"
+    cut.write_bytes(_cut_at_layer(path, keep))
+    with pytest.raises(ImagenetError, match=rf"holds only the first {keep} of the "
+                                            rf"{len(order)} layers .* looks cut short"):
+        check_coverage(train_net, [load_caffemodel(cut)], [cut], whole_net=False)
