@@ -54,6 +54,8 @@ LOSS_POINTS_PER_SEGMENT = 50
 # the UTC time of the move, and trains from iteration 0.
 PREVIOUS_DIR = "previous-{stamp}"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+# <data root>/training/<this name> links to the final weights of the newest training.
+LATEST_WEIGHTS = "latest.caffemodel"
 # The evaluate stage's `why` when the val LMDB was rebuilt in the same run.
 WHY_VAL_REBUILT = "val LMDB rebuilt in this run"
 # The estimate of the whole training is logged when first known, then at most this often.
@@ -81,6 +83,10 @@ class TrainingPlan(BaseModel):
     # Where the net's ImageData layers read ({split: [listing, image folder]}); empty for nets
     # that read only the LMDBs. These are then inputs of the training and evaluation stages.
     image_inputs: dict[str, list[str]] = {}
+    # The inference bundle beside the snapshots (model/bundle.py), or why there is none, and
+    # what it could not record.
+    bundle: str | None = None
+    bundle_notes: list[str] = []
 
 
 def _resolve(path: str, relative_to: Path) -> Path:
@@ -234,12 +240,44 @@ def prepare_training(
     _write_if_changed(run_dir / NET_FILE, text_format.MessageToString(net))
     _write_if_changed(run_dir / SOLVER_FILE, text_format.MessageToString(solver))
 
+    bundle, notes = _write_bundle(prefix, net, run_dir / NET_FILE)
+
     ends = list(range(interval, solver.max_iter, interval)) + [solver.max_iter]
     return TrainingPlan(run_dir=str(run_dir), solver=str(run_dir / SOLVER_FILE),
                         net=str(run_dir / NET_FILE), snapshot_prefix=str(prefix),
                         max_iter=solver.max_iter, segment_ends=ends, config_id=config_id,
                         test_batch_size=test_batch, accuracy_top_k=top_k,
-                        image_inputs=image_inputs)
+                        image_inputs=image_inputs, bundle=bundle, bundle_notes=notes)
+
+
+def _write_bundle(prefix: Path, net: caffe_pb2.NetParameter, net_file: Path
+                  ) -> tuple[str | None, list[str]]:
+    """The inference bundle of this configuration's snapshots (model/bundle.py): the class
+    names are the data root's (labels.txt, else synset_words.txt, beside the LMDBs' folder).
+    Written before the first snapshot, so every snapshot on disk has one; a net the bundle
+    cannot describe still trains (the note says why)."""
+    from model.bundle import write_bundle
+
+    try:
+        path, notes = write_bundle(prefix, net, net_source=str(net_file))
+    except ImagenetError as err:
+        return None, [f"no inference bundle for classify: {err}"]
+    return str(path), notes
+
+
+def link_latest(data_root: Path | str, weights: Path | str) -> Path:
+    """<data root>/training/latest.caffemodel -> these final weights (a relative symbolic link,
+    replaced atomically): `imagenet classify --weights=<data root>/training/latest.caffemodel`
+    answers with the newest model the pipeline trained (its bundle is found through the link)."""
+    link = Path(data_root) / TRAINING_DIR / LATEST_WEIGHTS
+    target = os.path.relpath(Path(weights).resolve(), link.parent.resolve())
+    if link.is_symlink() and os.readlink(link) == target:
+        return link
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+    return link
 
 
 def snapshot_files(prefix: str, it: int) -> tuple[Path, Path]:

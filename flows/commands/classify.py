@@ -1,7 +1,12 @@
-"""`imagenet classify --model=deploy.prototxt --weights=X.caffemodel [--mean=mean.binaryproto |
+"""`imagenet classify --weights=X.caffemodel [--model=deploy.prototxt] [--mean=mean.binaryproto |
 --mean_value=B,G,R] [--labels=synset_words.txt] [--top_k=5] [--center_only] [--json]
 IMAGE|FOLDER|LISTING.txt ...`: Caffe's classification example (python/classify.py with
 python/caffe/classifier.py; the top-k printout of examples/cpp_classification).
+
+Weights trained here carry an inference bundle beside them (model/bundle.py: the deploy net,
+image size, crop, mean, input scale and class names), so `--weights` alone answers right; every
+flag given wins over the bundle. A bare Caffe .caffemodel needs --model and the preprocessing
+flags, as with Caffe.
 
 Each image is resized to the mean's size (256x256 without a mean file), ten crops of the net's
 input size (corners, centre and their mirror images) are scored and averaged unless
@@ -56,8 +61,10 @@ def _dims(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE",
                         help="image files, folders of images, or .txt listings")
-    add_flag(parser, "model", help="the deploy net prototxt (one input blob)")
-    add_flag(parser, "weights", help="the trained .caffemodel")
+    add_flag(parser, "model", help="the deploy net prototxt (one input blob); default: the "
+             "one in the weights' inference bundle")
+    add_flag(parser, "weights", help="the trained .caffemodel (its inference bundle, written "
+             "beside it by training, supplies the flags not given)")
     add_flag(parser, "mean", help="mean.binaryproto (or .npy); images are resized to its size")
     add_flag(parser, "mean_value", type=_floats, help="per-channel mean instead: B,G,R")
     add_flag(parser, "labels", help="class names, line i = class i (synset_words.txt)")
@@ -66,11 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "center_only", type=bool, default=False,
              help="score the centre crop only, not the ten oversampled crops")
     add_flag(parser, "images_dim", type=_dims, default=None,
-             help="resize images to H,W before cropping (default: the mean's size, else 256,256)")
-    add_flag(parser, "raw_scale", type=float, default=255.0,
-             help="pixels are scaled to [0, raw_scale] before the mean (default 255)")
-    add_flag(parser, "input_scale", type=float, default=1.0,
-             help="multiply after subtracting the mean (the net's transform_param scale)")
+             help="resize images to H,W before cropping (default: the bundle's training size, "
+             "else the mean's size, else 256,256)")
+    add_flag(parser, "raw_scale", type=float, default=None,
+             help="pixels are scaled to [0, raw_scale] before the mean (default: the bundle's, "
+             "else 255)")
+    add_flag(parser, "input_scale", type=float, default=None,
+             help="multiply after subtracting the mean (the net's transform_param scale; "
+             "default: the bundle's, else 1)")
     add_flag(parser, "root_folder", default="", help="prefix of the paths in listings")
     add_flag(parser, "batch_size", type=int, default=DEFAULT_BATCH_IMAGES,
              help=f"images per forward pass (default {DEFAULT_BATCH_IMAGES})")
@@ -134,8 +144,9 @@ def _device(gpu: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.model or not args.weights:
-        raise ImagenetError("classify needs --model=deploy.prototxt and --weights=X.caffemodel")
+    if not args.weights:
+        raise ImagenetError("classify needs --weights=X.caffemodel (and --model=deploy.prototxt "
+                            "when the weights have no inference bundle beside them)")
     if args.top_k < 1:
         raise ImagenetError(f"--top_k must be >= 1, got {args.top_k}")
     started = time.perf_counter()
@@ -144,15 +155,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"imagenet classify: skipped {item}: {reason}", file=sys.stderr)
     if not paths:
         raise ImagenetError("no images to classify")
+    from model.bundle import resolve_settings
     from model.classify import Classifier, read_labels, top_k
 
-    names = read_labels(args.labels) if args.labels else None
-    clf = Classifier(args.model, args.weights, image_hw=args.images_dim, mean_file=args.mean,
-                     mean_values=args.mean_value, raw_scale=args.raw_scale,
-                     input_scale=args.input_scale, oversample=not args.center_only,
+    settings = resolve_settings(args.weights, model=args.model, mean_file=args.mean,
+                                mean_values=args.mean_value, raw_scale=args.raw_scale,
+                                input_scale=args.input_scale, image_hw=args.images_dim,
+                                labels=args.labels)
+    names = read_labels(settings.labels) if settings.labels else None
+    clf = Classifier(settings.model, args.weights, image_hw=settings.image_hw,
+                     mean_file=settings.mean_file, mean_values=settings.mean_values,
+                     raw_scale=settings.raw_scale, input_scale=settings.input_scale,
+                     oversample=not args.center_only,
                      batch_images=min(args.batch_size, len(paths)), device=_device(args.gpu))
     if names is not None and len(names) != clf.num_outputs:
-        raise ImagenetError(f"{args.labels} has {len(names)} labels but {clf.output!r} has "
+        raise ImagenetError(f"{settings.labels} has {len(names)} labels but {clf.output!r} has "
                             f"{clf.num_outputs} outputs (Caffe: 'Number of labels is different "
                             "from the output layer dimension')")
     ready = time.perf_counter()
@@ -181,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - started
     summary = (f"classified {len(predictions)} of {len(paths)} images "
                f"({'centre crop' if args.center_only else '10 crops'} each, "
-               f"{clf.output!r} of {Path(args.model).name}) in {total:.1f} s "
+               f"{clf.output!r} of {Path(settings.model).name}"
+               + (f", settings from {settings.bundle.name}" if settings.bundle else "")
+               + f") in {total:.1f} s "
                f"(setup {ready - started:.1f} s, device {clf.device})")
     labelled = [p for p in predictions if p.image in listed_labels]
     if labelled and len(labelled) == len(predictions):

@@ -12,11 +12,18 @@ Several processes (hosts) train one net when each runs this command with the sam
 SLURM's srun or Open MPI's mpirun the three come from the scheduler's environment. Each process
 reads its share of every global batch from its own copy of the LMDB; process 0 logs and writes
 the snapshots. The logic lives in model.train and model.distributed.
+
+Before training, process 0 writes the inference bundle beside the snapshots
+(`<snapshot_prefix>.inference.json` with the derived deploy net, the mean, the input scale and
+the class names: model/bundle.py), so `imagenet classify --weights=<snapshot>.caffemodel IMAGE`
+needs no other flag. --labels names the class names (line i = class i); without it a
+labels.txt or synset_words.txt beside the LMDB (or one folder up) is used.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from data.errors import ImagenetError
 from flows.flags import add_flag, int_at_least
@@ -63,8 +70,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "join_timeout", type=int_at_least(1), default=distributed.JOIN_TIMEOUT_S,
              help="multi-process training: seconds to wait for every process to join before "
              "stopping with the missing ones named")
+    add_flag(parser, "labels", help="optional; class names for the inference bundle, line i = "
+             "class i (default: labels.txt or synset_words.txt beside the data, if any)")
     add_flag(parser, "sigint_effect", default="stop",
              help="accepted for Caffe compatibility; SIGINT/SIGTERM always snapshot, then stop")
+
+
+def write_inference_bundle(solver: str, labels: str | None) -> None:
+    """The bundle `imagenet classify` reads beside the snapshots (model/bundle.py). A net it
+    cannot describe (no SoftmaxWithLoss, several data layers) still trains: one line says why
+    there is no bundle."""
+    from model.bundle import write_for_solver
+
+    try:
+        path, notes = write_for_solver(solver, labels=labels)
+    except ImagenetError as err:
+        print(f"imagenet train: no inference bundle for classify: {err}", file=sys.stderr)
+        return
+    print(f"imagenet train: inference bundle {path} (imagenet classify --weights=<snapshot> "
+          "needs no other flag)", file=sys.stderr)
+    for note in notes:
+        print(f"imagenet train: {note}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,8 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if args.sigint_effect not in ("stop", "snapshot", "none"):
         raise ImagenetError(f"--sigint_effect={args.sigint_effect!r}; valid: stop, snapshot, "
                             "none")
+    if args.labels and not Path(args.labels).is_file():
+        raise ImagenetError(f"--labels={args.labels}: no such file")
     processes = distributed.join(args.coordinator, args.num_processes, args.process_id,
                                  timeout_s=args.join_timeout)
+    if processes == 1 or distributed.process_index() == 0:
+        write_inference_bundle(args.solver, args.labels)
     report_conv_plan_measuring()
     try:
         result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
