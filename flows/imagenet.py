@@ -35,8 +35,8 @@ from flows.commands.pipeline import DEFAULT_DATA_ROOT, describe_validation_error
 from tasks import acquire, convert, report
 from tasks import train as training
 from tasks.cache import read_manifest, stage_key
-from tasks.stage import (USER_ERRORS, StageCancelled, StageFailed, StageRun, call_stage, one_line,
-                         submit_stage)
+from tasks.stage import (USER_ERRORS, StageCancelled, StageFailed, StageGroup, StageRun,
+                         call_stage, one_line)
 
 Stage = Literal["download", "extract", "listings", "convert", "mean", "train", "evaluate"]
 STAGES: tuple[str, ...] = ("download", "extract", "listings", "convert", "mean", "train", "evaluate")
@@ -123,6 +123,7 @@ class _Runner:
         self.p, self.root = p, root
         self.runs: list[StageRun] = []
         self.states: dict[str, State] = {}
+        self.stopped: list[tuple[str, str]] = []  # stages cancelled beside a failed one
 
     def wanted(self, stage: str) -> bool:
         return stage in self.p.stages
@@ -249,18 +250,28 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     if r.wanted("download"):
         with r.stage("download"):
             md5s = _read_checksums(checksums)
-        waits = []
-        for kind, src in sources.items():
-            with r.stage(f"download-{kind}"):
-                md5 = md5s.get(acquire.archive_name(src))
-                key = stage_key("download", code=acquire.DOWNLOAD_CODE,
-                                params=acquire.download_identity(src, md5))
-                waits.append(submit_stage(
-                    acquire.download_archive, f"download-{kind}", results_root=root,
-                    cache_key=key, outputs=[archives[kind]], force=r.forced("download"),
-                    after=r.after("mini-ilsvrc12"), source=src, data_root=str(root), md5=md5))
-        for wait in waits:
-            r.record(wait())
+        group = StageGroup()  # a failed download stops the others (no retrying, no Crashed)
+        try:
+            for kind, src in sources.items():
+                with r.stage(f"download-{kind}"):
+                    md5 = md5s.get(acquire.archive_name(src))
+                    key = stage_key("download", code=acquire.DOWNLOAD_CODE,
+                                    params=acquire.download_identity(src, md5))
+                    group.submit(
+                        acquire.download_archive, f"download-{kind}", results_root=root,
+                        cache_key=key, outputs=[archives[kind]], force=r.forced("download"),
+                        after=r.after("mini-ilsvrc12"), source=src, data_root=str(root),
+                        md5=md5)
+        except BaseException as err:
+            group.abort.set(str(err))
+            group.wait_quietly()
+            raise
+        try:
+            group.wait()
+        finally:
+            for run in group.runs:
+                r.record(run)
+            r.stopped.extend(group.stopped)
 
     # 2. Extraction.
     trees = {"train": root / "train", "val": root / "val"}
@@ -327,6 +338,8 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
                 processes=p.processes, devices=p.devices,
                 image_listings={"train": (root / TRAIN_LIST, trees["train"]),
                                 "val": (root / VAL_LIST, trees["val"])})
+        for note in plan.bundle_notes:
+            log.warning("%s", note)
         data_inputs = {"train": lmdbs["train"], "val": lmdbs["val"], "mean": mean_file}
         if plan is not None:  # a net with ImageData layers reads the listings and images too
             data_inputs.update({f"{split}_{i}": Path(x)
@@ -355,6 +368,11 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     if plan is not None:
         weights, _ = training.snapshot_files(plan.snapshot_prefix, plan.max_iter)
         outputs["final weights"] = str(weights)
+        if weights.is_file():
+            # `imagenet classify --weights=<data root>/training/latest.caffemodel IMAGE`
+            outputs["latest weights (link)"] = str(training.link_latest(root, weights))
+        if plan.bundle:
+            outputs["inference bundle"] = plan.bundle
     if plan is not None and r.wanted("evaluate"):
         val_manifest = read_manifest(lmdbs["val"]) or {}
         val_count = int(val_manifest.get("record", {}).get("count", 0))

@@ -23,7 +23,8 @@ from prefect.logging import get_run_logger
 from data.errors import ImagenetError
 from data.ilsvrc12 import AUX_ARCHIVE, LISTING_FILES, TRAIN_ARCHIVE, TRAIN_DIR, VAL_ARCHIVE, VAL_DIR
 from tasks.cache import file_digest, write_manifest
-from tasks.stage import ProgressArtifact, RecordedKey, StageResult, fail_in_one_line
+from tasks.stage import (ProgressArtifact, RecordedKey, StageResult, abortable_sleep,
+                         fail_in_one_line)
 
 DOWNLOADS_DIR = "downloads"
 # A source spelled `mini` or `mini:<size>` (a data.mini.SIZES preset) is that archive of the
@@ -185,7 +186,8 @@ def download_archive(cache_key: str, source: str, data_root: str, md5: str | Non
     progress = ProgressArtifact(f"download {dest.name} (bytes)")
     log.info("downloading %s -> %s", source, dest)
     try:
-        result = download(source, dest.parent, md5=md5, filename=dest.name, progress=progress)
+        result = download(source, dest.parent, md5=md5, filename=dest.name, progress=progress,
+                          sleep=abortable_sleep)
     except ImagenetError as err:
         if _GAVE_UP_PHRASE in str(err):
             raise TransientDownloadError(str(err)) from err

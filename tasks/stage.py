@@ -11,9 +11,13 @@ the cache.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import math
+import re
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -22,7 +26,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
-from prefect.states import Failed, State
+from prefect.states import Cancelled, Failed, State
 from pydantic import BaseModel, Field
 
 from data.errors import ImagenetError
@@ -34,6 +38,14 @@ RESULTS_DIRNAME = ".prefect-results"
 # that `prefect deployment run --watch` prints as one line.
 PROGRESS_MIN_INTERVAL_S = 2.0
 PERCENT = 100.0
+# --watch shows a progress line at most this often per stage, or each time the bar moves this
+# many percent (a 100-minute conversion: ~25 lines, not 3,000), and always the last one.
+WATCH_EVENT_INTERVAL_S = 60.0
+WATCH_EVENT_STEP = 10.0
+PROGRESS_EVENT = "imagenet.progress"
+PROGRESS_KEY = "progress-{stage}"
+BYTES = "bytes"
+_UNIT_RE = re.compile(r"\((images|bytes|records|files)\b")
 # Prefect's name for a state whose result came from the cache.
 CACHED_STATE = "Cached"
 # What a user can fix (the command line's contract, flows/cli.py): a stage failing with one of
@@ -105,6 +117,112 @@ class StageCancelled(StageFailed):
     the flow ends Cancelled with `str(self)` as its state message."""
 
 
+class StageAborted(BaseException):
+    """Raised inside a stage (by its progress callback or a retry wait) when the flow stops the
+    stages running beside one that failed, or the run is cancelled. A BaseException, like
+    KeyboardInterrupt, so the libraries' `except Exception` clauses do not swallow it while
+    their `except BaseException: clean up; raise` clauses still run; the stage's task ends
+    Cancelled with the reason (fail_in_one_line)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Abort:
+    event: threading.Event = field(default_factory=threading.Event)
+    reason: str = ""
+
+    def set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+
+# The abort flag of the StageGroup a task was submitted from (contextvars travel with the task
+# into Prefect's worker thread); the progress artifacts of the task run being executed.
+_ABORT: contextvars.ContextVar[_Abort | None] = contextvars.ContextVar("imagenet_abort",
+                                                                      default=None)
+_STAGE_PROGRESS: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "imagenet_stage_progress", default=None)
+
+
+def check_abort() -> None:
+    """Raise StageAborted when this stage's group is being stopped."""
+    abort = _ABORT.get()
+    if abort is not None and abort.event.is_set():
+        raise StageAborted(abort.reason)
+
+
+def abortable_sleep(seconds: float) -> None:
+    """time.sleep that ends early (StageAborted) when this stage's group is stopped: hand it to
+    a library that backs off between retries (data.download's `sleep=`)."""
+    abort = _ABORT.get()
+    if abort is None:
+        time.sleep(seconds)
+        return
+    abort.event.wait(seconds)
+    check_abort()
+
+
+def current_stage_name() -> str | None:
+    """The name of the task run being executed ("convert-train"), if any."""
+    ctx = TaskRunContext.get()
+    return ctx.task_run.name if ctx is not None and ctx.task_run is not None else None
+
+
+def progress_key(stage: str | None) -> str | None:
+    """The artifact key of a stage's progress card (lowercase letters, digits and dashes, as
+    Prefect requires): the card's title in the UI."""
+    if not stage:
+        return None
+    slug = re.sub(r"[^a-z0-9-]+", "-", stage.lower()).strip("-")
+    return PROGRESS_KEY.format(stage=slug) if slug else None
+
+
+def _unit_of(description: str) -> str | None:
+    match = _UNIT_RE.search(description)
+    return match.group(1) if match else None
+
+
+def _amount(value: int, unit: str | None) -> str:
+    if unit == BYTES:
+        for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if value >= scale:
+                return f"{value / scale:.1f} {name}"
+        return f"{value} B"
+    return f"{value:,}"
+
+
+def _patch_artifact(artifact_id: Any, percent: float, description: str) -> None:
+    """update_progress_artifact without Prefect's `prefect.artifact.updated` event (which
+    --watch prints as the artifact's id): the progress event is sent by the caller."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.request("PATCH", "/artifacts/{id}", path_params={"id": artifact_id},
+                       json={"data": float(percent), "description": description})
+
+
+def _progress_event(artifact_id: Any, line: str) -> None:
+    from prefect.context import FlowRunContext
+    from prefect.events import emit_event
+
+    related = []
+    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    if task_ctx is not None and task_ctx.task_run is not None:
+        related.append({"prefect.resource.id": f"prefect.task-run.{task_ctx.task_run.id}",
+                        "prefect.resource.role": "task-run"})
+    if flow_ctx is not None and flow_ctx.flow_run is not None:
+        related.append({"prefect.resource.id": f"prefect.flow-run.{flow_ctx.flow_run.id}",
+                        "prefect.resource.role": "flow-run"})
+    emit_event(event=PROGRESS_EVENT,
+               resource={"prefect.resource.id": f"prefect.artifact.{artifact_id}",
+                         "prefect.resource.name": line},
+               related=related)
+
+
 def one_line(err: BaseException) -> str:
     """An error as one line: its message (a user error's says what and where), prefixed by its
     type when it is not a user error."""
@@ -115,21 +233,53 @@ def one_line(err: BaseException) -> str:
 def fail_in_one_line(fn: Callable[..., StageResult]) -> Callable[..., StageResult | State]:
     """Decorator for a stage task's body: a user error (bad or missing input) ends the task run
     Failed with the error as its one-line message, the traceback at DEBUG only (Prefect would log
-    it at ERROR); the flow then reports it in its own state message. Other errors propagate
-    unchanged (retries apply; a bug keeps its traceback). Retry conditions see the error itself:
-    the Failed state carries it."""
+    it at ERROR); the flow then reports it in its own state message. StageAborted (the flow
+    stopped the stages beside a failed one) ends it Cancelled with the reason. Other errors
+    propagate unchanged (retries apply; a bug keeps its traceback, at DEBUG: tasks.logs).
+    Retry conditions see the error itself: the Failed state carries it.
+
+    Every stage that ran leaves a progress card titled by the stage: one that reported no
+    progress gets one at the end (100%, or where it stopped and why)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> StageResult | State:
+        cards: list[ProgressArtifact] = []
+        token = _STAGE_PROGRESS.set(cards)
+        start = time.monotonic()
         try:
-            return fn(*args, **kwargs)
+            check_abort()
+            result = fn(*args, **kwargs)
+        except StageAborted as stop:
+            message = f"cancelled: {stop.reason}"
+            get_run_logger().warning("%s", message)
+            _close_cards(cards, message)
+            return Cancelled(message=message)
         except USER_ERRORS as err:
             log = get_run_logger()
             log.debug("%s failed", fn.__name__, exc_info=True)
             log.error("%s", one_line(err))
+            _close_cards(cards, f"failed: {one_line(err)}")
             return Failed(message=one_line(err), data=err)
+        except Exception as err:
+            _close_cards(cards, f"failed: {one_line(err)}")
+            raise
+        finally:
+            _STAGE_PROGRESS.reset(token)
+        if isinstance(result, StageResult) and not cards:
+            ProgressArtifact(f"done in {time.monotonic() - start:.1f} s").finish()
+        return result
 
     return wrapper
+
+
+def _close_cards(cards: list["ProgressArtifact"], why: str) -> None:
+    """A stage that stopped: its card shows where and why (a stage without one gets one)."""
+    if not cards:
+        ProgressArtifact(why).finish(percent=0.0)
+        return
+    for card in cards:
+        if card.percent < PERCENT:
+            card.finish(why, percent=card.percent)
 
 
 def stage_options(
@@ -232,48 +382,203 @@ def submit_stage(
     return wait
 
 
+def _delay_for(delays: Any, attempt: int) -> float:
+    """Prefect's retry_delay_seconds for retry number `attempt` (1-based): a number, or a list
+    whose last value repeats."""
+    if not delays:
+        return 0.0
+    if isinstance(delays, (int, float)):
+        return float(delays)
+    delays = list(delays)
+    return float(delays[min(attempt - 1, len(delays) - 1)])
+
+
+class StageGroup:
+    """Stages that run at the same time (the three downloads): submitted together, waited for
+    together. When one fails, the others are stopped, so none is left downloading, sleeping
+    before a retry or ending Crashed when the flow process exits: their progress callback and
+    their retry wait raise StageAborted, and their task runs end Cancelled, saying which stage
+    failed. The flow then fails with the first failure's one line.
+
+    Prefect sleeps out a task's retry_delay_seconds where nothing can wake it, so a stage of a
+    group is given its retry delays here instead: its retry condition waits for them on the
+    group's abort flag (the task run shows Running meanwhile, and the log says when the retry
+    starts), and retries at once when stopped, so the retry ends Cancelled."""
+
+    def __init__(self) -> None:
+        self.abort = _Abort()
+        self._pending: list[tuple[str, Any, str, float, list[float]]] = []
+        self.runs: list[StageRun] = []
+        self.stopped: list[tuple[str, str]] = []  # (stage, message) of those it cancelled
+
+    def submit(self, task: Task, name: str, *, results_root: Path | str, cache_key: str,
+               outputs: Iterable[Path | str], force: bool | str = False,
+               after: Sequence[State | None] = (), **kwargs: Any) -> None:
+        options, bypass = stage_options(results_root, cache_key, outputs, force)
+        if task.retries:
+            options.update(retry_condition_fn=self._retry_condition(task),
+                           retry_delay_seconds=0)
+        start = time.monotonic()
+        token = _ABORT.set(self.abort)
+        try:
+            future = task.with_options(task_run_name=name, **options).submit(
+                cache_key=cache_key, wait_for=[s for s in after if s is not None], **kwargs)
+        finally:
+            _ABORT.reset(token)
+        finished: list[float] = []
+        future.add_done_callback(lambda _: finished.append(time.monotonic()))
+        self._pending.append((name, future, bypass, start, finished))
+
+    def _retry_condition(self, task: Task) -> Callable[..., bool]:
+        condition, delays, abort = task.retry_condition_fn, task.retry_delay_seconds, self.abort
+
+        def retry(t: Any, task_run: Any, state: State) -> bool:
+            if abort.event.is_set():
+                return True  # the retry starts at once and ends Cancelled (fail_in_one_line)
+            if condition is not None and not condition(t, task_run, state):
+                return False
+            delay = _delay_for(delays, task_run.run_count)
+            if delay > 0:
+                get_run_logger().info("retry %d/%d in %s (%s)", task_run.run_count, task.retries,
+                                      _seconds(delay), state.message or state.name)
+                abort.event.wait(delay)
+            return True
+
+        return retry
+
+    def wait_quietly(self) -> None:
+        """Wait for what was submitted, ignoring the outcome (the caller is failing anyway)."""
+        for _, future, *_ in self._pending:
+            future.wait()
+
+    def wait(self) -> list[StageRun]:
+        """Wait for every stage; StageFailed (the first failure) when one failed, after the
+        others stopped. The StageRuns of those that finished are in `self.runs` either way."""
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_any
+
+        failure: StageFailed | None = None
+        pending = {item[1].wrapped_future: item for item in self._pending}
+        try:
+            while pending:
+                done, _ = wait_any(list(pending), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    name, future, bypass, start, finished = pending.pop(fut)
+                    future.wait()
+                    try:
+                        run = _finished(name, future.state, bypass, start)
+                    except StageCancelled as stop:
+                        self.stopped.append((name, stop.cause))
+                        if failure is None:
+                            failure = stop
+                        continue
+                    except StageFailed as err:
+                        if failure is None or isinstance(failure, StageCancelled):
+                            failure = err
+                        self.abort.set(str(err))
+                        continue
+                    run.wall_seconds = (finished[0] if finished else time.monotonic()) - start
+                    self.runs.append(run)
+        except BaseException:  # the run is being cancelled: stop the stages still running
+            self.abort.set("the flow run was stopped")
+            raise
+        if failure is not None:
+            raise failure
+        return self.runs
+
+
+def _seconds(value: float) -> str:
+    from tasks.eta import duration
+
+    return duration(value)
+
+
 class ProgressArtifact:
     """A Prefect progress artifact that follows a library's `progress(done, total)` callback.
 
-    Throttled: the library may call it per image; the API sees one call per
-    PROGRESS_MIN_INTERVAL_S at most, and the last one (`finish()`, 100%) whatever the timing.
-    The artifact is created by the first call that passes the throttle, so a stage that ends
-    within PROGRESS_MIN_INTERVAL_S shows no bar at all (each call is one more line in
-    `prefect deployment run --watch`), and every bar that exists ends at 100%.
-    `describe(text)` changes the description shown under the bar with the next update (the
-    training stage puts iterations/s and the time left there)."""
+    Its card is titled by the stage (the artifact key `progress-<task run name>`, e.g.
+    `progress-convert-train`) and created by the first call, so every stage that reports
+    progress has one, however short. Later updates are throttled: the API sees one call per
+    PROGRESS_MIN_INTERVAL_S at most, and the last one (`finish()`, 100%, or where the stage
+    stopped) whatever the timing. `describe(text)` changes the text shown under the bar with the
+    next update (the training stage puts iterations/s and the time left there).
 
-    def __init__(self, description: str, min_interval: float = PROGRESS_MIN_INTERVAL_S) -> None:
+    `prefect deployment run --watch` prints a run's events, one line each, as `<event> *
+    <resource name>`; Prefect's own update event names the artifact by its id only. So updates
+    are sent here with an `imagenet.progress` event named in words, e.g. `convert-train: 45%
+    (1,170 of 2,600 images), 3 s left`, at most every WATCH_EVENT_INTERVAL_S or each
+    WATCH_EVENT_STEP percent, and at the end. Any failure of the API is logged at DEBUG and
+    ignored: progress never stops a stage. While a flow aborts a group of concurrent stages
+    (StageGroup), the call raises StageAborted, which stops the library's loop."""
+
+    def __init__(self, description: str, min_interval: float = PROGRESS_MIN_INTERVAL_S, *,
+                 unit: str | None = None, stage: str | None = None) -> None:
         self.description = description
         self.min_interval = min_interval
+        self.unit = unit or _unit_of(description)
+        self.stage = stage or current_stage_name()
         self.percent = 0.0
+        self.done: int | None = None
+        self.total: int | None = None
         self.started = self._last = time.monotonic()
+        self._last_event = -math.inf
+        self._last_event_percent = -PERCENT
         self._id: Any = None
+        holder = _STAGE_PROGRESS.get()
+        if holder is not None:
+            holder.append(self)
+
+    @property
+    def key(self) -> str:
+        return progress_key(self.stage)
 
     def describe(self, description: str) -> None:
         self.description = description
 
     def __call__(self, done: int, total: int | None) -> None:
+        check_abort()
+        self.done, self.total = done, total
         percent = min(PERCENT * done / total, PERCENT) if total else 0.0
         self._update(percent, final=False)
 
     def _update(self, percent: float, final: bool) -> None:
         now = time.monotonic()
-        if now - self._last < self.min_interval and not (final and self._id is not None):
+        if (self._id is not None and now - self._last < self.min_interval
+                and not final):
             return
         self._last, self.percent = now, percent
         try:
             if self._id is None:
-                self._id = create_progress_artifact(progress=percent, description=self.description)
+                self._id = create_progress_artifact(progress=percent, key=self.key,
+                                                    description=self.description)
             else:
-                update_progress_artifact(artifact_id=self._id, progress=percent,
-                                         description=self.description)
+                _patch_artifact(self._id, percent, self.description)
+            if (final or now - self._last_event >= WATCH_EVENT_INTERVAL_S
+                    or percent - self._last_event_percent >= WATCH_EVENT_STEP):
+                self._last_event, self._last_event_percent = now, percent
+                _progress_event(self._id, self.line(final))
         except Exception as err:  # a flaky API must never kill a 3-day conversion
             get_run_logger().debug("progress artifact update failed: %s", err)
 
+    def line(self, final: bool = False) -> str:
+        """The stage's progress in words (the --watch line)."""
+        head = f"{self.stage or 'stage'}: {self.percent:.0f}%"
+        if self.description and (self.done is None or final):
+            return f"{head} - {self.description}"
+        detail = ""
+        if self.done is not None and self.total:
+            detail = f" ({_amount(self.done, self.unit)} of {_amount(self.total, self.unit)}"
+            detail += f" {self.unit})" if self.unit and self.unit != BYTES else ")"
+            elapsed = time.monotonic() - self.started
+            if 0 < self.done < self.total and elapsed > 0:
+                from tasks.eta import duration
+
+                detail += f", {duration((self.total - self.done) * elapsed / self.done)} left"
+        return head + detail
+
     def finish(self, description: str | None = None, percent: float = PERCENT) -> None:
-        """The stage finished (100%) or stopped (`percent`): shown now, when the bar exists or
-        the stage took long enough to deserve one."""
+        """The stage finished (100%) or stopped (`percent`): shown now, creating the card if
+        no progress was reported before."""
         if description is not None:
             self.description = description
         self._update(percent, final=True)

@@ -62,6 +62,10 @@ def test_full_flow_then_everything_cached(first_run, data_root, make_params):
     assert 0.0 <= first_run["top1"] <= first_run["top5"] <= 1.0
     assert [row["iter"] for row in first_run["test_rows"]] == [0, 2, 4, 6]
     assert Path(first_run["outputs"]["final weights"]).is_file()
+    # what classify needs lies beside the weights, and the data root links the newest model
+    latest = data_root / "training" / "latest.caffemodel"
+    assert latest.resolve() == Path(first_run["outputs"]["final weights"]).resolve()
+    assert Path(first_run["outputs"]["inference bundle"]).is_file()
 
     start = time.monotonic()
     second = imagenet(**make_params(data_root).flow_parameters())
@@ -69,6 +73,45 @@ def test_full_flow_then_everything_cached(first_run, data_root, make_params):
     print(f"no-op rerun of the whole flow: {no_op_seconds:.1f} s")  # reported, not asserted
     assert statuses(second) == {name: "cached" for name in ALL_STAGES}
     assert second["top1"] == first_run["top1"] and second["top5"] == first_run["top5"]
+
+
+def test_classify_answers_with_the_trained_model_alone(first_run, data_root, capsys):
+    """`imagenet classify --weights=<data root>/training/latest.caffemodel IMAGE`: the bundle
+    the pipeline wrote supplies the deploy net, mean, crop and scale; the listing's labels
+    score it as the evaluate stage's centre crops do."""
+    from flows.cli import main
+
+    code = main(["classify", f"--weights={data_root / 'training' / 'latest.caffemodel'}",
+                 "--center_only", f"--root_folder={data_root / 'val'}/",
+                 str(data_root / "val.txt")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "classified 9 of 9 images" in err and "settings from snap.inference.json" in err
+
+
+def test_classify_flow_gives_a_top_k_table(first_run, data_root):
+    """The imagenet/classify deployment's flow: the newest model under the data root by
+    default, a listing in, the `imagenet-classify` table out."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.classify import classify
+    from tasks.classify import ARTIFACT_KEY
+
+    state = classify(images=[str(data_root / "val.txt")], data_root=str(data_root),
+                     root_folder=f"{data_root / 'val'}/", center_only=True, top_k=2,
+                     return_state=True)
+    record = state.result()
+    assert record["classified"] == 9 and record["labelled"] == 9
+    assert 0 <= record["top1"] <= record["top2"] <= 1 and len(record["rows"]) == 9
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    table = next(a for a in artifacts if a.key == ARTIFACT_KEY)
+    assert "classified 9 of 9 images" in table.description
+    missing = classify(images=["nope.jpg"], data_root=str(data_root), return_state=True)
+    assert missing.is_failed() and "no such file or folder" not in missing.message
+    assert missing.message.startswith("classify: no images to classify")
 
 
 def test_mean_comes_from_convert_sums_and_is_reread_for_a_foreign_lmdb(first_run, data_root,
