@@ -351,9 +351,10 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
         for end in plan.segment_ends:
             name = f"train-{start}-{end}"
             with r.stage(name):
-                key = stage_key("train", code=training.TRAIN_CODE,
-                                inputs={"solver": plan.solver, "net": plan.net, **data_inputs},
-                                params={"end_iter": end})
+                # The configuration id covers the solver and net without their paths (the
+                # written copies hold this data root's), so a moved root keeps the key.
+                key = stage_key("train", code=training.TRAIN_CODE, inputs=data_inputs,
+                                params={"config": plan.config_id, "end_iter": end})
             run = r.call("train", training.train_segment, name, key=key,
                          outputs=list(training.snapshot_files(plan.snapshot_prefix, end)),
                          after=last_segment or data_after,
@@ -380,8 +381,8 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
         out = training.eval_path(plan, plan.max_iter)
         with r.stage("evaluate"):
             key = stage_key("evaluate", code=training.TRAIN_CODE,
-                            inputs={"net": plan.net, "weights": weights, **data_inputs},
-                            params={"iterations": iterations})
+                            inputs={"weights": weights, **data_inputs},
+                            params={"config": plan.config_id, "iterations": iterations})
         # A val LMDB rebuilt in this run is re-scored even when its digest is unchanged: the
         # evaluation is cheap and is the check that the weights score on what is on disk now.
         run = r.call("evaluate", training.evaluate_weights, "evaluate", key=key, outputs=[out],

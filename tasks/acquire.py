@@ -159,7 +159,8 @@ def build_mini(cache_key: str, data_root: str, size: str) -> StageResult:
                                 val_per_class=val, seed=MINI_SEED, progress=progress)
     progress.finish()
     for path in outputs.values():
-        write_manifest(path, stage="mini", key=cache_key, digest=file_digest(path))
+        digest = file_digest(path)
+        write_manifest(path, stage="mini", key=cache_key, digest=digest, content=f"sha256:{digest}")
     seconds = time.monotonic() - progress.started
     images = result.train_images + result.val_images
     log.info("mini ILSVRC12 (%s) written to %s: %d images in %.1f s", size, result.outdir,
@@ -195,17 +196,22 @@ def download_archive(cache_key: str, source: str, data_root: str, md5: str | Non
     progress.finish()
     got = Path(result.path)
     if got.resolve() != dest.resolve():
-        # Used in place: point downloads/<name> at it (atomically) rather than copy 147 GB.
+        # Used in place: point downloads/<name> at it (atomically) rather than copy 147 GB;
+        # relatively when it is inside the data root, so the link moves with the root.
+        target = got.resolve()
+        if target.is_relative_to(Path(data_root).resolve()):
+            target = Path(os.path.relpath(target, dest.parent.resolve()))
         tmp = dest.with_name(dest.name + f".link{os.getpid()}")
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(got.resolve())
+        tmp.symlink_to(target)
         os.replace(tmp, dest)
     seconds = float(result.seconds)
     mb_s = result.bytes / MIB / seconds if seconds > 0 else 0.0
     digest = "md5:" + result.md5 if result.md5 else "sha256:" + file_digest(dest)
     record = {"bytes": int(result.bytes), "md5": result.md5, "resumed": bool(result.resumed),
               "reused_in_place": bool(getattr(result, "reused_in_place", False)), "source": source}
-    write_manifest(dest, stage="download", key=cache_key, digest=digest, record=record)
+    write_manifest(dest, stage="download", key=cache_key, digest=digest, record=record,
+                   content=digest)
     log.info("%s: %.1f MB in %.1f s (%.1f MB/s)", dest.name, result.bytes / MIB, seconds, mb_s)
     return StageResult(stage="download", key=cache_key, outputs={"archive": str(dest)},
                        record=record, seconds=seconds, throughput=f"{mb_s:.1f} MB/s")
@@ -229,7 +235,8 @@ def _extract(kind: str, cache_key: str, archive: str, data_root: str) -> StageRe
     files = int(record.get("files", 0)) + int(record.get("skipped_files", 0))
     mb_s = nbytes / MIB / seconds if seconds > 0 else 0.0
     # The tree's identity is the archive it came from plus what came out of it: hashing 1.28 M
-    # files on every run would cost minutes for nothing.
+    # files on every run would cost minutes for nothing. Its manifest's content (names and
+    # sizes, tasks.cache.tree_digest) is what a moved tree is re-verified by.
     write_manifest(out, stage=f"extract_{kind}", key=cache_key, digest=cache_key, record=record)
     log.info("extracted %s: %s files, %.1f MB/s", kind, files, mb_s)
     return StageResult(stage=f"extract_{kind}", key=cache_key, outputs={kind: str(out)},
@@ -268,7 +275,9 @@ def write_listings(cache_key: str, data_root: str, aux: str | None = None) -> St
               "notes": list(result.notes)}
     outputs = {}
     for name, path in listing_paths(data_root).items():
-        write_manifest(path, stage="listings", key=cache_key, digest=file_digest(path))
+        digest = file_digest(path)
+        write_manifest(path, stage="listings", key=cache_key, digest=digest,
+                       content=f"sha256:{digest}")
         outputs[name] = str(path)
     log.info("listings written: %s", record)
     return StageResult(stage="listings", key=cache_key, outputs=outputs, record=record,

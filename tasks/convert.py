@@ -85,7 +85,8 @@ def convert_lmdb(
               "digest": digest,
               "skipped_examples": [f"line {n}: {path}: {why}"
                                    for n, path, why in result.skipped[:SKIPPED_EXAMPLES]]}
-    write_manifest(db, stage=f"convert_{split}", key=cache_key, digest=digest, record=record)
+    write_manifest(db, stage=f"convert_{split}", key=cache_key, digest=digest, record=record,
+                   content=f"lmdb:{digest}")
     seconds = float(result.seconds)
     rate = result.count / seconds if seconds > 0 else 0.0
     log.info("%s: %d images, %d skipped, %d truncated, %.1f s (%.0f img/s)", db, result.count,
@@ -120,7 +121,9 @@ def compute_mean(cache_key: str, data_root: str, train_lmdb: str) -> StageResult
     seconds = float(result.seconds)
     channel_means = [float(c) for c in result.channel_means]
     record = {"count": int(result.count), "channel_means": channel_means, "source": source}
-    write_manifest(out, stage="mean", key=cache_key, digest=file_digest(out), record=record)
+    digest = file_digest(out)
+    write_manifest(out, stage="mean", key=cache_key, digest=digest, record=record,
+                   content=f"sha256:{digest}")
     rate = result.count / seconds if seconds > 0 else 0.0
     throughput = "from convert's sums" if source == MEAN_FROM_SUMS else f"{rate:.0f} img/s"
     log.info("mean of %d images written to %s (%s); channel means (BGR) %s", result.count, out,

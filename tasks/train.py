@@ -146,6 +146,31 @@ def _ensure_top5(net: caffe_pb2.NetParameter) -> None:
     twin.accuracy_param.top_k = TOP5
 
 
+# Where a portable net (the configuration id's) says the data root is.
+DATA_ROOT_MARK = "$DATA_ROOT"
+
+
+def _portable_net(net: caffe_pb2.NetParameter, data_root: Path | str) -> caffe_pb2.NetParameter:
+    """A copy of `net` whose data paths (Data and ImageData sources, ImageData root folders,
+    mean files) under `data_root` are written relative to it."""
+    root = Path(data_root).resolve()
+
+    def portable(path: str) -> str:
+        p = Path(path)
+        return (f"{DATA_ROOT_MARK}/{p.relative_to(root).as_posix()}" if p.is_relative_to(root)
+                else path)
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    for layer in out.layer:
+        for param, field in ((layer.data_param, "source"), (layer.image_data_param, "source"),
+                             (layer.image_data_param, "root_folder"),
+                             (layer.transform_param, "mean_file")):
+            if param.HasField(field):
+                setattr(param, field, portable(getattr(param, field)))
+    return out
+
+
 def prepare_training(
     data_root: Path | str,
     solver_src: str,
@@ -216,10 +241,16 @@ def prepare_training(
     solver.snapshot = interval
     solver.snapshot_after_train = True
 
-    # The configuration id covers everything the weights depend on except the paths we set.
+    # The configuration id covers everything the weights depend on, and no path: a copied or
+    # moved data root finds its snapshots (the data by the digests below, the net with its data
+    # paths relative to the data root, the solver without the paths this function sets).
+    config_solver = caffe_pb2.SolverParameter()
+    config_solver.CopyFrom(solver)
+    config_solver.ClearField("net")
+    config_solver.ClearField("snapshot_prefix")
     config = {
-        "solver": text_format.MessageToString(solver),
-        "net": text_format.MessageToString(net),
+        "solver": text_format.MessageToString(config_solver),
+        "net": text_format.MessageToString(_portable_net(net, data_root)),
         "data": {name: input_fingerprint(p) for name, p in
                  (("train", train_lmdb), ("val", val_lmdb), ("mean", mean_file),
                   *((f"{split}_{i}", x) for split, xs in image_inputs.items()
@@ -471,8 +502,9 @@ def train_segment(
         progress.finish(f"iterations {clock.start}->{end_iter} of {max_iter} done in "
                         f"{duration(seconds)}" + (f" ({rate:.3g} iterations/s)" if rate else ""))
     for path in (caffemodel, solverstate):
-        write_manifest(path, stage="train", key=cache_key, digest=file_digest(path),
-                       record={"iter": end_iter})
+        digest = file_digest(path)
+        write_manifest(path, stage="train", key=cache_key, digest=digest,
+                       record={"iter": end_iter}, content=f"sha256:{digest}")
     metrics = Path(snapshot_prefix).parent
     return StageResult(
         stage="train", key=cache_key,
@@ -517,7 +549,8 @@ def evaluate_weights(
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, out)
-    write_manifest(out, stage="evaluate", key=cache_key, digest=file_digest(out))
+    digest = file_digest(out)
+    write_manifest(out, stage="evaluate", key=cache_key, digest=digest, content=f"sha256:{digest}")
     log.info("evaluation of %s over %d iterations: %s", weights, iterations,
              ", ".join(f"{k} = {v:.4g}" for k, v in outputs.items()))
     return StageResult(stage="evaluate", key=cache_key, outputs={"metrics": str(out)},

@@ -32,12 +32,16 @@ def test_small_file_fingerprint_is_its_content(tmp_path):
 
 
 def test_large_file_fingerprint_is_stat_not_content(tmp_path, monkeypatch):
+    """Size and mtime, not the inode or the path: a copy (cp -a) keeps the key."""
     monkeypatch.setattr(cache, "CONTENT_HASH_MAX_BYTES", 4)
     f = tmp_path / "ILSVRC2012_img_val.tar"
     f.write_bytes(b"0123456789")
     fp = cache.input_fingerprint(f)
     st = f.stat()
-    assert fp == f"stat:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    assert fp == f"stat:{st.st_size}:{st.st_mtime_ns}"
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy2(f, tmp_path / "elsewhere" / f.name)
+    assert cache.input_fingerprint(copy) == fp
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert cache.input_fingerprint(f) != fp
 
