@@ -19,7 +19,6 @@ goes to the DEBUG log only, and no folder is created for a stage that never ran.
 from __future__ import annotations
 
 import logging
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -30,7 +29,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Failed, State
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from data.ilsvrc12 import TRAIN_LIST, VAL_LIST, parse_md5sums
+from data.ilsvrc12 import TRAIN_LIST, VAL_LIST
 from flows.commands.pipeline import DEFAULT_DATA_ROOT, describe_validation_error
 from tasks import acquire, convert, report
 from tasks import train as training
@@ -49,7 +48,6 @@ DEFAULT_AUX_URL = "http://dl.caffe.berkeleyvision.org/caffe_ilsvrc12.tar.gz"
 DEFAULT_SOLVER = "model/zoo/bvlc_alexnet/solver.prototxt"
 DEFAULT_RESIZE = 256  # examples/imagenet/create_imagenet.sh
 DEFAULT_SHUFFLE_SEED = 0
-CHECKSUMS_TIMEOUT_S = 60
 
 
 class Sources(BaseModel):
@@ -102,17 +100,6 @@ class PipelineParams(BaseModel):
     def flow_parameters(self) -> dict[str, Any]:
         """Keyword arguments for `imagenet(...)` (the flow's parameters are these fields)."""
         return dict(self)
-
-
-def _read_checksums(source: str | None) -> dict[str, str]:
-    if not source:
-        return {}
-    if "://" in source:
-        with urllib.request.urlopen(source, timeout=CHECKSUMS_TIMEOUT_S) as resp:
-            text = resp.read().decode()
-    else:
-        text = Path(source).read_text()
-    return parse_md5sums(text, source)
 
 
 class _Runner:
@@ -202,6 +189,10 @@ def imagenet(
                               if name in PipelineParams.model_fields})
     except ValidationError as err:
         return _failed(log, f"parameters: {describe_validation_error(err)}", err)
+    refused = acquire.refuse_credentials(dict(p.sources))
+    if refused:
+        _scrub_sources(p)
+        return _failed(log, f"parameters: {refused}", ValueError(refused))
     r = _Runner(p, Path(p.data_root).resolve())
     try:
         return _run_stages(r, log)
@@ -211,6 +202,24 @@ def imagenet(
         return Cancelled(message=str(err))
     except StageFailed as err:
         return _failed(log, str(err), err)
+
+
+def _scrub_sources(p: PipelineParams) -> None:
+    """Replace the stored parameters of this flow run by their masked form (best effort: the
+    run was created with them; README, "Mirror credentials")."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    params = {**ctx.flow_run.parameters,
+              "sources": acquire.masked_sources(p.sources.model_dump())}
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(ctx.flow_run.id, parameters=params)
+    except Exception as err:  # noqa: BLE001 - the refusal itself matters more
+        get_run_logger().debug("could not mask the stored parameters: %s", err)
 
 
 def _failed(log: logging.LoggerAdapter, message: str, err: BaseException) -> State:
@@ -249,7 +258,11 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     # 1. Downloads, concurrently (each retried on transient network errors).
     if r.wanted("download"):
         with r.stage("download"):
-            md5s = _read_checksums(checksums)
+            md5s = acquire.fetch_checksums(checksums)
+        # A missing local archive fails the stage before any download starts: nothing is left
+        # downloading beside a run that cannot go on.
+        for kind, problem in acquire.check_local_sources(sources).items():
+            raise StageFailed(f"download-{kind}", problem)
         group = StageGroup()  # a failed download stops the others (no retrying, no Crashed)
         try:
             for kind, src in sources.items():

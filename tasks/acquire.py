@@ -1,20 +1,19 @@
 """Acquisition stages as Prefect tasks: build the built-in mini ILSVRC12 when the sources ask for
 it, download each archive, extract train and val, write the listings. The work is done by
-data.mini, data.download, data.extract and data.listings; this module adds retries on transient
-network errors, progress artifacts and the output manifests.
+data.mini, data.download, data.extract and data.listings; this module adds the mirror
+credentials from a Prefect Secret block, progress artifacts and the output manifests. Downloads
+are retried by data.download's policy alone (transient failures only; see DownloadError).
 
 Layout under the data root (data/ilsvrc12.py names it): downloads/<archive>, train/<wnid>/...,
 val/..., synsets.txt, synset_words.txt, train.txt, val.txt; mini-ilsvrc12-<size>/ for the mini.
 """
 from __future__ import annotations
 
-import errno
+import json
 import os
-import socket
 import time
-import urllib.error
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from prefect import task
@@ -40,56 +39,108 @@ MINI_CODE = ("data.mini", "data.devkit_meta")
 DOWNLOAD_CODE = ("data.download",)
 EXTRACT_CODE = ("data.extract",)
 LISTINGS_CODE = ("data.listings", "data.ilsvrc12")
-# Prefect retries on top of the downloader's own backoff: for a link that stays down longer.
-DOWNLOAD_RETRIES = 3
-DOWNLOAD_RETRY_DELAYS_S = [10, 60, 300]
-# HTTP statuses worth retrying (the server is busy or broken for a while), as in data.download.
-TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
-TRANSIENT_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT,
-                              errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH,
-                              errno.ENETUNREACH})
+# No Prefect retries on downloads: data.download's retry policy is the only one (which failures
+# are transient, how often and how long to retry). Each of its retries resumes with the md5 state
+# it holds in memory; a Prefect retry would re-enter the task and hash the .part again (100 GB
+# read after a drop at 100 GB) and could not honour Retry-After.
+SECRET_BLOCK = "imagenet-mirror-credentials"  # data.download.SECRET_BLOCK: the README names it
+SOURCE_HINT = ("give the archive through the `sources` parameter (imagenet pipeline: --train, "
+               "--val, --aux): a reachable mirror's URL or a local path, or `mini` for the "
+               "built-in mini set; mirror credentials through the Prefect Secret block "
+               f"{SECRET_BLOCK!r} or IMAGENET_USERNAME/IMAGENET_PASSWORD or IMAGENET_TOKEN")
 MIB = 2**20
 
 
-def is_transient(exc: BaseException | None) -> bool:
-    """A network failure that may go away by itself (never a 4xx, a checksum mismatch or a
-    user error)."""
-    if exc is None:
-        return False
-    if isinstance(exc, TransientDownloadError):
-        return True
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code in TRANSIENT_HTTP
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
-    if isinstance(status, int) and 400 <= status < 600:
-        return status in TRANSIENT_HTTP
-    if isinstance(exc, (TimeoutError, socket.timeout, ConnectionError)):
-        return True
-    if isinstance(exc, urllib.error.URLError):
-        return is_transient(exc.reason) if isinstance(exc.reason, BaseException) else True
-    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
-        return True
-    cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and is_transient(cause)
+def mirror_secret() -> tuple[Any, dict[str, str]]:
+    """(Credentials or None, signed URLs by download.source_key) from the Prefect Secret block
+    SECRET_BLOCK, when it exists. Its value is JSON (an object, or a string holding one):
+    {"username": ..., "password": ...} or {"token": ...}, and optionally "urls": a list of
+    credentialed URLs (signed ones whose query carries the secret); a flow parameter names
+    such a URL without its secret parts."""
+    from prefect.blocks.system import Secret
 
+    from data import download as dl
 
-class TransientDownloadError(RuntimeError):
-    """data.download gave up after its own retries on a transient failure (a dropped link, 5xx):
-    worth another Prefect retry later, which resumes the .part file."""
-
-
-# data.download reports "gave up after its retries" as an ImagenetError with this phrase (its
-# transient cause is suppressed); everything else it raises (4xx, checksum) is final.
-_GAVE_UP_PHRASE = "failed after"
-
-
-def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry_condition_fn: retry a download only for transient network errors."""
     try:
-        state.result()
-    except Exception as exc:  # the failure we are classifying
-        return is_transient(exc)
-    return False
+        block = Secret.load(SECRET_BLOCK, _sync=True)  # type: ignore[call-arg]
+    except ValueError:  # no such block: the environment's credentials apply
+        return None, {}
+    value = block.get()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict):
+        raise ImagenetError(f"Prefect Secret block {SECRET_BLOCK!r}: its value must be a JSON "
+                            'object like {"username": "...", "password": "..."} or {"token": '
+                            '"..."}, optionally with "urls": ["https://...signed..."]')
+    urls = value.get("urls") or []
+    if isinstance(urls, dict):
+        urls = list(urls.values())
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ImagenetError(f"Prefect Secret block {SECRET_BLOCK!r}: \"urls\" must be a list "
+                            "of URLs")
+    return dl.Credentials.from_mapping(value), {dl.source_key(u): u for u in urls}
+
+
+def refuse_credentials(sources: Mapping[str, Any]) -> str:
+    """'' when no source carries a credential in clear; else the one-line reason a flow run
+    refuses it (its parameters are stored in Prefect's database)."""
+    from data.download import carries_credentials
+
+    named = [k for k, v in sources.items() if isinstance(v, str) and carries_credentials(v)]
+    if not named:
+        return ""
+    return (f"sources.{named[0]} holds a credential in clear (user:password@ or a secret query "
+            "value), and flow-run parameters are stored in Prefect's database: pass the URL "
+            f"without it and put the credentials in the Prefect Secret block {SECRET_BLOCK!r} "
+            '({"username": ..., "password": ...} or {"token": ...}; signed URLs under "urls") '
+            "or IMAGENET_USERNAME/IMAGENET_PASSWORD or IMAGENET_TOKEN in the worker's "
+            "environment (`imagenet pipeline` keeps URLs given to it out of the parameters)")
+
+
+def masked_sources(sources: Mapping[str, Any]) -> dict[str, Any]:
+    """The sources with every URL masked (for a stored copy of the parameters)."""
+    from data.download import mask_url
+
+    return {k: mask_url(v) if isinstance(v, str) and "://" in v else v
+            for k, v in sources.items()}
+
+
+def check_local_sources(sources: Mapping[str, str]) -> dict[str, str]:
+    """{kind: one-line problem} for the sources that are local paths and missing, found before
+    any download starts (so nothing is left downloading beside a run that cannot go on)."""
+    from data.download import DownloadError, is_url, local_path
+
+    problems = {}
+    for kind, source in sources.items():
+        if is_url(source) and not source.lower().startswith("file://"):
+            continue
+        try:
+            local_path(source)
+        except DownloadError as err:
+            problems[kind] = f"{err}; {SOURCE_HINT}"
+    return problems
+
+
+def fetch_checksums(source: str | None) -> dict[str, str]:
+    """{archive name: md5} from an md5sum-format file (URL or path), with the download's
+    credentials and retry policy; {} without one."""
+    from data import download as dl
+    from data.ilsvrc12 import parse_md5sums
+
+    if not source:
+        return {}
+    credentials, urls = mirror_secret() if "://" in source else (None, {})
+    real = dl.reveal_url(source, urls)
+    body = dl.fetch_bytes(real, credentials=credentials)
+    try:
+        text = body.decode()
+    except UnicodeDecodeError as err:
+        raise ImagenetError(f"{dl.mask_url(source)}: not a text md5sum list ({err.reason} at "
+                            f"byte {err.start})") from None
+    return parse_md5sums(text, dl.mask_url(source))
 
 
 def archive_name(source: str) -> str:
@@ -97,18 +148,21 @@ def archive_name(source: str) -> str:
     path = urlparse(source).path if "://" in source else source
     name = Path(path).name
     if not name:
-        raise ValueError(f"source {source!r} does not end in a file name")
+        from data.download import mask_url
+
+        raise ImagenetError(f"source {mask_url(source)!r} does not end in a file name")
     return name
 
 
 def download_identity(source: str, md5: str | None) -> dict[str, str | None]:
     """What a download's cache key is made of: the archive's name and md5 when a checksum is
     known (the same bytes from another mirror or port are the same archive), else its URL."""
-    from data.download import expected_md5
+    from data.download import expected_md5, source_key
 
     name = archive_name(source)
     want = expected_md5(name, md5)
-    return {"name": name, "md5": want} if want else {"source": source}
+    # Without a checksum: the URL without its secrets (a new password is the same archive).
+    return {"name": name, "md5": want} if want else {"source": source_key(source)}
 
 
 def archive_path(data_root: Path | str, source: str) -> Path:
@@ -173,25 +227,31 @@ def build_mini(cache_key: str, data_root: str, size: str) -> StageResult:
                        throughput=f"{images / seconds:.0f} img/s" if seconds > 0 else "")
 
 
-@task(cache_policy=RecordedKey(), retries=DOWNLOAD_RETRIES,
-      retry_delay_seconds=DOWNLOAD_RETRY_DELAYS_S, retry_condition_fn=retry_if_transient)
+@task(cache_policy=RecordedKey())
 @fail_in_one_line
 def download_archive(cache_key: str, source: str, data_root: str, md5: str | None = None) -> StageResult:
-    """Fetch one archive into downloads/ (resuming, md5-verified). A local path is verified and
-    used in place: downloads/<name> becomes a symlink to it, so the manifest has a home."""
-    from data.download import download
+    """Fetch one archive into downloads/ (resuming, md5-verified, retried by data.download's
+    policy). A local path is verified and used in place: downloads/<name> becomes a symlink to
+    it, so the manifest has a home. `source` is never a credentialed URL (flow parameters hold
+    none): its secrets come from this process (download.hide_url), the Secret block or the
+    environment, and only its masked form is logged or recorded."""
+    from data import download as dl
 
     log = get_run_logger()
     dest = archive_path(data_root, source)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    shown = dl.mask_url(source) if "://" in source else source
+    credentials, urls = mirror_secret() if "://" in source else (None, {})
+    real = dl.reveal_url(source, urls)
     progress = ProgressArtifact(f"download {dest.name} (bytes)")
-    log.info("downloading %s -> %s", source, dest)
+    log.info("downloading %s -> %s", shown, dest)
     try:
-        result = download(source, dest.parent, md5=md5, filename=dest.name, progress=progress,
-                          sleep=abortable_sleep)
-    except ImagenetError as err:
-        if _GAVE_UP_PHRASE in str(err):
-            raise TransientDownloadError(str(err)) from err
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        result = dl.download(real, dest.parent, md5=md5, filename=dest.name, progress=progress,
+                             credentials=credentials, sleep=abortable_sleep)
+    except dl.DownloadError as err:
+        if err.unreachable:
+            raise dl.DownloadError(f"{err}; {SOURCE_HINT}", transient=err.transient,
+                                   unreachable=True) from None
         raise
     progress.finish()
     got = Path(result.path)
@@ -209,7 +269,8 @@ def download_archive(cache_key: str, source: str, data_root: str, md5: str | Non
     mb_s = result.bytes / MIB / seconds if seconds > 0 else 0.0
     digest = "md5:" + result.md5 if result.md5 else "sha256:" + file_digest(dest)
     record = {"bytes": int(result.bytes), "md5": result.md5, "resumed": bool(result.resumed),
-              "reused_in_place": bool(getattr(result, "reused_in_place", False)), "source": source}
+              "reused_in_place": bool(getattr(result, "reused_in_place", False)),
+              "source": shown}
     write_manifest(dest, stage="download", key=cache_key, digest=digest, record=record,
                    content=digest)
     log.info("%s: %.1f MB in %.1f s (%.1f MB/s)", dest.name, result.bytes / MIB, seconds, mb_s)

@@ -116,12 +116,14 @@ def read_params_file(path: Path) -> dict[str, Any]:
 
 def describe_validation_error(err: Any) -> str:
     """pydantic's multi-line report as one line: 'field: problem (got value)'; ..."""
+    from data.download import mask_secrets
+
     parts = []
     for e in err.errors():
         field = ".".join(str(x) for x in e.get("loc", ())) or "parameters"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         parts.append(f"{field}: {e.get('msg', 'invalid')}{got}")
-    return "; ".join(parts)
+    return mask_secrets("; ".join(parts))
 
 
 def _refuse_unknown_keys(data: dict[str, Any], where: Path) -> None:
@@ -140,6 +142,7 @@ def _refuse_unknown_keys(data: dict[str, Any], where: Path) -> None:
 
 
 def build_params(args: argparse.Namespace) -> Any:
+    from data.download import hide_url
     from flows.imagenet import PipelineParams
 
     data: dict[str, Any] = read_params_file(args.params) if args.params else {}
@@ -150,7 +153,10 @@ def build_params(args: argparse.Namespace) -> Any:
         if getattr(args, name) is not None:
             sources[name] = getattr(args, name)
     if sources:
-        data["sources"] = sources
+        # A credentialed URL stays in this process (the downloader gets it back); the flow
+        # run's parameters, logs and records only ever see its masked form.
+        data["sources"] = {k: hide_url(v) if isinstance(v, str) else v
+                           for k, v in sources.items()}
     for name, field in _fields().items():
         text = getattr(args, name)
         if text is not None:
@@ -171,8 +177,10 @@ def _refuse_nul(value: Any, name: str = "") -> None:
         for item in value:
             _refuse_nul(item, name)
     elif isinstance(value, str) and "\0" in value:
-        raise ImagenetError(f"parameter {name} {value!r} holds a NUL byte, which no path or "
-                            "URL can hold; fix it")
+        from data.download import mask_secrets
+
+        raise ImagenetError(f"parameter {name} {mask_secrets(repr(value))} holds a NUL byte, "
+                            "which no path or URL can hold; fix it")
 
 
 def run(args: argparse.Namespace) -> int:

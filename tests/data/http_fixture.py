@@ -2,7 +2,8 @@
 
 `MirrorServer(root)` serves the files under `root` like a static mirror would (Content-Length,
 ETag, Last-Modified, Accept-Ranges, single `Range: bytes=a-[b]` requests honoured with 206 and
-`If-Range`, 416 past the end) and records every request (path + headers). Faults are queued per
+`If-Range`, 416 past the end; a query string is ignored) and records every request (path +
+headers, and the target as sent under TARGET). Faults are queued per
 file name and consumed one per request:
   ("status", code[, retry_after])  answer with that status instead of the file;
   ("drop", nbytes)                 send the headers of the full answer, then nbytes of body, then
@@ -24,6 +25,8 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 CHUNK = 64 * 1024
+# requests_for(name)[i][TARGET]: the request's target (path and query) as the client sent it.
+TARGET = ":target"
 
 
 class MirrorServer:
@@ -82,7 +85,9 @@ class MirrorServer:
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         path = h.path.split("?", 1)[0]
         with self._lock:
-            self.requests.append((path, {k.lower(): v for k, v in h.headers.items()}))
+            headers = {k.lower(): v for k, v in h.headers.items()}
+            headers[TARGET] = h.path  # the request target as sent, query included
+            self.requests.append((path, headers))
             queue = self.faults.get(path.lstrip("/"))
             fault = queue.popleft() if queue else None
         if fault and fault[0] == "redirect":

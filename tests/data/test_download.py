@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 
 from data import ilsvrc12
-from data.download import Backoff, Credentials, download, mask_url, md5_of
+from data.download import (SECRET_BLOCK, Backoff, Credentials, DownloadError, carries_credentials,
+                           download, fetch_bytes, hide_url, mask_secrets, mask_url, md5_of,
+                           reveal_url, source_key)
 from data.errors import ImagenetError
 
 FAST = Backoff(initial=0.001, factor=2.0, maximum=0.01, jitter=0.0)
 VAL = ilsvrc12.VAL_ARCHIVE
+TARGET = ":target"  # http_fixture.TARGET
 
 
 @pytest.fixture
@@ -245,3 +248,117 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the retry policy (one)
+
+def _waits_and_error(url: str, tmp_path: Path, **kw) -> tuple[list[float], ImagenetError]:
+    waits: list[float] = []
+    with pytest.raises(ImagenetError) as err:
+        download(url, tmp_path / "dl", retries=5, backoff=FAST, sleep=waits.append, **kw)
+    return waits, err.value
+
+
+def test_what_no_wait_cures_fails_at_once(mirror, tmp_path):
+    """No such host, nothing listening, 4xx other than 408/429: one attempt, a final
+    DownloadError that says what to fix, and nothing left on disk."""
+    cases = {
+        f"http://no-such-host.invalid/{VAL}": "does not resolve",
+        f"http://127.0.0.1:{_closed_port()}/{VAL}": "connection refused",
+    }
+    for url, words in cases.items():
+        waits, err = _waits_and_error(url, tmp_path)
+        assert waits == [] and words in str(err) and "\n" not in str(err), url
+        assert isinstance(err, DownloadError) and not err.transient and err.unreachable
+    for status in (400, 401, 403, 404, 410, 425):
+        mirror.fail(VAL, ("status", status))
+        waits, err = _waits_and_error(mirror.url(VAL), tmp_path, md5="0" * 32)
+        assert waits == [] and str(err).startswith(f"HTTP {status}"), status
+        assert not err.transient
+        if status in (401, 403):
+            assert "IMAGENET_TOKEN" in str(err) and SECRET_BLOCK in str(err)
+    assert not (tmp_path / "dl").exists()
+
+
+def test_408_429_and_5xx_are_transient(mirror, sums, tmp_path):
+    for status in (408, 429, 500, 502, 503, 504):
+        mirror.fail(VAL, ("status", status))
+    waits: list[float] = []
+    result = download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=6, backoff=FAST,
+                      sleep=waits.append)
+    assert len(waits) == 6 and result.attempts == 7
+
+
+def test_progress_restarts_the_count_of_failures(mirror, mini_tiny, sums, tmp_path):
+    """retries bounds consecutive failures without progress: a long download survives more
+    isolated drops than `retries`, each resuming; a dead server is still given up on."""
+    mirror.fail(VAL, *[("drop", 700)] * 4)
+    waits: list[float] = []
+    result = download(mirror.url(VAL), tmp_path, md5=sums[VAL], retries=1, backoff=FAST,
+                      sleep=waits.append)
+    assert result.attempts == 5 and result.resumed and waits == [0.001] * 4
+    assert result.path.read_bytes() == mini_tiny.val_tar.read_bytes()
+
+
+def test_fetch_bytes_uses_the_same_transport(mirror, mini_tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("IMAGENET_TOKEN", raising=False)
+    body = fetch_bytes(mirror.url("MD5SUMS").replace("http://", "http://u:pw9@"))
+    assert body == mini_tiny.md5sums.read_bytes()
+    assert mirror.requests_for("MD5SUMS")[0]["authorization"].startswith("Basic ")
+    assert fetch_bytes(str(mini_tiny.md5sums)) == body
+    with pytest.raises(DownloadError, match="HTTP 404") as err:
+        fetch_bytes(mirror.url("nope").replace("http://", "http://u:pw9@"))
+    assert "pw9" not in str(err.value)
+
+
+# ---------------------------------------------------------------- secrets never shown
+
+def test_mask_secrets_in_any_text():
+    text = ("failed: http://al:pw1@h:1/a.tar?X-Amz-Signature=s1&X-Amz-Credential=c1&n=2, "
+            "'https://h/b?sig=s2'; (ftp://u:pw3@h/c) and https://h/d?access_token=t4.")
+    masked = mask_secrets(text)
+    for secret in ("pw1", "s1", "c1", "s2", "pw3", "t4"):
+        assert secret not in masked, secret
+    assert masked.endswith("https://h/d?access_token=***.") and "n=2," in masked
+
+
+def test_hidden_urls_travel_masked_and_come_back():
+    url = "http://al:pw5@127.0.0.1:8/ILSVRC2012_img_train.tar?sig=s5&x=1"
+    assert carries_credentials(url) and not carries_credentials(mask_url(url))
+    shown = hide_url(url)
+    assert shown == "http://***@127.0.0.1:8/ILSVRC2012_img_train.tar?sig=***&x=1"
+    assert reveal_url(shown) == url
+    assert hide_url("/local/x.tar") == "/local/x.tar" and reveal_url("mini") == "mini"
+    # From a secret's list of signed URLs, by the URL without its secrets:
+    signed = "https://b.example/v.tar?X-Amz-Signature=s6"
+    assert reveal_url("https://b.example/v.tar", {source_key(signed): signed}) == signed
+    assert reveal_url("https://b.example/v.tar?X-Amz-Signature=***",
+                      {source_key(signed): signed}) == signed
+    with pytest.raises(DownloadError, match="X-Amz-Signature is masked.*urls"):
+        reveal_url("https://c.example/v.tar?X-Amz-Signature=***")
+    # user:pass masked away with nothing to reveal: the credentials come from elsewhere.
+    assert reveal_url("http://***@d.example/v.tar") == "http://d.example/v.tar"
+
+
+def test_query_tokens_are_sent_but_never_shown(mirror, sums, tmp_path, caplog):
+    url = mirror.url(VAL) + "?sig=qs3cret&v=1"
+    mirror.fail(VAL, ("status", 503), ("drop", 100))
+    with caplog.at_level(logging.DEBUG, logger="data.download"):
+        download(url, tmp_path, md5=sums[VAL], backoff=FAST, sleep=lambda s: None)
+    assert all(r[TARGET] == f"/{VAL}?sig=qs3cret&v=1" for r in mirror.requests_for(VAL))
+    assert caplog.records and "qs3cret" not in caplog.text
+    mirror.fail(VAL, ("status", 500))
+    with pytest.raises(ImagenetError) as err:
+        download(url, tmp_path / "x", md5=sums[VAL], retries=0)
+    assert "qs3cret" not in str(err.value) and "sig=***" in str(err.value)
+
+
+def test_credentials_never_follow_a_redirect_to_another_host(mirror, sums, tmp_path):
+    """user:pass@ in the URL goes to its own host only, and never inside a redirect's URL."""
+    other = mirror.url(VAL).replace("127.0.0.1", "localhost")
+    mirror.fail("alias.tar", ("redirect", other.replace("http://", "http://x:leak@")))
+    download(mirror.url("alias.tar").replace("http://", "http://al:pw7@"), tmp_path,
+             md5=sums[VAL], filename=VAL)
+    assert mirror.requests_for("alias.tar")[0]["authorization"] == \
+        "Basic " + base64.b64encode(b"al:pw7").decode()
+    assert "authorization" not in mirror.requests_for(VAL)[-1]
