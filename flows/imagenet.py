@@ -29,11 +29,12 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Failed, State
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from data.errors import ImagenetError
 from data.ilsvrc12 import TRAIN_LIST, VAL_LIST
 from flows.commands.pipeline import DEFAULT_DATA_ROOT, describe_validation_error
 from tasks import acquire, convert, report
 from tasks import train as training
-from tasks.cache import read_manifest, stage_key
+from tasks.cache import read_manifest, stage_key, stale_reason
 from tasks.stage import (USER_ERRORS, StageCancelled, StageFailed, StageGroup, StageRun,
                          call_stage, one_line)
 
@@ -70,11 +71,15 @@ class PipelineParams(BaseModel):
                            "snapshots and the stage cache live")
     sources: Sources = Field(default_factory=Sources, description="where the three archives come "
                              "from (URL, path, or `mini` for the built-in mini ILSVRC12)")
-    resize_height: int = Field(DEFAULT_RESIZE, ge=0,
-                               description="convert_imageset --resize_height (0: keep)")
-    resize_width: int = Field(DEFAULT_RESIZE, ge=0,
-                              description="convert_imageset --resize_width (0: keep)")
-    encoded: bool = Field(False, description="convert_imageset --encoded: store JPEG bytes")
+    resize_height: int | None = Field(None, ge=0, description="convert_imageset "
+                                      "--resize_height (0: keep; default: what the data root's "
+                                      f"LMDBs were built with, else {DEFAULT_RESIZE})")
+    resize_width: int | None = Field(None, ge=0, description="convert_imageset --resize_width "
+                                     "(0: keep; default: what the data root's LMDBs were built "
+                                     f"with, else {DEFAULT_RESIZE})")
+    encoded: bool | None = Field(None, description="convert_imageset --encoded: store JPEG "
+                                 "bytes (default: what the data root's LMDBs were built with, "
+                                 "else false)")
     shuffle_seed: int | None = Field(DEFAULT_SHUFFLE_SEED, description="shuffle the listings "
                                      "with this seed (reproducible, unlike Caffe's --shuffle); "
                                      "null: keep order")
@@ -111,6 +116,7 @@ class _Runner:
         self.runs: list[StageRun] = []
         self.states: dict[str, State] = {}
         self.stopped: list[tuple[str, str]] = []  # stages cancelled beside a failed one
+        self.changes: list[str] = []  # what this run changed in the data root, said aloud
 
     def wanted(self, stage: str) -> bool:
         return stage in self.p.stages
@@ -150,9 +156,9 @@ class _Runner:
 def imagenet(
     data_root: str = DEFAULT_DATA_ROOT,
     sources: Sources = Sources(),
-    resize_height: int = DEFAULT_RESIZE,
-    resize_width: int = DEFAULT_RESIZE,
-    encoded: bool = False,
+    resize_height: int | None = None,
+    resize_width: int | None = None,
+    encoded: bool | None = None,
     shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
     solver: str = DEFAULT_SOLVER,
     max_iter: int | None = None,
@@ -169,9 +175,11 @@ def imagenet(
         data_root: where archives, images, LMDBs, snapshots and the stage cache live
         sources: where the three archives come from (URL, path, or `mini` / `mini:tiny` for
             the built-in mini ILSVRC12, built once under the data root)
-        resize_height: convert_imageset --resize_height (0: keep)
-        resize_width: convert_imageset --resize_width (0: keep)
-        encoded: convert_imageset --encoded: store JPEG bytes
+        resize_height: convert_imageset --resize_height (0: keep; default: what the data
+            root's LMDBs were built with, else 256)
+        resize_width: convert_imageset --resize_width (0: keep; default: as resize_height)
+        encoded: convert_imageset --encoded: store JPEG bytes (default: as the data root's
+            LMDBs, else false)
         shuffle_seed: shuffle the listings with this seed (reproducible); null: keep order
         solver: solver.prototxt; its Data layers are pointed at this run's LMDBs
         max_iter: override the solver's max_iter
@@ -229,6 +237,30 @@ def _failed(log: logging.LoggerAdapter, message: str, err: BaseException) -> Sta
     log.error("%s", message)
     report.announce(message, {"message": message}, event=report.FAILED_EVENT)
     return Failed(message=message)
+
+
+def _conversion(p: PipelineParams, train_lmdb: Path, log: logging.LoggerAdapter
+                ) -> tuple[dict[str, Any], list[str]]:
+    """The convert stage's parameters: those given, the rest as the data root's LMDBs were
+    built (tasks.convert.recorded_conversion), else the defaults; and the changes from what was
+    built ("resize_height 64 -> 256"), which the run states rather than makes silently."""
+    recorded = convert.recorded_conversion(train_lmdb)
+    defaults = {"resize_height": DEFAULT_RESIZE, "resize_width": DEFAULT_RESIZE,
+                "encoded": False}
+    params: dict[str, Any] = {}
+    reused = []
+    for name, default in defaults.items():
+        given = getattr(p, name)
+        if given is None and name in recorded:
+            reused.append(f"{name} {recorded[name]}")
+        params[name] = given if given is not None else recorded.get(name, default)
+    params["shuffle_seed"] = p.shuffle_seed
+    if reused:
+        log.info("convert: %s, as the data root's LMDBs were built (give the parameter to "
+                 "change it)", ", ".join(reused))
+    changes = [f"{name} {recorded[name]} -> {params[name]}" for name in convert.CONVERSION_PARAMS
+               if name in recorded and recorded[name] != params[name]]
+    return params, changes
 
 
 def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
@@ -312,8 +344,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     lmdbs = {split: convert.lmdb_path(root, split) for split in ("train", "val")}
     converted: set[str] = set()
     if r.wanted("convert"):
-        conv_params = {"resize_height": p.resize_height, "resize_width": p.resize_width,
-                       "shuffle_seed": p.shuffle_seed, "encoded": p.encoded}
+        conv_params, changes = _conversion(p, lmdbs["train"], log)
         for split, listname in (("train", TRAIN_LIST), ("val", VAL_LIST)):
             listfile = root / listname
             with r.stage(f"convert-{split}"):
@@ -326,14 +357,33 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
                          listfile=str(listfile), workers=p.workers, **conv_params)
             if run.ran:
                 converted.add(split)
+        if converted and changes:
+            change = f"LMDBs rebuilt with {', '.join(changes)}"
+            log.warning("convert: %s; the mean follows the train LMDB, and training uses "
+                        "the configuration folder of the new data", change)
+            r.changes.append(change)
 
-    # 5. The mean file.
+    # 5. The mean file. It belongs to the train LMDB: when that was rebuilt in this run, or the
+    # mean on disk is another LMDB's, it is brought up to date even when `stages` leaves it out
+    # (from convert's sums: seconds), so training never meets a mean of another size.
     mean_file = convert.mean_path(root)
-    if r.wanted("mean"):
+    follow = not r.wanted("mean") and (
+        "train" in converted or r.wanted("train") or r.wanted("evaluate"))
+    if r.wanted("mean") or follow:
+        key = None
         with r.stage("mean"):
-            key = stage_key("mean", code=convert.MEAN_CODE, inputs={"lmdb": lmdbs["train"]})
-        r.call("mean", convert.compute_mean, "mean", key=key, outputs=[mean_file],
-               after=r.after("convert-train"), data_root=str(root), train_lmdb=str(lmdbs["train"]))
+            try:
+                key = stage_key("mean", code=convert.MEAN_CODE, inputs={"lmdb": lmdbs["train"]})
+            except ImagenetError:
+                if not follow:
+                    raise
+        if key is not None and follow and stale_reason([mean_file], key):
+            log.info("mean: not in `stages`, but the mean on disk does not belong to the train "
+                     "LMDB: computing it again")
+        if key is not None and (not follow or stale_reason([mean_file], key)):
+            r.call("mean", convert.compute_mean, "mean", key=key, outputs=[mean_file],
+                   after=r.after("convert-train"), data_root=str(root),
+                   train_lmdb=str(lmdbs["train"]))
 
     # 6. Training, one segment per snapshot interval, and 7. evaluation of the final weights.
     test_rows: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ the same records leaves the mean and the training cached.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.logging import get_run_logger
@@ -25,6 +26,9 @@ MEAN_CODE = ("data.mean", "data.datum", "data.lmdb_io", "data.pixelsum")
 MEAN_FROM_SUMS = "pixel sums kept by convert (the LMDB was not read)"
 MEAN_FROM_LMDB = "read from the LMDB"
 SKIPPED_EXAMPLES = 5
+# What the conversion was asked for; recorded in the LMDB's manifest, so that a rerun of the
+# convert stage alone reuses the size the data root was built with (recorded_conversion).
+CONVERSION_PARAMS = ("resize_height", "resize_width", "encoded", "shuffle_seed")
 # Threads, not processes: a forkserver pool started from inside a flow run (`python -m
 # flows.demo`) hung here with its workers idle; OpenCV's decode and resize release the GIL, so
 # threads keep the cores busy, and the records are the same for any pool (data.convert).
@@ -83,6 +87,8 @@ def convert_lmdb(
     record = {"count": int(result.count), "skipped": len(result.skipped),
               "truncated": len(result.truncated), "total_lines": int(result.total_lines),
               "digest": digest,
+              "params": {"resize_height": resize_height, "resize_width": resize_width,
+                         "encoded": encoded, "shuffle_seed": shuffle_seed},
               "skipped_examples": [f"line {n}: {path}: {why}"
                                    for n, path, why in result.skipped[:SKIPPED_EXAMPLES]]}
     write_manifest(db, stage=f"convert_{split}", key=cache_key, digest=digest, record=record,
@@ -95,6 +101,32 @@ def convert_lmdb(
         log.warning("skipped %s", line)
     return StageResult(stage=f"convert_{split}", key=cache_key, outputs={"lmdb": str(db)},
                        record=record, seconds=seconds, throughput=f"{rate:.0f} img/s")
+
+
+def recorded_conversion(db: Path | str) -> dict[str, Any]:
+    """The conversion parameters an LMDB of this pipeline was built with: its manifest's record,
+    else (a manifest older than that record) the size of its first record, when raw; {} when
+    there is no LMDB with a manifest."""
+    manifest = read_manifest(db)
+    if manifest is None:
+        return {}
+    params = manifest.get("record", {}).get("params")
+    if isinstance(params, dict):
+        return {k: params[k] for k in CONVERSION_PARAMS if k in params}
+    from data.datum import parse_datum_header
+    from data.lmdb_io import LmdbReader
+
+    try:
+        with LmdbReader(db) as reader:
+            first = reader.first()
+    except Exception:  # an unreadable LMDB is the convert stage's to report, not this guess's
+        return {}
+    if first is None:
+        return {}
+    head = parse_datum_header(first[1])
+    if head.encoded:
+        return {"encoded": True}
+    return {"resize_height": int(head.height), "resize_width": int(head.width), "encoded": False}
 
 
 @task(cache_policy=RecordedKey())

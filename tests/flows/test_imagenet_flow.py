@@ -155,6 +155,39 @@ def test_changing_resize_reruns_convert_and_downstream_only(first_run, data_root
     assert back["top1"] == first_run["top1"]
 
 
+def test_one_stage_rerun_keeps_the_data_root_consistent(first_run, data_root, make_params,
+                                                        tmp_path):
+    """convert-lmdb's preset with only the data root rebuilds at the size the root was built
+    with; at another size the mean follows the train LMDB; a training run after it meets a mean
+    of its LMDB's size even when one of another size was left on disk."""
+    from data.datum import read_blobproto
+    from flows.imagenet import imagenet
+
+    train_db, mean = convert_tasks.lmdb_path(data_root, "train"), convert_tasks.mean_path(data_root)
+    again = imagenet(**make_params(data_root, stages=["convert"], force=["convert"],
+                                   resize_height=None, resize_width=None).flow_parameters())
+    assert statuses(again) == {"convert-train": "ran", "convert-val": "ran"}
+    assert convert_tasks.recorded_conversion(train_db)["resize_height"] == 16
+    kept = {p: p.read_bytes() for p in (mean, mean.with_name(mean.name + ".manifest.json"))}
+    try:
+        other = imagenet(**make_params(data_root, stages=["convert"], force=["convert"],
+                                       resize_height=14, resize_width=14).flow_parameters())
+        assert ran(other) == {"convert-train", "convert-val", "mean"}
+        assert read_blobproto(mean).shape[-2:] == (14, 14)
+        for path, payload in kept.items():  # a mean of the old size left beside the new LMDB
+            path.write_bytes(payload)
+        trained = imagenet(**make_params(data_root, stages=["train", "evaluate"],
+                                         resize_height=None, resize_width=None
+                                         ).flow_parameters())
+        # (the 14x14 training may come from the cache: an earlier test trained at that size)
+        assert "mean" in ran(trained) and trained["top1"] is not None
+        assert {"train-0-2", "train-2-4", "train-4-6", "evaluate"} <= set(statuses(trained))
+        assert read_blobproto(mean).shape[-2:] == (14, 14)
+    finally:
+        back = imagenet(**make_params(data_root).flow_parameters())
+    assert back["top1"] == first_run["top1"]
+
+
 def test_deleting_val_lmdb_reruns_its_conversion_and_evaluate(first_run, data_root, make_params):
     from flows.imagenet import imagenet
 
