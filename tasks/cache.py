@@ -113,16 +113,16 @@ def tree_digest(path: Path | str) -> str:
     stack = [""]
     while stack:
         rel = stack.pop()
+        prefix = f"{rel}/" if rel else ""
         with os.scandir(root / rel if rel else root) as it:
             entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        folders = []
+        folders, lines = [], []
         for entry in entries:
-            name = f"{rel}/{entry.name}" if rel else entry.name
             if entry.is_dir(follow_symlinks=False):
-                folders.append(name)
+                folders.append(prefix + entry.name)
             elif entry.is_file(follow_symlinks=False):
-                h.update(f"{name}\0{entry.stat(follow_symlinks=False).st_size}\n"
-                         .encode("utf-8", "surrogateescape"))
+                lines.append(f"{prefix}{entry.name}\0{entry.stat(follow_symlinks=False).st_size}\n")
+        h.update("".join(lines).encode("utf-8", "surrogateescape"))  # one call per folder
         stack.extend(reversed(folders))  # depth first, in name order
     return h.hexdigest()
 
