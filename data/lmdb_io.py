@@ -300,6 +300,24 @@ def release_pages(views: Iterable[memoryview]) -> int:
     return released
 
 
+def release_span(first: memoryview, last: memoryview) -> int:
+    """Drop the pages from `first`'s to `last`'s (memoryviews into a read-only LMDB map) from
+    this process's resident set, whatever lies between; returns the bytes released. For a
+    reader walking small records in key order: they sit inline in leaf pages that a DB built in
+    key order (convert_imageset, ours or Caffe's) lays out in order, so the span is about the
+    pages the walk passed, found from two addresses instead of one per record (release_pages
+    costs ~1 us per view, more than summing a 16x16 record). Pages in the span not read yet are
+    mapped again from the page cache when they are; a no-op without madvise."""
+    if _madvise is None or not len(first) or not len(last):
+        return 0
+    a = np.frombuffer(first, np.uint8).ctypes.data
+    b = np.frombuffer(last, np.uint8).ctypes.data
+    lo, hi = min(a, b), max(a + len(first), b + len(last))
+    lo, hi = lo - lo % _PAGE, -(-hi // _PAGE) * _PAGE
+    _madvise(lo, hi - lo, _MADV_DONTNEED)
+    return hi - lo
+
+
 def lmdb_content_digest(path: str | os.PathLike) -> str:
     """sha256 over the records (key and value, in key order): the same records give the same
     digest even when data.mdb differs (page layout, map size, free pages)."""

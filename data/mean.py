@@ -41,7 +41,7 @@ import numpy as np
 from data.host import available_cores
 from data.datum import decode_datum_bytes, parse_datum_header, raw_datum_prefix, write_blobproto
 from data.errors import ImagenetError
-from data.lmdb_io import LmdbReader, release_pages
+from data.lmdb_io import LmdbReader, release_pages, release_span
 from data.progress import Progress
 
 ACCUMULATIONS = {
@@ -54,9 +54,13 @@ DEFAULT_ACCUMULATION = "caffe"
 # Up to this many records of uint8 pixels a float32 running sum never rounds (255 x 65,793 <
 # 2**24), so the exact integer sum, summed in any order on any number of threads, is Caffe's.
 CAFFE_EXACT_RECORDS = (2**24 - 1) // 255
-# Records the ordered ("caffe") sum reads per hand-out to its slice threads: enough that the
-# hand-off is a small share of the adds.
+# Records the ordered ("caffe") sum reads per hand-out to its slice threads at least (and
+# ORDERED_CHUNK_BYTES of pixels for small records): enough that the hand-off is a small share
+# of the adds.
 RECORDS_PER_ORDERED_CHUNK = 64
+ORDERED_CHUNK_BYTES = 1 << 20
+# Records below this size (LMDB's page) are stored inline in leaf pages: released by span.
+SMALL_RECORD_BYTES = 4096
 # Elements per slice thread at least: below this the thread hand-off costs more than the adds.
 MIN_ELEMENTS_PER_SLICE = 16_384
 # Records a thread takes from the shared cursor at a time: enough that the walk under the lock
@@ -235,9 +239,17 @@ class _ThreadSum:
             except BaseException as err:  # noqa: BLE001 - re-raised by compute_image_mean
                 cursor.fail(index, err)
                 return
-            # Passed records leave our resident set (they stay in the page cache): RSS stays
-            # flat instead of growing to the size of the DB (lmdb_io.release_pages).
-            release_pages([value for _, value in chunk])
+            _release(chunk)
+
+
+def _release(chunk: list[tuple[memoryview, memoryview]]) -> None:
+    """Passed records leave our resident set (they stay in the page cache): RSS stays flat
+    instead of growing to the size of the DB. Records smaller than a page sit inline in leaf
+    pages: their chunk's span is released at once (lmdb_io.release_span)."""
+    if len(chunk[0][1]) < SMALL_RECORD_BYTES:
+        release_span(chunk[0][1], chunk[-1][1])
+    else:
+        release_pages([value for _, value in chunk])
 
 
 def _raw_pixels(value: memoryview | bytes, size: int, prefix: bytes) -> np.ndarray | None:
@@ -355,11 +367,14 @@ def _ordered_sum(txn: lmdb.Transaction, shape: tuple[int, ...], threads: int,
     are decoded on `threads` threads first, in parallel and kept in order."""
     size, prefix = int(np.prod(shape)), raw_datum_prefix(shape)
     records = txn.cursor().iternext(keys=True, values=True)
+    # Small records come many to a chunk, so that the per-chunk work (thread hand-off, page
+    # release) stays a small share.
+    per_chunk = max(RECORDS_PER_ORDERED_CHUNK, ORDERED_CHUNK_BYTES // max(size, 1))
     decoders = ThreadPoolExecutor(threads, thread_name_prefix="mean-decode") \
         if threads > 1 else None
     try:
         with RunningSum(size, threads) as running:
-            while chunk := list(islice(records, RECORDS_PER_ORDERED_CHUNK)):
+            while chunk := list(islice(records, per_chunk)):
                 flat = [_raw_pixels(value, size, prefix) for _, value in chunk]
                 others = [i for i, arr in enumerate(flat) if arr is None]
                 if others:
@@ -369,7 +384,7 @@ def _ordered_sum(txn: lmdb.Transaction, shape: tuple[int, ...], threads: int,
                         flat[i] = arr
                 running.add(flat)
                 bar.update(len(chunk))
-                release_pages([value for _, value in chunk])
+                _release(chunk)
             return running.sum, running.count
     finally:
         if decoders is not None:
