@@ -1,0 +1,163 @@
+"""No credential given in a source URL (user:password@, a signed query) ever shows: not on the
+terminal, in Prefect's database and logs, in the stage cache, the manifests or any file under
+the data root; and the credentials still reach the mirror. The places a URL can surface: log
+lines, error messages and state messages, manifests and stage records, flow-run parameters,
+task-run names and progress cards (named by archive only), cache keys and records."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import ilsvrc12
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location(
+    "secrets_http_fixture", REPO / "tests" / "data" / "http_fixture.py")
+http_fixture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(http_fixture)
+TRAIN, VAL, AUX = ilsvrc12.TRAIN_ARCHIVE, ilsvrc12.VAL_ARCHIVE, ilsvrc12.AUX_ARCHIVE
+
+
+@pytest.fixture
+def mirror(tiny_mirror):
+    """The tiny mirror, recording each request's headers and target (query included)."""
+    with http_fixture.MirrorServer(tiny_mirror) as server:
+        yield server
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _with_user(url: str, userinfo: str) -> str:
+    return url.replace("http://", f"http://{userinfo}@", 1)
+
+
+def _basic(user: str, password: str) -> bytes:
+    return base64.b64encode(f"{user}:{password}".encode())
+
+
+def _leaks(root: Path, secrets: list[bytes]) -> list[str]:
+    """'file: secret' for every file under `root` holding one of `secrets`."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        found += [f"{path}: {s!r}" for s in secrets if s in data]
+    return found
+
+
+def _pipeline(argv: list[str]) -> subprocess.CompletedProcess:
+    """`imagenet pipeline ...` as a user runs it: Prefect's home in the data root."""
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFECT_HOME", "PREFECT_API_URL", "IMAGENET_USERNAME",
+                        "IMAGENET_PASSWORD", "IMAGENET_TOKEN")}
+    return subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", *argv], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=540)
+
+
+def test_terminal_pipeline_keeps_url_credentials_out_of_everything(mirror, tmp_path):
+    root = tmp_path / "root"
+    secrets = {"user": "Us3rSecret", "pw": "PwS3cret", "sig": "S1gSecret",
+               "sums": "Sum5Secret", "hook": "Hook5ecret"}
+    train = _with_user(mirror.url(TRAIN), f"{secrets['user']}:{secrets['pw']}")
+    val = mirror.url(VAL) + f"?X-Amz-Signature={secrets['sig']}&v=1"
+    sums = _with_user(mirror.url("MD5SUMS"), f"carol:{secrets['sums']}")
+    # The failure path first (the before-stop hook's case): refused, in one masked line.
+    hook = f"http://hookuser:{secrets['hook']}@127.0.0.1:{_closed_port()}/{TRAIN}"
+    failed = _pipeline([f"--data_root={root}", f"--train={hook}", f"--val={val}",
+                        f"--aux={mirror.url(AUX)}", f"--checksums={sums}", "--stages=download"])
+    assert failed.returncode == 1
+    error = [line for line in failed.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "connection refused" in error[0], failed.stderr[-3000:]
+    assert "sources" in error[0] and "imagenet-mirror-credentials" in error[0]
+    # Then the downloads, with the credentials doing their job where they belong.
+    done = _pipeline([f"--data_root={root}", f"--train={train}", f"--val={val}",
+                      f"--aux={mirror.url(AUX)}", f"--checksums={sums}", "--stages=download"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert mirror.requests_for(TRAIN)[0]["authorization"] == \
+        "Basic " + _basic(secrets["user"], secrets["pw"]).decode()
+    assert mirror.requests_for(VAL)[-1][http_fixture.TARGET].endswith(
+        f"?X-Amz-Signature={secrets['sig']}&v=1")
+    assert "authorization" not in mirror.requests_for(VAL)[-1]
+    assert mirror.requests_for("MD5SUMS")[0]["authorization"] == \
+        "Basic " + _basic("carol", secrets["sums"]).decode()
+    # Nothing shows them: terminal, Prefect's database and logs, cache, manifests, .part files.
+    forms = [s.encode() for s in secrets.values()] + [
+        _basic(secrets["user"], secrets["pw"]), _basic("carol", secrets["sums"])]
+    for out in (done.stdout, done.stderr, failed.stdout, failed.stderr):
+        assert not [s for s in forms if s.decode() in out], out[-2000:]
+    assert (root / ".prefect" / "prefect.db").is_file()
+    assert _leaks(root, forms) == []
+    # What the flow run's parameters hold instead: the masked URLs (so the scan above looked
+    # where they would be).
+    with sqlite3.connect(root / ".prefect" / "prefect.db") as db:
+        stored = " ".join(row[0] for row in db.execute("SELECT parameters FROM flow_run"))
+    assert f"***@127.0.0.1:{mirror.port}/{TRAIN}" in stored and "X-Amz-Signature=***" in stored
+    manifest = (root / "downloads" / (TRAIN + ".manifest.json")).read_text()
+    assert f"http://***@127.0.0.1:{mirror.port}/{TRAIN}" in manifest
+
+
+def test_deployment_parameters_with_credentials_are_refused_and_masked(make_params, mirror,
+                                                                       tmp_path):
+    """A flow run whose parameters hold a credential (as `prefect deployment run --param` or
+    the UI would store them) fails at once in one line naming the Secret block and the
+    environment, downloads nothing, and its stored parameters are replaced by masked ones."""
+    from prefect.client.orchestration import get_client
+
+    from flows.imagenet import Sources, imagenet
+
+    params = make_params(tmp_path / "root", stages=["download"], sources=Sources(
+        train=_with_user(mirror.url(TRAIN), "u:Refus3dSecret"), val=mirror.url(VAL),
+        aux=mirror.url(AUX))).flow_parameters()
+    state = imagenet(**params, return_state=True)
+    assert state.is_failed() and "\n" not in state.message
+    assert state.message.startswith("parameters: sources.train holds a credential")
+    assert "imagenet-mirror-credentials" in state.message and "IMAGENET_TOKEN" in state.message
+    assert "Refus3dSecret" not in state.message
+    assert mirror.requests == [] and not (tmp_path / "root").exists()
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.parameters["sources"]["train"] == f"http://***@127.0.0.1:{mirror.port}/{TRAIN}"
+    assert "Refus3dSecret" not in str(run.parameters)
+
+
+def test_credentials_from_the_secret_block(make_params, mirror, tmp_path, monkeypatch):
+    """The Secret block imagenet-mirror-credentials: username/password (or token) for the
+    mirror, and signed URLs that the parameters name without their secret part."""
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+
+    from flows.imagenet import Sources, imagenet
+    from tasks.acquire import SECRET_BLOCK
+
+    for name in ("IMAGENET_USERNAME", "IMAGENET_PASSWORD", "IMAGENET_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    signed = mirror.url(VAL) + "?sig=Bl0ckSig"
+    Secret(value={"username": "sb", "password": "Bl0ckSecret", "urls": [signed]}).save(
+        SECRET_BLOCK, overwrite=True)
+    try:
+        params = make_params(tmp_path / "root", stages=["download"], sources=Sources(
+            train=mirror.url(TRAIN), val=mirror.url(VAL), aux=mirror.url(AUX),
+            checksums=mirror.url("MD5SUMS"))).flow_parameters()
+        state = imagenet(**params, return_state=True)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_block_document(Secret.load(SECRET_BLOCK)._block_document_id)
+    assert state.is_completed(), state.message
+    basic = "Basic " + _basic("sb", "Bl0ckSecret").decode()
+    assert mirror.requests_for(TRAIN)[0]["authorization"] == basic
+    assert mirror.requests_for(VAL)[0][http_fixture.TARGET].endswith("?sig=Bl0ckSig")
+    assert _leaks(tmp_path / "root", [b"Bl0ckSecret", b"Bl0ckSig", basic.encode()]) == []
