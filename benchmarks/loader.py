@@ -5,9 +5,10 @@ step rate.
 Usage: python benchmarks/loader.py [--batch-size 32] [--workers 1,2] [--batches 20]
        [--records N] [--device cpu|gpu] [--kinds raw,encoded] [--train-img-s X | --train-json F]
 
-One pass = `--batches` batches through a `Prefetcher` (depth max(3, 2 x workers)) of the
-bvlc_alexnet TRAIN Data layer (crop 227, mirror, mean file), each stacked as the trainer stacks
-it and put on the device with jax.device_put + block_until_ready. The LMDB is built in a temp
+One pass = `--batches` batches of the bvlc_alexnet TRAIN Data layer (crop 227, mirror, mean
+file) through the trainer's own input path, model/feed.py's DeviceFeed: a Prefetcher (depth
+max(3, 2 x workers)) decoding on `workers` threads, each batch stacked and put on the device on
+the feed's thread, two batches ahead; the pass ends with block_until_ready on the last. The LMDB is built in a temp
 dir and page-cached (warm reads: what a long training run sees once the OS caches the DB, or a
 fast NVMe). The last line reads `loader img/s: raw X, encoded Y (workers W), train Z` where W
 is the largest worker count and Z the training rate given (`n/a` when none).
@@ -33,9 +34,9 @@ def loader_rate(data: common.BenchData, batch_size: int, workers: int, batches: 
     """Images/s from a cold Prefetcher start to `batches` device-ready batches."""
     import jax
 
-    from data.pipeline import DataSource, Prefetcher
+    from data.pipeline import DataSource
+    from model.feed import DeviceFeed, FedNet
     from model.prototxt import filter_net
-    from model.train import FedNet, stack_batches
 
     net_param = filter_net(common.alexnet_train_net(data, batch_size), "TRAIN")
     (lp,) = [lp for lp in net_param.layer if lp.type == "Data"]
@@ -43,14 +44,15 @@ def loader_rate(data: common.BenchData, batch_size: int, workers: int, batches: 
     fed = FedNet(net=None, sources={lp.name: src}, means={}, loss_weight={})  # type: ignore[arg-type]
     src.batch(0)  # open the reader and the page cache outside the timed window
     t0 = time.perf_counter()
-    pf = Prefetcher(src, 0, depth=max(MIN_PREFETCH, 2 * workers), workers=workers)
+    feed = DeviceFeed(fed, 0, 1, lambda stacked: jax.device_put(stacked, device),
+                      prefetch=max(MIN_PREFETCH, 2 * workers), workers=workers)
     try:
         for _ in range(batches):
-            arrays = jax.device_put(stack_batches(fed, [{lp.name: next(pf)}]), device)
+            arrays, _, _ = feed.next()
         jax.block_until_ready(arrays)
         seconds = time.perf_counter() - t0
     finally:
-        pf.close()
+        feed.close()
         src.close()
     return batches * batch_size / seconds
 

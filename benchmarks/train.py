@@ -1,15 +1,19 @@
 """Training throughput of bvlc_alexnet: this project's trainer against PyTorch, same run.
 
 Usage: python benchmarks/train.py --device cpu --batch-size 32
-       [--precision float32|bf16] [--iterations 8] [--warmup 2] [--workers 2]
+       [--precision float32|bf16] [--iterations 8] [--warmup 2] [--workers N]
        [--allocator auto|jemalloc|system] [--conv-plans auto|remeasure|cached|heuristic]
        [--no-torch] [--records N] [--json out.json]
 
 Ours is the real thing: model/zoo/bvlc_alexnet/train_val.prototxt and solver.prototxt, the
-Net, the Caffe SGD solver (model/solver.py), model/train.py's jitted `make_train_step` with
-donated state and data-parallel shardings over all local devices of --device, fed by
-data/pipeline.py's Prefetcher from a real LMDB of random 256x256 images built in a temp dir
-(crop 227 + mirror + mean file: the uint8 crop on the host, the float work in the step).
+Net, the Caffe SGD solver (model/solver.py), model/steps.py's `jit_train_step` with donated
+state, data-parallel shardings over all local devices of --device and the kernels and XLA
+options of that platform (model/backend.py), fed as the trainer feeds it (model/feed.py
+DeviceFeed: data/pipeline.py's Prefetcher on --workers threads, each batch stacked and put on
+the devices on a background thread, two steps ahead) from a real LMDB of random 256x256 images
+built in a temp dir (crop 227 + mirror + mean file: the uint8 crop on the host, the float work
+in the step). Ours also reports the share of its step time spent waiting for input (the
+trainer's target: below 2%).
 PyTorch (benchmarks/torch_alexnet.py, when importable) trains the same net from the same
 prefetched uint8 batches in the same process, after ours.
 
@@ -120,6 +124,7 @@ class Contender:
     step: Callable[[], float]
     close: Callable[[], None]
     losses: list[float] = field(default_factory=list)
+    waits: list[float] | None = None  # per step, seconds waiting for the input (ours)
 
 
 def setup_ours(data: common.BenchData, args: argparse.Namespace, devices: list[Any]) -> Contender:
@@ -129,9 +134,10 @@ def setup_ours(data: common.BenchData, args: argparse.Namespace, devices: list[A
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from data.pipeline import Prefetcher
+    from data.pipeline import default_workers
     from model import autotune
     from model import train as T
+    from model.feed import DeviceFeed
     from model.solver import build_solver
 
     n_dev = len(devices)
@@ -153,9 +159,8 @@ def setup_ours(data: common.BenchData, args: argparse.Namespace, devices: list[A
     state = T.TrainState(flat, solver.init(flat), jnp.asarray(0, jnp.int32),
                          jax.random.PRNGKey(0))
     state = jax.device_put(state, replicated)
-    step_fn = jax.jit(T.make_train_step(fed, solver, params, precision=PRECISIONS[args.precision]),
-                      out_shardings=(replicated, replicated), donate_argnums=(0,),
-                      compiler_options=T.TRAIN_STEP_COMPILER_OPTIONS)
+    step_fn = T.jit_train_step(fed, solver, params, replicated=replicated,
+                               precision=PRECISIONS[args.precision])
     (src,) = fed.sources.values()
     res = Result("ours", config=f"jax {jax.__version__}, {n_dev} x {devices[0].device_kind}, "
                                 f"{args.precision}")
@@ -170,25 +175,30 @@ def setup_ours(data: common.BenchData, args: argparse.Namespace, devices: list[A
     res.config += f", conv plans {autotune.mode()}"
     if tuned:
         res.config += f" (measured {len(tuned)} shapes in {tuning_s:.0f} s)"
-    pf = Prefetcher(src, 0, depth=PREFETCH_DEPTH, workers=args.workers)
+    workers = args.workers or default_workers()
+    feed = DeviceFeed(fed, 0, 1, lambda stacked: jax.device_put(stacked, sharded),
+                      prefetch=max(PREFETCH_DEPTH, workers), workers=workers)
+    res.config += f", {workers} input workers"
     it, current_step = 0, 0
+    waits: list[float] = []
 
     def one_step() -> float:
         nonlocal state, it, current_step
-        arrays = jax.device_put(T.stack_batches(fed, [{src.name: next(pf)}]), sharded)
+        arrays, _, waited = feed.next()
+        waits.append(waited)
         hyper, current_step = solver.step_hyper(it, current_step)
         state, m = compiled(state, arrays, hyper)
         it += 1
         return float(jax.device_get(m["loss"]))  # the trainer reads the loss every step
 
     def close() -> None:
-        pf.close()
+        feed.close()
         src.close()
 
     t0 = time.perf_counter()
     first = one_step()
     res.first_step_s = time.perf_counter() - t0
-    return Contender(res, one_step, close, [first])
+    return Contender(res, one_step, close, [first], waits)
 
 
 def setup_torch(data: common.BenchData, args: argparse.Namespace) -> Contender:
@@ -208,7 +218,7 @@ def setup_torch(data: common.BenchData, args: argparse.Namespace) -> Contender:
         threads=os.cpu_count() if args.device == "cpu" else None,
         channels_last=(args.torch_layout == "channels_last"
                        or (args.torch_layout == "auto" and args.device == "gpu")))
-    pf = Prefetcher(src, 0, depth=PREFETCH_DEPTH, workers=args.workers)
+    pf = Prefetcher(src, 0, depth=PREFETCH_DEPTH, workers=args.workers or None)
 
     def close() -> None:
         pf.close()
@@ -228,6 +238,7 @@ def measure(contenders: list[Contender], args: argparse.Namespace, peak: float) 
         for _ in range(max(0, args.warmup - 1)):
             c.losses.append(c.step())
     times: dict[str, list[float]] = {c.result.name: [] for c in contenders}
+    waited: dict[str, list[float]] = {c.result.name: [] for c in contenders}
     order = ([contenders] * args.iterations if not args.sequential
              else [[c] for c in contenders for _ in range(args.iterations)])
     for group in order:
@@ -235,11 +246,16 @@ def measure(contenders: list[Contender], args: argparse.Namespace, peak: float) 
             t0 = time.perf_counter()
             c.losses.append(c.step())
             times[c.result.name].append(time.perf_counter() - t0)
+            if c.waits:
+                waited[c.result.name].append(c.waits[-1])
     for c in contenders:
         if not all(map(math.isfinite, c.losses)):
             raise SystemExit(f"{c.result.name}: non-finite loss {c.losses}")
         c.result.config += f", loss {c.losses[0]:.3f} -> {c.losses[-1]:.3f}"
         _finish(c.result, common.Timing(times[c.result.name], args.batch_size), peak)
+        if waited[c.result.name]:
+            c.result.extra["input_wait_share"] = (sum(waited[c.result.name])
+                                                  / sum(times[c.result.name]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -249,7 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--iterations", type=int, default=8, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations (incl. the first)")
-    p.add_argument("--workers", type=int, default=2, help="input pipeline threads")
+    p.add_argument("--workers", type=int, default=0,
+                   help="input pipeline threads (default 0: one per core)")
     p.add_argument("--records", type=int, default=0,
                    help=f"LMDB records (default {RECORD_BATCHES} batches)")
     p.add_argument("--allocator", choices=common.ALLOCATORS, default="auto")
@@ -305,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = by_name.get("ours", Result("ours")), by_name.get("pytorch")
     for r in by_name.values():
         print(r.line(), flush=True)
+    if "input_wait_share" in ours.extra:
+        print(f"# ours: waiting for input {ours.extra['input_wait_share']:.2%} of the step time "
+              "(target < 2%)", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "allocator": common.allocator_in_use(),

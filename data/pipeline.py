@@ -22,6 +22,7 @@ background threads so the device does not wait on LMDB reads and JPEG decodes.
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,8 +43,8 @@ from data.transform import TransformPlan, crop_uint8
 # Batches prepared ahead of the one being consumed: two keep the device fed while the host
 # decodes the third (Caffe's DataLayer keeps PREFETCH_COUNT = 4 full batches).
 DEFAULT_PREFETCH = 3
-# Threads decoding batches: LMDB reads and OpenCV release the GIL.
-DEFAULT_WORKERS = 2
+# Threads decoding batches (LMDB reads and OpenCV release the GIL): by default one per core
+# this process may run on (`default_workers`).
 # Seed words must be non-negative for numpy's SeedSequence.
 _SEED_MASK = (1 << 63) - 1
 
@@ -310,13 +311,25 @@ def open_source(layer_param: caffe_pb2.LayerParameter, *, train: bool, seed: int
                batch_multiplier=batch_multiplier, root=root)
 
 
+def default_workers() -> int:
+    """Decoding threads when none are asked for: the cores this process may run on (its CPU
+    affinity: a pinned training process gets its share, not the whole host)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity API (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
 class Prefetcher:
     """Batches start, start+1, ... of a DataSource, `depth` of them built ahead on threads."""
 
     def __init__(self, source: BatchSource, start: int = 0, *, depth: int = DEFAULT_PREFETCH,
-                 workers: int = DEFAULT_WORKERS) -> None:
+                 workers: int | None = None) -> None:
         if depth < 1:
             raise ImagenetError(f"prefetch depth must be >= 1, got {depth}")
+        workers = default_workers() if workers is None else workers
+        if workers < 1:
+            raise ImagenetError(f"input workers must be >= 1, got {workers}")
         self.source = source
         self.next_index = start
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefetch")

@@ -95,7 +95,8 @@ class PipelineParams(BaseModel):
                                 description="which stages to run (others use what is on disk)")
     force: list[Stage] = Field(default_factory=list, description="stages to recompute even "
                                "when cached (force: [train] trains again from iteration 0)")
-    workers: int = Field(0, ge=0, description="conversion workers (0: one per core)")
+    workers: int = Field(0, ge=0, description="conversion workers and training's input "
+                         "threads per process (0: one per core)")
 
     @field_validator("stages", "force")
     @classmethod
@@ -188,7 +189,7 @@ def imagenet(
         processes: training processes on this host, joined by jax.distributed
         stages: which stages to run (others use what is on disk)
         force: stages to recompute even when cached ([train]: train again from iteration 0)
-        workers: conversion workers (0: one per core)
+        workers: conversion workers and training's input threads per process (0: one per core)
     """
     log = get_run_logger()
     try:
@@ -424,7 +425,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
                          solver=plan.solver, snapshot_prefix=plan.snapshot_prefix,
                          start_iter=start, end_iter=end, max_iter=plan.max_iter,
                          devices=p.devices, restart=start == 0 and r.forced("train"),
-                         processes=p.processes)
+                         processes=p.processes, workers=p.workers or None)
             test_rows.extend(run.result.record.get("tests", []))
             loss_rows.extend(run.result.record.get("losses", []))
             last_segment = r.after(name)

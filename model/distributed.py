@@ -169,6 +169,7 @@ def free_port(host: str = LOCALHOST) -> int:
 def run_local_processes(processes: int, solver: str, *, workdir: str | os.PathLike,
                         snapshot: str | None = None, devices: str | Sequence[int] | None = None,
                         stop_at_iter: int | None = None, precision: str = "fp32",
+                        workers: int | None = None,
                         log: Callable[[str], None] | None = None,
                         on_progress: Callable[[int, int], None] | None = None,
                         on_test: Callable[[int, dict[str, float]], None] | None = None,
@@ -183,6 +184,7 @@ def run_local_processes(processes: int, solver: str, *, workdir: str | os.PathLi
         raise ImagenetError(f"processes must be >= 1, got {processes}")
     spec = {"solver": str(solver), "workdir": str(workdir), "snapshot": snapshot,
             "devices": devices, "stop_at_iter": stop_at_iter, "precision": precision,
+            "workers": workers,
             "coordinator": f"{LOCALHOST}:{free_port()}", "num_processes": processes,
             "parent": os.getpid(), "cpus": None}
     shares = cpu_shares(processes) if pin_cpus else [None] * processes
@@ -316,7 +318,7 @@ def _worker(spec: dict[str, Any], out: TextIO) -> int:
     try:
         result = train(spec["solver"], snapshot=spec["snapshot"], devices=spec["devices"],
                        stop_at_iter=spec["stop_at_iter"], workdir=spec["workdir"],
-                       precision=spec["precision"],
+                       precision=spec["precision"], workers=spec.get("workers"),
                        log=lambda line: emit({"event": "log", "line": line}),
                        on_progress=lambda it, total: emit(
                            {"event": "progress", "iter": it, "max_iter": total}),

@@ -4,24 +4,32 @@ Solver::InitTrainNet / InitTestNets pick each net's NetParameter (`net_param`,
 `num_test_nets`); `build_fed_net` filters it for its phase, opens a data/pipeline.py source per
 data layer (global batch = batch_size x devices, as Caffe's multi-GPU; with several processes
 each reads its part of every global batch) and builds the Net with shapes taken from the
-first batch. `stack_batches` turns one step's host batches into the step's input arrays.
+first batch. `stack_batches` turns one step's host batches into the step's input arrays;
+`DeviceFeed` does that on a background thread and puts them on the devices ahead of the step.
 """
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from data.errors import ImagenetError
-from data.pipeline import SOURCE_TYPES, BatchSource, HostBatch, open_source
+from data.pipeline import SOURCE_TYPES, BatchSource, HostBatch, Prefetcher, open_source
 from data.proto import caffe_pb2
 from model.net import Net
 
 # Streams of the counter-based data RNG: the train net, then test net k at TEST_STREAM + k.
 TRAIN_STREAM = 0
 TEST_STREAM = 1
+# Steps whose inputs wait on the device (DeviceFeed): 2 = double buffering.
+DEVICE_DEPTH = 2
+# Seconds between checks for a stop request while the input thread or its consumer waits.
+POLL_S = 0.1
 
 
 @dataclass
@@ -138,3 +146,69 @@ def stack_batches(fed: FedNet, batches: Sequence[Mapping[str, HostBatch]]) -> di
 
 def fed_batch_size(fed: FedNet) -> int:
     return max((s.batch_size for s in fed.sources.values()), default=0)
+
+
+class DeviceFeed:
+    """The inputs of consecutive steps of one net, on the device ahead of the step that needs
+    them: a background thread takes `passes` host batches per step from each source's
+    Prefetcher (`workers` threads decoding, `prefetch` batches ahead), stacks them
+    (`stack_batches`) and hands them to `put` (device_put / make_array_from_process_local_data);
+    `depth` steps' arrays wait on the device (2: double buffering, step i+1's batch is
+    transferred while step i runs). Nothing here changes which batch a step gets: step k reads
+    batches start + k*passes .. as before, whatever the worker count.
+
+    `next()` returns (arrays, wrapped, waited): whether a batch passed the end of its
+    database, and the seconds the caller waited for it (input-bound time). An error building a
+    batch (a bad label, an unreadable record) is raised by the `next()` of that step."""
+
+    def __init__(self, fed: FedNet, start: int, passes: int, put: Callable[[Any], Any], *,
+                 prefetch: int, workers: int | None, depth: int = DEVICE_DEPTH) -> None:
+        self.fed, self.passes, self.put = fed, passes, put
+        self.prefetchers = {name: Prefetcher(src, start, depth=max(1, prefetch),
+                                             workers=workers)
+                            for name, src in fed.sources.items()}
+        self._queue: queue.Queue[tuple[Any, bool] | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="device-feed", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                passes = [{name: next(p) for name, p in self.prefetchers.items()}
+                          for _ in range(self.passes)]
+                wrapped = any(b.wrapped for p in passes for b in p.values())
+                item: tuple[Any, bool] | BaseException = (
+                    self.put(stack_batches(self.fed, passes)), wrapped)
+                self._offer(item)
+        except BaseException as err:  # handed to the step that needed this batch
+            self._offer(err)
+
+    def _offer(self, item: tuple[Any, bool] | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> tuple[Any, bool, float]:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise ImagenetError("the input thread stopped without a batch") from None
+        waited = time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            raise item
+        arrays, wrapped = item
+        return arrays, wrapped, waited
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for p in self.prefetchers.values():
+            p.close()

@@ -34,19 +34,19 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.errors import ImagenetError
-from data.pipeline import DEFAULT_PREFETCH, HostBatch, Prefetcher
+from data.pipeline import DEFAULT_PREFETCH, default_workers
 from model import snapshot as snap
 from model.caffemodel import check_coverage, copy_layers, load_caffemodel, net_to_proto
 from model.devices import local_copy, select_devices
-from model.feed import (TEST_STREAM, TRAIN_STREAM, FedNet, build_fed_net, fed_batch_size,
-                        net_param, num_test_nets, stack_batches)
+from model.feed import (TEST_STREAM, TRAIN_STREAM, DeviceFeed, FedNet, build_fed_net,
+                        fed_batch_size, net_param, num_test_nets, stack_batches)
 from model.metrics import (CaffeLog, LogFn, MetricsWriter, OutputSums, discard, fmt, out_msg,
                            output_lines)
 from model.net import Net, Params
 from model.resume import (DataPosition, ResumePoint, choose_seed, load_weights,
                           read_resume_point, weights_paths)
 from model.solver import build_solver, read_solver
-from model.steps import (TrainState, flatten_params, jit_train_step, make_forward,
+from model.steps import (TrainState, flatten_params, jit_for, jit_train_step, make_forward,
                          make_train_forward, place_state, unflatten_params)
 from model.stop import StopRequest, StopVote
 
@@ -62,6 +62,8 @@ class TrainResult:
     images_per_second: float
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> loss of its forward
     stopped_by: str | None = None  # the stop request (a signal name) that ended it early
+    train_seconds: float = 0.0       # from the first step's end to the last's (the img/s)
+    input_wait_seconds: float = 0.0  # of train_seconds, the steps' wait for their inputs
 
 
 @dataclass
@@ -137,7 +139,7 @@ class Solver:
                  on_test: Callable[[int, dict[str, float]], None] | None = None,
                  on_test_batch: Callable[[int, int, int], None] | None = None,
                  workdir: str | os.PathLike | None = None, precision: str = "fp32",
-                 prefetch: int = DEFAULT_PREFETCH) -> None:
+                 prefetch: int = DEFAULT_PREFETCH, workers: int | None = None) -> None:
         self.t_start = time.time()
         self.processes, self.process = jax.process_count(), jax.process_index()
         self.is_root = self.process == 0
@@ -156,6 +158,10 @@ class Solver:
                   if snapshot is not None else None)
         self.seed = choose_seed(sp, resume)
         self.precision, self.prefetch = precision, prefetch
+        if workers is not None and workers < 1:
+            raise ImagenetError(f"workers must be >= 1, got {workers}")
+        self.workers = workers  # None: one per core (data/pipeline.py default_workers)
+        self.input_wait = 0.0   # seconds the steps waited for their inputs
         self.on_progress, self.on_test = on_progress, on_test
         self.on_test_batch = on_test_batch
         self.max_iter = int(sp.max_iter)
@@ -255,11 +261,11 @@ class Solver:
         self.state = self._place_state(flatten_params(self.net, self.params), None, 0)
         self.step_fn = jit_train_step(self.train_net, self.rule, self.params,
                                       replicated=self.replicated, precision=self.precision)
-        self.fwd_train = jax.jit(make_train_forward(self.train_net, self.params,
+        self.fwd_train = jit_for(make_train_forward(self.train_net, self.params,
                                                     precision=self.precision),
-                                 out_shardings=self.replicated)
-        self.test_fns = [jax.jit(make_forward(t, ti, train=False, precision=self.precision))
-                         for t, ti in zip(self.tests, self.test_inits)]
+                                 self.devices, out_shardings=self.replicated)
+        self.test_fns = [jit_for(make_forward(t, ti, train=False, precision=self.precision),
+                                 self.devices) for t, ti in zip(self.tests, self.test_inits)]
         self.vote = StopVote(self.devices, self.processes) if self.processes > 1 else None
 
     def _place_state(self, flat: tuple, history: Sequence[np.ndarray] | None,
@@ -331,7 +337,8 @@ class Solver:
             metrics_path=str(self.metrics.path), plot_path=str(self.metrics.plot_path),
             final_test_outputs=self.final_test, seconds=time.time() - self.t_start,
             images_per_second=(self.images / train_seconds) if done and train_seconds > 0
-            else 0.0, losses=self.loss_log, stopped_by=self.requested_stop if stopped else None)
+            else 0.0, losses=self.loss_log, stopped_by=self.requested_stop if stopped else None,
+            train_seconds=train_seconds if done else 0.0, input_wait_seconds=self.input_wait)
 
     def _final_forward(self) -> None:
         """Solve's extra TRAIN forward on the next batch after the last update, printed as
@@ -342,7 +349,7 @@ class Solver:
         in Caffe (caffe-golden/resnet-mini README)."""
         batches = [{name: src.batch(self.position.train_batches)
                     for name, src in self.train_net.sources.items()}]
-        arrays = self._put_train_batch(batches)
+        arrays = self._put_train_batch(stack_batches(self.train_net, batches))
         rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, self.iter), 0)
         loss, params = self.fwd_train(self.state.params, arrays, rng)
         self.state = self.state._replace(params=params)
@@ -368,7 +375,8 @@ class Solver:
         before the losses of all iterations in it were checked."""
         sp = self.param
         stop_iter = self.iter + iters
-        feeds = self._prefetchers(self.train_net, self.position.train_batches, self.prefetch)
+        feed = self._feed(self.train_net, self.position.train_batches, int(sp.iter_size),
+                          self._put_train_batch)
         pending: _Pending | None = None
         try:
             with StopRequest(self.request_stop):
@@ -383,7 +391,7 @@ class Solver:
                                      "snapshot", "solver.cpp:305")
                             return True
                     display = bool(sp.display) and self.iter % sp.display == 0
-                    arrays = self._put_train_batch(self._next_passes(feeds))
+                    arrays = self._next_arrays(feed)
                     before = self.current_step
                     hyper, self.current_step = self.rule.step_hyper(self.iter, self.current_step)
                     multistep = (f"MultiStep Status: Iteration {self.iter}, step = "
@@ -412,25 +420,27 @@ class Solver:
                         return True
                 self._finish(pending)
         finally:
-            for p in feeds.values():
-                p.close()
+            feed.close()
         return False
 
-    def _next_passes(self, feeds: Mapping[str, Prefetcher]) -> list[dict[str, HostBatch]]:
-        """The host batches of one iteration: iter_size passes of every Data layer."""
-        passes = [{name: next(p) for name, p in feeds.items()}
-                  for _ in range(int(self.param.iter_size))]
-        if any(b.wrapped for p in passes for b in p.values()):
+    def _next_arrays(self, feed: DeviceFeed) -> dict[str, Any]:
+        """One iteration's inputs (iter_size passes of every Data layer), already on the
+        devices; the data position counts what the steps consumed, not what was read ahead."""
+        arrays, wrapped, waited = feed.next()
+        if wrapped:
             self.log("Restarting data prefetching from start.", "data_layer.cpp:73")
-        self.position.train_batches += len(passes)
-        return passes
+        self.position.train_batches += int(self.param.iter_size)
+        if self.iter != self._solve_from:  # like the img/s: from the first step's end
+            self.input_wait += waited
+        return arrays
 
-    def _put_train_batch(self, passes: Sequence[Mapping[str, HostBatch]]) -> dict[str, Any]:
-        """This process's share of the batch (its rows on axis 1) into the global array."""
+    def _put_train_batch(self, stacked: Mapping[str, Any]) -> dict[str, Any]:
+        """This process's share of the batch (its rows on axis 1) into the global array (on
+        DeviceFeed's thread, while the previous step runs)."""
         def put(local: np.ndarray) -> jax.Array:
             shape = (local.shape[0], local.shape[1] * self.processes, *local.shape[2:])
             return jax.make_array_from_process_local_data(self.sharded, local, shape)
-        return jax.tree.map(put, stack_batches(self.train_net, passes))
+        return jax.tree.map(put, stacked)
 
     def _finish(self, p: _Pending | None) -> None:
         """The display half of Step for iteration p.it: NaN check, UpdateSmoothedLoss,
@@ -477,9 +487,12 @@ class Solver:
         pos.smoothed = update_smoothed_loss(pos.losses, pos.smoothed, loss,
                                             it - pos.start_iter, int(self.param.average_loss))
 
-    def _prefetchers(self, f: FedNet, start: int, count: int) -> dict[str, Prefetcher]:
-        return {name: Prefetcher(src, start, depth=max(1, min(self.prefetch, count)))
-                for name, src in f.sources.items()}
+    def _feed(self, f: FedNet, start: int, passes: int, put: Callable[[Any], Any]
+              ) -> DeviceFeed:
+        """Inputs built on `workers` threads, enough batches ahead to keep them all busy."""
+        return DeviceFeed(f, start, passes, put, workers=self.workers,
+                          prefetch=max(self.prefetch, passes * (self.workers or
+                                                               default_workers())))
 
     # ---- Solver::TestAll / Test
 
@@ -507,21 +520,21 @@ class Solver:
         self.log(f"Iteration {self.iter}, Testing net (#{k})", "solver.cpp:347")
         params = self._test_params(k)
         sums = OutputSums()
-        feeds = self._prefetchers(t, self.position.test_batches[k], n_iter)
+        device = params[0].device
+        feed = self._feed(t, self.position.test_batches[k], 1,
+                          lambda stacked: jax.device_put(stacked, device))
         try:
             for i in range(n_iter):
                 if self.requested_stop:
                     self.log("Test interrupted.", "solver.cpp:395")
                     return None
-                batch = {name: next(p) for name, p in feeds.items()}
-                arrays = jax.device_put(stack_batches(t, [batch]), params[0].device)
+                arrays, _, _ = feed.next()
                 loss, outs = self.test_fns[k](params, arrays, None)
                 sums.add(loss, jax.device_get(outs))
                 if self.on_test_batch is not None:
                     self.on_test_batch(self.iter, i + 1, n_iter)
         finally:
-            for p in feeds.values():
-                p.close()
+            feed.close()
         self.position.test_batches[k] += n_iter
         if self.param.test_compute_loss:
             self.log(f"Test loss: {fmt(sums.loss / np.float32(n_iter))}", "solver.cpp:399")

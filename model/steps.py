@@ -23,6 +23,7 @@ import numpy as np
 
 from data.errors import ImagenetError
 from data.transform import transform_batch
+from model import backend
 from model.feed import FedNet
 from model.net import Net, Params
 from model.solver import CaffeSolver
@@ -76,11 +77,8 @@ def merge_statistics(net: Net, flat: tuple, updates: Mapping[str, Sequence[Any]]
     return tuple(out)
 
 
-# XLA options for the jitted train step (jax.jit's compiler_options). Region analysis in copy
-# insertion: without it XLA:CPU copied every donated weight blob before the update wrote it in
-# place (bvlc_alexnet: 243 MB per step, 10-20 ms of a 905-935 ms step on the 2-core Zen 4;
-# benchmarks/README.md).
-TRAIN_STEP_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# The XLA:CPU options of the jitted train step (model/backend.py chooses them per platform).
+TRAIN_STEP_COMPILER_OPTIONS = backend.train_step_options("cpu")
 
 
 def make_train_step(fed: FedNet, solver: CaffeSolver, template: Params, *,
@@ -163,10 +161,18 @@ def make_train_forward(fed: FedNet, template: Params, *, precision: str = "fp32"
 def jit_train_step(fed: FedNet, solver: CaffeSolver, template: Params, *,
                    replicated: jax.sharding.Sharding, precision: str = "fp32") -> Callable:
     """make_train_step jitted as the Solver runs it: the state donated (updated in place),
-    state and metrics replicated over the devices, TRAIN_STEP_COMPILER_OPTIONS."""
-    return jax.jit(make_train_step(fed, solver, template, precision=precision),
+    state and metrics replicated over the devices, traced and compiled for their platform
+    (its kernels and XLA options: model/backend.py)."""
+    platform = next(iter(replicated.device_set)).platform
+    return jax.jit(backend.traced_for(make_train_step(fed, solver, template,
+                                                      precision=precision), platform),
                    out_shardings=(replicated, replicated), donate_argnums=(0,),
-                   compiler_options=TRAIN_STEP_COMPILER_OPTIONS)
+                   compiler_options=backend.train_step_options(platform) or None)
+
+
+def jit_for(fn: Callable, devices: Sequence[Any], **jit_kwargs: Any) -> Callable:
+    """jax.jit of a forward that will run on `devices`, traced with their platform's kernels."""
+    return jax.jit(backend.traced_for(fn, devices[0].platform), **jit_kwargs)
 
 
 def place_state(solver: CaffeSolver, flat: tuple, history: Sequence[Any] | None,

@@ -42,14 +42,15 @@ from model.resume import (DataPosition, ResumePoint, choose_seed, load_weights,
                           read_resume_point, weights_paths)
 from model.solve import Solver, TrainResult, update_smoothed_loss
 from model.steps import (PRECISIONS, TRAIN_STEP_COMPILER_OPTIONS, TrainState, flatten_params,
-                         make_forward, make_train_forward, make_train_step, merge_statistics,
-                         unflatten_params)
+                         jit_for, jit_train_step, make_forward, make_train_forward,
+                         make_train_step, merge_statistics, unflatten_params)
 
 __all__ = [
     "CaffeLog", "DataPosition", "FedNet", "LogFn", "MetricsWriter", "PLOT_SIZE", "PRECISIONS",
     "ResumePoint", "SOLVER_MODE_CPU", "Solver", "TEST_STREAM", "TRAIN_STEP_COMPILER_OPTIONS",
     "TRAIN_STREAM", "TrainResult", "TrainState", "build_fed_net", "choose_seed", "evaluate",
-    "fed_batch_size", "flatten_params", "fmt", "local_copy", "make_forward",
+    "fed_batch_size", "flatten_params", "fmt", "jit_for", "jit_train_step", "local_copy",
+    "make_forward",
     "make_train_forward", "make_train_step", "merge_statistics", "num_test_nets",
     "read_resume_point", "select_devices", "stack_batches", "train", "unflatten_params",
     "update_smoothed_loss"]
@@ -63,7 +64,7 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
           on_test: Callable[[int, dict[str, float]], None] | None = None,
           on_test_batch: Callable[[int, int, int], None] | None = None,
           workdir: str | os.PathLike | None = None, precision: str = "fp32",
-          prefetch: int = DEFAULT_PREFETCH) -> TrainResult:
+          prefetch: int = DEFAULT_PREFETCH, workers: int | None = None) -> TrainResult:
     """Run `caffe train --solver=solver_path [--snapshot | --weights] [--gpu]`
     (tools/caffe.cpp train(): build the Solver, Restore or CopyLayers, Solve).
 
@@ -71,11 +72,13 @@ def train(solver_path: str | os.PathLike, *, snapshot: str | os.PathLike | None 
     against `workdir` (default: the current directory, as in Caffe). `stop_at_iter` trains up to
     that iteration, snapshots there and returns (one snapshot interval per pipeline task).
     `precision="bf16"` computes in bfloat16 with float32 master weights and optimizer state.
+    `workers`: threads decoding input batches (default: one per core this process may use);
+    the batches, crops and mirrors do not depend on it.
     """
     solver = Solver(solver_path, snapshot=snapshot, weights=weights, devices=devices,
                     stop_at_iter=stop_at_iter, log=log, on_progress=on_progress,
                     on_test=on_test, on_test_batch=on_test_batch, workdir=workdir,
-                    precision=precision, prefetch=prefetch)
+                    precision=precision, prefetch=prefetch, workers=workers)
     with solver:
         return solver.solve()
 
@@ -112,7 +115,7 @@ def evaluate(model_prototxt: str | os.PathLike, weights: str | Sequence[str], it
     # replicas
     replicated = NamedSharding(mesh, PartitionSpec())
     flat = jax.device_put(flatten_params(fed.net, params), replicated)
-    fwd = jax.jit(make_forward(fed, params, train=False))
+    fwd = jit_for(make_forward(fed, params, train=False), devs)
     clog(f"Running for {iterations} iterations.", "caffe.cpp:281")
     sums = OutputSums()
     pfs = {name: Prefetcher(src, 0, depth=min(3, iterations)) for name, src in fed.sources.items()}

@@ -401,11 +401,14 @@ def train_segment(
     devices: list[int] | None = None,
     restart: bool = False,
     processes: int = 1,
+    workers: int | None = None,
 ) -> StageResult | State:
     """Train from the newest snapshot <= end_iter (normally start_iter's) to end_iter.
 
     `restart` (force: [train], first segment): move this configuration's earlier snapshots
-    aside first, so training starts again from iteration 0. `processes` > 1: that many local
+    aside first, so training starts again from iteration 0. `workers`: input decoding threads
+    per process (None: one per core; not part of the cache key: the data do not depend on
+    it). `processes` > 1: that many local
     training processes joined by jax.distributed (model/distributed.py); process 0's log,
     progress and test outputs come here as from one process. SIGTERM (a cancelled flow run) or
     SIGINT: model.train snapshots and stops, and the task run ends Cancelled, saying where (the
@@ -472,7 +475,7 @@ def train_segment(
             log.info("test at iteration %d: %s", it,
                      ", ".join(f"{k} = {float(v):.4g}" for k, v in outputs.items()))
 
-        options = dict(snapshot=snapshot, devices=devices, stop_at_iter=end_iter,
+        options = dict(snapshot=snapshot, devices=devices, stop_at_iter=end_iter, workers=workers,
                        on_progress=on_progress, on_test=on_test, workdir=str(run_dir),
                        log=lambda line: log.info("%s", line))
         if processes > 1:

@@ -28,13 +28,21 @@ from pathlib import Path
 from data.errors import ImagenetError
 from flows.flags import add_flag, int_at_least
 from model import autotune, distributed
-from model.train import PRECISIONS, train
+from model.train import PRECISIONS, TrainResult, train
 
 
 def report_conv_plan_measuring() -> None:
     """Convolution plans are measured once per machine while the first step is traced
     (model/autotune.py); the commands say so on stderr rather than pause in silence."""
     autotune.configure(notify=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def input_share(result: TrainResult) -> float:
+    """The share of the training time (from the first step's end) the steps waited for their
+    input batches: above a few percent the loader, not the device, sets the pace."""
+    if result.train_seconds <= 0:
+        return 0.0
+    return result.input_wait_seconds / result.train_seconds
 
 
 def parse_gpu(text: str | None) -> str | list[int] | None:
@@ -58,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "'0,1', or -1 for the CPU (default: the solver's first device)")
     add_flag(parser, "iterations", type=int_at_least(1), default=None,
              help="optional; stop (and snapshot) at this iteration instead of max_iter")
+    add_flag(parser, "workers", type=int_at_least(1), default=None,
+             help="threads decoding input batches (default: one per core this process may "
+             "use); the batches, crops and mirrors are the same for any count")
     add_flag(parser, "precision", default="fp32",
              help=f"compute precision: {', '.join(PRECISIONS)} (bf16 keeps float32 weights)")
     add_flag(parser, "coordinator", help="multi-process training: HOST:PORT of process 0 "
@@ -112,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
                        devices=parse_gpu(args.gpu), stop_at_iter=args.iterations,
-                       precision=args.precision)
+                       precision=args.precision, workers=args.workers)
     except BaseException as err:  # the other processes stop at once, naming this one's error
         distributed.report_failure(str(err).strip().splitlines()[0] if str(err).strip()
                                    else type(err).__name__)
@@ -122,5 +133,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"final iteration {result.final_iter}; "
           f"last snapshot {result.last_snapshot[0] if result.last_snapshot else 'none'}; "
           f"metrics {result.metrics_path}; plot {result.plot_path}; "
-          f"{result.images_per_second:.1f} images/s")
+          f"{result.images_per_second:.1f} images/s; waiting for input "
+          f"{input_share(result):.1%} of the training time")
     return 0

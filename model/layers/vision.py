@@ -15,7 +15,7 @@ import numpy as np
 from jax import lax
 
 from data.proto import caffe_pb2
-from model import kernels
+from model import backend, kernels
 from model.layers.base import BlobSpec, Layer, Shape, register
 
 # Full float32 accuracy on every backend (TF32 on GPUs would break "match Caffe within float32
@@ -40,9 +40,10 @@ def conv2d(
 
     Grouped convolutions run as one convolution per group + concat: bit-identical to
     feature_group_count and several times faster on XLA CPU (MACHINE_NOTES.md).
-    On CPU the GEMM kernel of model/kernels.py replaces XLA's slow weight gradients.
+    On CPU the GEMM kernel of model/kernels.py replaces XLA's slow weight gradients (the
+    platform being traced for: model/backend.py); elsewhere XLA's own convolution.
     """
-    if jax.default_backend() == "cpu":
+    if backend.uses_cpu_kernels():
         return kernels.conv2d(x, w, b, stride, pad, dilation, groups)
     padding = [(pad[0], pad[0]), (pad[1], pad[1])]
 
@@ -90,7 +91,7 @@ def max_pool2d(
     identically (tests/model/test_layers_vision.py checks it on tied inputs).
     On CPU model/kernels.py's first-max index kernel replaces select_and_scatter (same routing).
     """
-    if jax.default_backend() == "cpu":
+    if backend.uses_cpu_kernels():
         return kernels.max_pool2d_windows(x, kernel, stride, pads)
     x, pads = _crop_for_negative_padding(x, pads)
     return lax.reduce_window(
