@@ -482,7 +482,11 @@ def _open(client: httpx.Client, url: str, masked: str, headers: dict[str, str],
     import httpx
 
     auth = credentials.header() if credentials else None
-    current = httpx.URL(url)
+    try:
+        current = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as err:
+        raise DownloadError(f"{masked}: not a valid URL ({err}); check it",
+                            transient=False) from None
     origin = _origin(current)
     for _ in range(MAX_REDIRECTS + 1):
         sent = dict(headers)
@@ -501,6 +505,9 @@ def _open(client: httpx.Client, url: str, masked: str, headers: dict[str, str],
                                 f"({mask_secrets(str(err))})", transient=False) from None
         except httpx.TransportError as err:
             raise DownloadError(f"request failed: {_describe(err)}", transient=True) from None
+        except UnicodeError as err:  # a host name IDNA cannot encode (a label over 63 bytes)
+            raise DownloadError(f"{masked}: not a valid host name ({err}); check it",
+                                transient=False, unreachable=True) from None
         if response.is_redirect and response.has_redirect_location:
             location = response.headers["Location"]
             response.close()

@@ -362,3 +362,14 @@ def test_credentials_never_follow_a_redirect_to_another_host(mirror, sums, tmp_p
     assert mirror.requests_for("alias.tar")[0]["authorization"] == \
         "Basic " + base64.b64encode(b"al:pw7").decode()
     assert "authorization" not in mirror.requests_for(VAL)[-1]
+
+
+@pytest.mark.parametrize("url", [
+    "http://u:pw1@host:99999/x.tar", "http://u:pw1@[::1/x.tar", "http://u:pw1@/x.tar",
+    "http://u:pw1@h\x00/x.tar", "http://u:pw1@" + "a" * 70 + ".com/x.tar",
+    "https://u:pw1@h.invalid/?sig=pw1", "ftp://u:pw1@h/x.tar"])
+def test_malformed_urls_fail_in_one_masked_line(url, tmp_path):
+    with pytest.raises(ImagenetError) as err:
+        download(url, tmp_path / "dl", retries=0)
+    assert "pw1" not in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "dl").exists()

@@ -128,3 +128,24 @@ def test_fetch_with_a_val_archive_sorted_into_class_folders(mini_tiny, tmp_path,
         assert (root / name).read_bytes() == data, name
     assert image_tree(root) == expected_tree(mini_tiny)
     assert "listings from val-tree" in capsys.readouterr().out
+
+
+def test_fetch_and_download_never_show_url_credentials(mirror, mini_tiny, tmp_path, capsys):
+    """user:pass@ and signed query values reach the mirror but no output line or file."""
+    root = tmp_path / "root"
+    cred = "http://al:FetchPw1@"
+    argv = ["fetch", "--train", mirror.url(NAMES[0]).replace("http://", cred),
+            "--val", mirror.url(NAMES[1]) + "?sig=FetchSig2", "--aux", mirror.url(NAMES[2]),
+            "--checksums", mirror.url("MD5SUMS").replace("http://", cred),
+            "--data-root", str(root)]
+    assert cli(argv) == 0, capsys.readouterr().err
+    assert mirror.requests_for(NAMES[0])[0]["authorization"].startswith("Basic ")
+    assert mirror.requests_for(NAMES[1])[0][":target"].endswith("?sig=FetchSig2")
+    code = cli(["download", mirror.url("gone.tar").replace("http://", cred) + "?token=FetchTok3",
+                "--to", str(tmp_path / "dl")])
+    out = capsys.readouterr()
+    assert code == 1 and "HTTP 404" in out.err and "token=***" in out.err
+    for secret in ("FetchPw1", "FetchSig2", "FetchTok3"):
+        assert secret not in out.out + out.err
+        assert not [p for p in tmp_path.rglob("*") if p.is_file() and
+                    secret.encode() in p.read_bytes()]
