@@ -21,9 +21,12 @@ from prefect.logging import get_run_logger
 
 from data.errors import ImagenetError
 from data.ilsvrc12 import AUX_ARCHIVE, LISTING_FILES, TRAIN_ARCHIVE, TRAIN_DIR, VAL_ARCHIVE, VAL_DIR
+from tasks import redact
 from tasks.cache import file_digest, write_manifest
 from tasks.stage import (ProgressArtifact, RecordedKey, StageResult, abortable_sleep,
                          fail_in_one_line)
+
+redact.install()  # no credential of a source URL in any log line, Prefect's own included
 
 DOWNLOADS_DIR = "downloads"
 # A source spelled `mini` or `mini:<size>` (a data.mini.SIZES preset) is that archive of the
