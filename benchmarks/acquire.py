@@ -2,9 +2,10 @@
 train + 200 val, ~37 MB): download from a local HTTP server (127.0.0.1, stdlib
 ThreadingHTTPServer) and extraction, each against a baseline run in the same process.
 
-- download: data.download.download (temp name, md5 verification pass, rename) vs a bare
-  urllib read-into-a-file loop of the same URL (no checksum, no resume): the ratio is the cost
-  of verification and bookkeeping.
+- download: data.download.download (httpx, md5 computed while the bytes arrive, temp name,
+  rename) vs bare read-into-a-file loops of the same URL (no checksum, no resume): one with
+  httpx (the ratio is the cost of verification and bookkeeping) and one with urllib (what
+  data/download.py used before httpx: the transport's own difference).
 - extraction: data.extract.extract_train + extract_val (streamed, checked, temp+rename per
   file, per-synset markers) vs tarfile's own extractall (outer tar to disk, then each inner tar,
   filter="data"), which needs the train archive's size twice on disk.
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402  (benchmarks/common.py: the CPU header)
+import httpx  # noqa: E402  (imported here: data.download imports it lazily, 0.5 s, untimed)
 from data import ilsvrc12  # noqa: E402
 from data.download import download  # noqa: E402
 from data.extract import extract_train, extract_val  # noqa: E402
@@ -57,6 +60,14 @@ def bare_download(url: str, dest: Path) -> int:
     return dest.stat().st_size
 
 
+def bare_httpx_download(url: str, dest: Path) -> int:
+    with httpx.stream("GET", url, headers={"Accept-Encoding": "identity"}) as r, \
+            open(dest, "wb") as f:
+        for chunk in r.iter_raw():
+            f.write(chunk)
+    return dest.stat().st_size
+
+
 def naive_extract(train: Path, val: Path, root: Path) -> int:
     (root / "tars").mkdir(parents=True)
     with tarfile.open(train) as t:
@@ -75,6 +86,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     args = ap.parse_args()
+    print(common.header("benchmarks/acquire.py", ("httpx",)), flush=True)
     base = Path(tempfile.mkdtemp(prefix="acquire-bench-", dir=args.workdir))
     try:
         t = time.monotonic()
@@ -83,7 +95,8 @@ def main() -> None:
         sums = ilsvrc12.parse_md5sums(mini.md5sums.read_text(), "MD5SUMS")
         server = serve(base / "mirror")
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        rows: dict[str, list[float]] = {k: [] for k in ("dl", "dl_base", "ex", "ex_base")}
+        rows: dict[str, list[float]] = {k: [] for k in ("dl", "dl_base", "dl_httpx", "ex",
+                                                         "ex_base")}
         for rep in range(args.reps):
             work = base / f"rep{rep}"
             t = time.monotonic()
@@ -93,6 +106,10 @@ def main() -> None:
             t = time.monotonic()
             n = sum(bare_download(url + a, work / "bare" / a) for a in ARCHIVES)
             rows["dl_base"].append(n / MB / (time.monotonic() - t))
+            (work / "bare_httpx").mkdir(parents=True)
+            t = time.monotonic()
+            n = sum(bare_httpx_download(url + a, work / "bare_httpx" / a) for a in ARCHIVES)
+            rows["dl_httpx"].append(n / MB / (time.monotonic() - t))
             t = time.monotonic()
             a = extract_train(work / "dl" / ARCHIVES[0], work / "root")
             b = extract_val(work / "dl" / ARCHIVES[1], work / "root")
@@ -105,7 +122,9 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in rows.items()}
         rng = {k: f"{min(v):.0f}-{max(v):.0f}" for k, v in rows.items()}
         print(f"download (md5-verified, resumable): {med['dl']:.0f} MB/s (range {rng['dl']}); "
-              f"bare urllib copy {med['dl_base']:.0f} MB/s; ratio {med['dl'] / med['dl_base']:.2f}")
+              f"bare httpx copy {med['dl_httpx']:.0f} MB/s (range {rng['dl_httpx']}), ratio "
+              f"{med['dl'] / med['dl_httpx']:.2f}; bare urllib copy {med['dl_base']:.0f} MB/s "
+              f"(range {rng['dl_base']}), ratio {med['dl'] / med['dl_base']:.2f}")
         print(f"extraction (train+val, {a.files + b.files} files): {med['ex']:.0f} MB/s (range "
               f"{rng['ex']}); tarfile.extractall {med['ex_base']:.0f} MB/s; ratio "
               f"{med['ex'] / med['ex_base']:.2f}")

@@ -1,5 +1,7 @@
-"""`imagenet download SRC --to DIR [--md5 HEX]`: fetch one archive with resume, retries and
-md5 verification (data/download.py). A local SRC is verified in place, not copied. Also holds
+"""`imagenet download SRC --to DIR [--md5 HEX]`: fetch one archive with resume, retries of
+transient failures and md5 verification (data/download.py, httpx). A local SRC is verified in
+place, not copied. Credentials: user:pass@ in SRC or IMAGENET_USERNAME/IMAGENET_PASSWORD or
+IMAGENET_TOKEN, never shown (URLs are printed masked). Also holds
 the byte-progress adapter the other ILSVRC12 commands share.
 """
 from __future__ import annotations
@@ -44,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "to", required=True, help="folder to download into")
     add_flag(parser, "md5", help="expected md5 (default: the official one for ILSVRC2012 names)")
     add_flag(parser, "retries", type=int_at_least(0), default=DEFAULT_RETRIES,
-             help="retries of transient failures (each resumes)")
+             help="retries in a row without progress of transient failures (timeouts, drops, "
+             "HTTP 408/429/5xx; each resumes); a missing host, a refused connection or another "
+             "4xx fails at once")
     add_flag(parser, "timeout", type=float, default=DEFAULT_TIMEOUT_S,
              help="seconds without data before a connection counts as lost")
 

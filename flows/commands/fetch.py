@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "data_root", required=True, help="where train/, val/ and the listings go")
     add_flag(parser, "downloads", help=f"where downloads go (default DATA_ROOT/{DOWNLOADS_DIR})")
     add_flag(parser, "retries", type=int_at_least(0), default=DEFAULT_RETRIES,
-             help="retries of transient download failures (each resumes)")
+             help="retries in a row without progress of transient download failures "
+             "(timeouts, drops, HTTP 408/429/5xx; each resumes)")
 
 
 def _fetch(source: str, dest: Path, sums: dict[str, str], retries: int) -> Path:
