@@ -222,15 +222,23 @@ def mask_secrets(text: str) -> str:
     return _URL_IN_TEXT.sub(one, text)
 
 
+def _url_parts(url: str) -> urllib.parse.SplitResult | None:
+    """urlsplit of a scheme:// URL; None for anything else or what urlsplit refuses."""
+    if not is_url(url):
+        return None
+    try:
+        return urllib.parse.urlsplit(url)
+    except ValueError:
+        return None
+
+
 def carries_credentials(url: str) -> bool:
     """Whether `url` holds a credential in clear: a user:password@ / token@ part, or a value of
-    a secret-looking query parameter (masked values, ***, do not count)."""
-    if not is_url(url):
-        return False
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return False
+    a secret-looking query parameter (masked values, ***, do not count). A URL too malformed
+    to parse counts when its authority holds an @."""
+    parts = _url_parts(url)
+    if parts is None:
+        return is_url(url) and "@" in url.split("://", 1)[1].split("/", 1)[0]
     if "@" in parts.netloc and parts.netloc.rsplit("@", 1)[0] != MASK:
         return True
     return any(_is_secret_key(k) and v and v != MASK for k, v, _ in _query_pairs(parts.query))
@@ -239,12 +247,9 @@ def carries_credentials(url: str) -> bool:
 def source_key(url: str) -> str:
     """What identifies a source whatever its secrets: no userinfo, no secret query values.
     The cache key of a download and the lookup key of hidden URLs."""
-    if not is_url(url):
-        return url
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
+    parts = _url_parts(url)
+    if parts is None:
+        return mask_url(url) if is_url(url) else url
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "&".join(f"{k}={v}" if eq else k for k, v, eq in _query_pairs(parts.query)
                      if not _is_secret_key(k))
@@ -275,7 +280,7 @@ def reveal_url(url: str, known: Mapping[str, str] | None = None) -> str:
     carries its credentials or needs none. A `***@` left over is dropped (the credentials come
     from elsewhere); masked query values that nothing reveals are an error (the server needs
     them)."""
-    if not is_url(url) or carries_credentials(url):
+    if carries_credentials(url):
         return url
     key = source_key(url)
     with _HIDDEN_LOCK:
@@ -284,6 +289,8 @@ def reveal_url(url: str, known: Mapping[str, str] | None = None) -> str:
         found = known.get(key)
     if found is not None:
         return found
+    if not is_url(url):
+        return url
     parts = urllib.parse.urlsplit(url)
     masked = [k for k, v, _ in _query_pairs(parts.query) if v == MASK and _is_secret_key(k)]
     if masked:

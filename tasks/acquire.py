@@ -114,10 +114,14 @@ def masked_sources(sources: Mapping[str, Any]) -> dict[str, Any]:
 def check_local_sources(sources: Mapping[str, str]) -> dict[str, str]:
     """{kind: one-line problem} for the sources that are local paths and missing, found before
     any download starts (so nothing is left downloading beside a run that cannot go on)."""
-    from data.download import DownloadError, is_url, local_path
+    from data.download import DownloadError, is_url, local_path, reveal_url
 
     problems = {}
     for kind, source in sources.items():
+        try:
+            source = reveal_url(source)
+        except DownloadError:
+            continue  # a masked signed URL: the download reports it, with the Secret's URLs
         if is_url(source) and not source.lower().startswith("file://"):
             continue
         try:
