@@ -10,8 +10,9 @@ file) through the trainer's own input path, model/feed.py's DeviceFeed: a Prefet
 max(3, 2 x workers)) decoding on `workers` threads, each batch stacked and put on the device on
 the feed's thread, two batches ahead; the pass ends with block_until_ready on the last. The LMDB is built in a temp
 dir and page-cached (warm reads: what a long training run sees once the OS caches the DB, or a
-fast NVMe). The last line reads `loader img/s: raw X, encoded Y (workers W), train Z` where W
-is the largest worker count and Z the training rate given (`n/a` when none).
+fast NVMe). The last line reads `loader img/s: raw X, encoded Y (workers W), train Z, loader /
+train R` where W is the largest worker count, Z the training rate given (`n/a` when none) and R
+the slower kind's rate over Z (the aim on an accelerator: >= 1.5).
 """
 from __future__ import annotations
 
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                     best[kind] = rate
     parts = [f"{k} {best[k]:.1f}" for k in kinds]
     train = f"{train_rate:.1f}" if train_rate else "n/a"
-    print(f"loader img/s: {', '.join(parts)} (workers {max(workers)}), train {train}")
+    ratio = f"{min(best.values()) / train_rate:.2f}" if train_rate else "n/a"
+    print(f"loader img/s: {', '.join(parts)} (workers {max(workers)}), train {train}, "
+          f"loader / train {ratio}")
     return 0
 
 
