@@ -19,12 +19,15 @@ from prefect.logging import get_run_logger
 from prefect.states import Failed, State
 
 from flows.commands.pipeline import DEFAULT_DATA_ROOT
+from tasks import logs
 from tasks.classify import classify_images
 from tasks.report import FAILED_EVENT, announce
 from tasks.train import LATEST_WEIGHTS, TRAINING_DIR
 
 DEFAULT_TOP_K = 5
 
+
+logs.install()  # tracebacks at DEBUG, one line at ERROR (tasks/logs.py)
 
 @flow(name="imagenet", log_prints=True, persist_result=False)
 def classify(

@@ -19,24 +19,31 @@ goes to the DEBUG log only, and no folder is created for a stage that never ran.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+import signal
+import time
+import uuid
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Failed, State
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.errors import ImagenetError
 from data.ilsvrc12 import TRAIN_LIST, VAL_LIST
+from flows.cancel import keep_message_hook
 from flows.commands.pipeline import DEFAULT_DATA_ROOT, describe_validation_error
-from tasks import acquire, convert, report
+from tasks import acquire, convert, logs, report
 from tasks import train as training
 from tasks.cache import read_manifest, stage_key, stale_reason
-from tasks.stage import (USER_ERRORS, StageCancelled, StageFailed, StageGroup, StageRun,
-                         call_stage, one_line)
+from tasks.stage import (RESULTS_DIRNAME, USER_ERRORS, StageCancelled, StageFailed, StageGroup,
+                         StageRun, call_stage, one_line)
+
+logs.install()  # tracebacks at DEBUG, one line at ERROR (tasks/logs.py)
 
 Stage = Literal["download", "extract", "listings", "convert", "mean", "train", "evaluate"]
 STAGES: tuple[str, ...] = ("download", "extract", "listings", "convert", "mean", "train", "evaluate")
@@ -118,6 +125,33 @@ class _Runner:
         self.states: dict[str, State] = {}
         self.stopped: list[tuple[str, str]] = []  # stages cancelled beside a failed one
         self.changes: list[str] = []  # what this run changed in the data root, said aloud
+        self.current: str | None = None  # the stage being prepared or run
+        # What the data root held when the run started: a failed run removes the folders it
+        # created and left empty (tidy_after_failure).
+        self.existed = root.exists()
+        self.folders = ({c.name for c in root.iterdir() if c.is_dir()} if root.is_dir()
+                        else set())
+        self.started = time.time()
+
+    def tidy_after_failure(self) -> None:
+        """A failed stage creates no folders: remove the folders this run created under the
+        data root that hold nothing (Prefect's failure records, named by a uuid and never
+        read as a cache, do not count), and the data root itself when this run made it."""
+        root = self.root
+        if not root.is_dir():
+            return
+        for child in root.iterdir():
+            if not child.is_dir() or child.name in self.folders:
+                continue
+            if child.name == RESULTS_DIRNAME:
+                for record in child.iterdir():
+                    if _is_uuid(record.name) and record.stat().st_mtime >= self.started - 1:
+                        record.unlink(missing_ok=True)
+            with suppress(OSError):
+                child.rmdir()  # only when empty
+        if not self.existed:
+            with suppress(OSError):
+                root.rmdir()
 
     def wanted(self, stage: str) -> bool:
         return stage in self.p.stages
@@ -132,6 +166,7 @@ class _Runner:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Failures while preparing or running stage `name` become StageFailed (one line)."""
+        self.current = name
         try:
             yield
         except StageFailed:
@@ -153,7 +188,8 @@ class _Runner:
                 force=force or self.forced(stage), **kwargs))
 
 
-@flow(name="imagenet", log_prints=True, persist_result=False)
+@flow(name="imagenet", log_prints=True, persist_result=False,
+      on_cancellation=[keep_message_hook])
 def imagenet(
     data_root: str = DEFAULT_DATA_ROOT,
     sources: Sources = Sources(),
@@ -197,20 +233,84 @@ def imagenet(
         p = PipelineParams(**{name: value for name, value in locals().items()
                               if name in PipelineParams.model_fields})
     except ValidationError as err:
-        return _failed(log, f"parameters: {describe_validation_error(err)}", err)
+        return _refused(log, f"parameters: {describe_validation_error(err)}", err)
     refused = acquire.refuse_credentials(dict(p.sources))
     if refused:
         _scrub_sources(p)
-        return _failed(log, f"parameters: {refused}", ValueError(refused))
+        return _refused(log, f"parameters: {refused}", ValueError(refused))
     r = _Runner(p, Path(p.data_root).resolve())
     try:
         return _run_stages(r, log)
     except StageCancelled as err:
-        log.warning("%s", err)
-        report.announce(str(err), {"message": str(err)}, event=report.CANCELLED_EVENT)
-        return Cancelled(message=str(err))
+        return _cancelled(r, log, str(err), err.stage)
     except StageFailed as err:
+        _stop_summary(r, log, "Failed", str(err), err.stage)
+        r.tidy_after_failure()
         return _failed(log, str(err), err)
+    except (TerminationSignal, KeyboardInterrupt) as err:  # cancelled between two stages
+        name = signal.Signals(err.signal).name if isinstance(err, TerminationSignal) else "SIGINT"
+        stage = r.current or "?"
+        return _cancelled(r, log, f"stage {stage}: stopped by {name}; a rerun runs it again",
+                          stage)
+
+
+def _is_uuid(name: str) -> bool:
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _refused(log: logging.LoggerAdapter, message: str, err: BaseException) -> State:
+    """Parameters that cannot run: Failed before any stage, with a summary saying so."""
+    try:
+        create_markdown_artifact(
+            markdown=report.stopped_summary_markdown(
+                [], state="Failed", message=message, stage=None, stopped=[], not_reached=[],
+                data_root="(not used)", rerun="nothing ran; a run with corrected parameters "
+                "runs the stages asked for"),
+            key=report.ARTIFACT_KEY_SUMMARY, description="imagenet pipeline summary (Failed)")
+    except Exception as exc:  # noqa: BLE001 - the state message says it all the same
+        log.debug("could not write the summary artifact: %s", exc)
+    return _failed(log, message, err)
+
+
+def _cancelled(r: "_Runner", log: logging.LoggerAdapter, message: str, stage: str) -> State:
+    """End the flow run Cancelled with `message` (the same whichever way it was cancelled:
+    flows/services.py keeps it when Prefect's runner writes its own), after the summary."""
+    log.warning("%s", message)
+    _stop_summary(r, log, "Cancelled", message, stage)
+    report.announce(message, {"message": message}, event=report.CANCELLED_EVENT)
+    return Cancelled(message=message)
+
+
+def _base_stage(name: str) -> str:
+    """The `stages` entry a task run belongs to (download-train -> download, train-0-100 ->
+    train, mini-ilsvrc12 -> download)."""
+    if name == "mini-ilsvrc12":
+        return "download"
+    base = name.split("-", 1)[0]
+    return base if base in STAGES else name
+
+
+def _stop_summary(r: "_Runner", log: logging.LoggerAdapter, state: str, message: str,
+                  stage: str | None) -> None:
+    """The imagenet-summary artifact of a run that failed or was cancelled: what ran, what
+    stopped and why, what a rerun does. Best effort: the run's own state says the cause."""
+    base = _base_stage(stage) if stage else None
+    after = STAGES.index(base) + 1 if base in STAGES else len(STAGES)
+    not_reached = [s for s in r.p.stages if STAGES.index(s) >= after]
+    rerun = (f"{stage} resumes from the snapshot it wrote, then trains on"
+             if state == "Cancelled" and base == "train" and "snapshot" in message else "")
+    try:
+        create_markdown_artifact(
+            markdown=report.stopped_summary_markdown(
+                r.runs, state=state, message=message, stage=stage, stopped=r.stopped,
+                not_reached=not_reached, data_root=str(r.root), changes=r.changes, rerun=rerun),
+            key=report.ARTIFACT_KEY_SUMMARY, description=f"imagenet pipeline summary ({state})")
+    except Exception as err:  # noqa: BLE001 - the state message says it all the same
+        log.debug("could not write the summary artifact: %s", err)
 
 
 def _scrub_sources(p: PipelineParams) -> None:

@@ -48,6 +48,17 @@ SERVICES = ("worker", "server")  # stop order: the worker (and its flow runs) fi
 # `make down` cancels flow runs in these states; the worker gives each CANCEL_GRACE_S
 # (Prefect's kill grace period) between SIGTERM and SIGKILL, so we wait a little longer.
 IN_FLIGHT_STATES = ["RUNNING", "PENDING", "CANCELLING"]
+# Runs waiting for the worker (a deployment run not picked up yet, a paused one) would start on
+# the next `make up`: `make down` cancels them at once.
+WAITING_STATES = ["SCHEDULED", "PAUSED"]
+CANCELLED_BEFORE_START = "Cancelled by `make down` before it started"
+# After the last run ends, an open `prefect deployment run --watch` prints the final state and
+# keeps listening ~3 s for straggling logs (prefect.events.subscribers.FlowRunSubscriber):
+# the server stays up that long, so the watch ends with the state, not a connection traceback.
+WATCH_STRAGGLER_S = 5
+# How long `make down` waits for the worker's own "cancelled successfully" state, to put the
+# run's message back over it (flows/cancel.py).
+KEEP_MESSAGE_WAIT_S = 5
 CANCEL_GRACE_S = 30
 CANCEL_WAIT_S = CANCEL_GRACE_S + 30
 API_TIMEOUT_S = 10
@@ -239,17 +250,34 @@ def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
             time.sleep(POLL_S)
 
 
-def _in_flight(client: httpx.Client) -> list[dict[str, Any]]:
+def _in_flight(client: httpx.Client, states: list[str] = IN_FLIGHT_STATES
+               ) -> list[dict[str, Any]]:
     resp = client.post("/flow_runs/filter", json={
-        "flow_runs": {"state": {"type": {"any_": IN_FLIGHT_STATES}}}, "limit": FLOW_RUNS_PAGE})
+        "flow_runs": {"state": {"type": {"any_": states}}}, "limit": FLOW_RUNS_PAGE})
     resp.raise_for_status()
     return resp.json()
 
 
-def _set_state(client: httpx.Client, run_id: str, state: str, force: bool = False) -> None:
+def _set_state(client: httpx.Client, run_id: str, state: str, force: bool = False,
+               message: str = CANCELLED_BY_DOWN) -> None:
     resp = client.post(f"/flow_runs/{run_id}/set_state", json={
-        "state": {"type": state, "message": CANCELLED_BY_DOWN}, "force": force})
+        "state": {"type": state, "message": message}, "force": force})
     resp.raise_for_status()
+
+
+def _keep_messages(url: str, run_ids: list[str]) -> None:
+    """Put each cancelled run's own message back where the worker wrote its generic one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cancel import keep_cancel_message
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        for run_id in run_ids:
+            try:
+                keep_cancel_message(run_id, KEEP_MESSAGE_WAIT_S)
+            except Exception as err:  # noqa: BLE001 - cosmetic: the runs are cancelled
+                print(f"could not keep the message of flow run {run_id}: {err}",
+                      file=sys.stderr)
 
 
 def cancel_in_flight(url: str, wait_s: float = CANCEL_WAIT_S) -> list[str]:
@@ -257,6 +285,11 @@ def cancel_in_flight(url: str, wait_s: float = CANCEL_WAIT_S) -> list[str]:
     worker SIGTERMs each; a training segment snapshots first). Runs still not finished after
     `wait_s` are forced to Cancelled, so none is left *Running*. Returns their ids."""
     with httpx.Client(base_url=url, timeout=API_TIMEOUT_S) as client:
+        waiting = _in_flight(client, WAITING_STATES)
+        for run in waiting:
+            print(f"cancelling flow run {run['name']} ({run['state_name']}, not started)")
+            _set_state(client, run["id"], "CANCELLED", force=True,
+                       message=CANCELLED_BEFORE_START)
         runs = _in_flight(client)
         for run in runs:
             if run["state_type"] != "CANCELLING":
@@ -271,7 +304,11 @@ def cancel_in_flight(url: str, wait_s: float = CANCEL_WAIT_S) -> list[str]:
             print(f"flow run {run['name']} did not end within {wait_s:.0f} s: marking it "
                   "Cancelled", file=sys.stderr)
             _set_state(client, run["id"], "CANCELLED", force=True)
-    return [run["id"] for run in runs]
+    if runs:
+        _keep_messages(url, [run["id"] for run in runs])
+    if runs or waiting:
+        time.sleep(WATCH_STRAGGLER_S)
+    return [run["id"] for run in runs + waiting]
 
 
 def down(run_dir: Path = DEFAULT_RUN_DIR, cancel_wait_s: float = CANCEL_WAIT_S) -> None:

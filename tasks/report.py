@@ -302,3 +302,44 @@ def summary_markdown(
                   "each test interval, against the iteration.\n\n",
                   f"![training curve]({png_data_url(curve)})\n"]
     return "".join(parts)
+
+
+def stopped_summary_markdown(
+    runs: Sequence[StageRun],
+    *,
+    state: str,
+    message: str,
+    stage: str | None,
+    stopped: Sequence[tuple[str, str]],
+    not_reached: Sequence[str],
+    data_root: str,
+    changes: Sequence[str] = (),
+    rerun: str = "",
+) -> str:
+    """The summary artifact of a run that ended Failed or Cancelled: what ran (and what came
+    from the cache), which stage stopped and why, the stages stopped beside it, and what a
+    rerun does."""
+    rows = stage_table_rows(runs)
+    if stage:
+        rows.append({"stage": stage, "status": state.lower(), "why": message.split(": ", 1)[-1],
+                     "this run (s)": "-", "work (s)": "-", "throughput": "-"})
+    for name, why in stopped:
+        rows.append({"stage": name, "status": "cancelled", "why": why, "this run (s)": "-",
+                     "work (s)": "-", "throughput": "-"})
+    parts = [f"# imagenet pipeline summary: {state}\n", f"Data root: `{data_root}`\n\n",
+             f"**{message}**\n", "\n## Stages\n", _md_table(rows)]
+    if changes:
+        parts += ["\n## Changed in this run\n", *[f"- {c}\n" for c in changes]]
+    finished = [run.name for run in runs]
+    again = [name for name in ([stage] if stage else []) + [n for n, _ in stopped]]
+    parts.append("\n## What a rerun does\n")
+    if finished:
+        parts.append(f"- reuses what finished (cached): {', '.join(finished)}\n")
+    if rerun:
+        parts.append(f"- {rerun}\n")
+    elif again:
+        parts.append(f"- runs again: {', '.join(again)}"
+                     + (" (once the cause above is fixed)\n" if state == "Failed" else "\n"))
+    if not_reached:
+        parts.append(f"- then the stages this run did not reach: {', '.join(not_reached)}\n")
+    return "".join(parts)

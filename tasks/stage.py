@@ -15,6 +15,7 @@ import contextvars
 import functools
 import math
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from prefect import Task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Failed, State
 from pydantic import BaseModel, Field
@@ -43,6 +45,9 @@ PERCENT = 100.0
 WATCH_EVENT_INTERVAL_S = 60.0
 WATCH_EVENT_STEP = 10.0
 PROGRESS_EVENT = "imagenet.progress"
+# How long a cancelled run waits for the stages of a group to stop (a socket read blocks until
+# its timeout; the rest stop at their next progress report).
+ABORT_WAIT_S = 15.0
 PROGRESS_KEY = "progress-{stage}"
 BYTES = "bytes"
 _UNIT_RE = re.compile(r"\((images|bytes|records|files)\b")
@@ -146,6 +151,50 @@ _ABORT: contextvars.ContextVar[_Abort | None] = contextvars.ContextVar("imagenet
                                                                       default=None)
 _STAGE_PROGRESS: contextvars.ContextVar[list | None] = contextvars.ContextVar(
     "imagenet_stage_progress", default=None)
+# (cache key, why) when the flow found the stage's recorded outputs intact for its key: the task
+# answers from its cache record itself, so its Cached state says why (cached_state).
+_CACHED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "imagenet_cached", default=None)
+
+
+def why_cached(outputs: Iterable[Path | str], key: str) -> str:
+    """A cached stage's state message: why its outputs are reused."""
+    from datetime import datetime, timezone
+
+    from tasks.cache import manifest_path
+
+    stamps = [manifest_path(p).stat().st_mtime for p in outputs if manifest_path(p).is_file()]
+    when = (datetime.fromtimestamp(max(stamps), timezone.utc).strftime(" (%Y-%m-%d %H:%M UTC)")
+            if stamps else "")
+    return (f"cached: inputs, parameters and code are those its outputs were made with{when}, "
+            f"and the outputs are intact (their manifests match); cache key {key}")
+
+
+def cached_state(key: str, why: str) -> State | None:
+    """The Cached state of a stage whose cache record exists: its recorded result, `why` as
+    the message, the key in the state details. None when there is no record (the stage runs)."""
+    from prefect.results import get_result_store
+    from prefect.states import Completed
+
+    try:
+        record = get_result_store().read(key)
+    except Exception:  # no record (or an unreadable one): compute the stage instead
+        return None
+    state = Completed(name=CACHED_STATE, message=why, data=record.result)
+    state.state_details.cache_key = key
+    return state
+
+
+def _may_answer_from_cache(options: dict[str, Any], bypass: str, key: str,
+                           outputs: Iterable[Path | str]) -> tuple[str, str] | None:
+    """When the cache may be used (and Prefect's setting does not refresh everything), the
+    task reads its record itself (so its state can say why); Prefect must not read it first."""
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
+
+    if bypass or not key or PREFECT_TASKS_REFRESH_CACHE.value():
+        return None
+    options["refresh_cache"] = True
+    return key, why_cached(outputs, key)
 
 
 def check_abort() -> None:
@@ -243,6 +292,11 @@ def fail_in_one_line(fn: Callable[..., StageResult]) -> Callable[..., StageResul
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> StageResult | State:
+        cached = _CACHED.get()
+        if cached is not None:
+            state = cached_state(*cached)
+            if state is not None:
+                return state
         cards: list[ProgressArtifact] = []
         token = _STAGE_PROGRESS.set(cards)
         start = time.monotonic()
@@ -253,6 +307,16 @@ def fail_in_one_line(fn: Callable[..., StageResult]) -> Callable[..., StageResul
             message = f"cancelled: {stop.reason}"
             get_run_logger().warning("%s", message)
             _close_cards(cards, message)
+            return Cancelled(message=message)
+        except (TerminationSignal, KeyboardInterrupt) as stop:
+            # The run was cancelled (the worker's SIGTERM) or interrupted (Ctrl-C) while this
+            # stage worked: it ends Cancelled, not Crashed, and the flow ends Cancelled too.
+            # (Training handles its own signals, snapshotting first: model/stop.py.)
+            name = signal.Signals(stop.signal).name if isinstance(stop, TerminationSignal) \
+                else "SIGINT"
+            message = f"stopped by {name}; a rerun runs this stage again"
+            get_run_logger().warning("%s", message)
+            _close_cards(cards, f"cancelled: {message}")
             return Cancelled(message=message)
         except USER_ERRORS as err:
             log = get_run_logger()
@@ -343,11 +407,16 @@ def call_stage(
     """Run `task` now (in the flow's thread), deciding whether it may come from the cache.
     `after`: the states of the upstream task runs, recorded as the run's dependencies (the
     edges of the flow run's graph); None entries (stages not run this time) are skipped."""
+    outputs = list(outputs)
     options, bypass = stage_options(results_root, cache_key, outputs, force)
+    token = _CACHED.set(_may_answer_from_cache(options, bypass, cache_key, outputs))
     start = time.monotonic()
-    state = task.with_options(task_run_name=name, **options)(
-        cache_key=cache_key, return_state=True, wait_for=[s for s in after if s is not None],
-        **kwargs)
+    try:
+        state = task.with_options(task_run_name=name, **options)(
+            cache_key=cache_key, return_state=True, wait_for=[s for s in after if s is not None],
+            **kwargs)
+    finally:
+        _CACHED.reset(token)
     return _finished(name, state, bypass, start)
 
 
@@ -414,16 +483,19 @@ class StageGroup:
     def submit(self, task: Task, name: str, *, results_root: Path | str, cache_key: str,
                outputs: Iterable[Path | str], force: bool | str = False,
                after: Sequence[State | None] = (), **kwargs: Any) -> None:
+        outputs = list(outputs)
         options, bypass = stage_options(results_root, cache_key, outputs, force)
         if task.retries:
             options.update(retry_condition_fn=self._retry_condition(task),
                            retry_delay_seconds=0)
         start = time.monotonic()
         token = _ABORT.set(self.abort)
+        cached = _CACHED.set(_may_answer_from_cache(options, bypass, cache_key, outputs))
         try:
             future = task.with_options(task_run_name=name, **options).submit(
                 cache_key=cache_key, wait_for=[s for s in after if s is not None], **kwargs)
         finally:
+            _CACHED.reset(cached)
             _ABORT.reset(token)
         finished: list[float] = []
         future.add_done_callback(lambda _: finished.append(time.monotonic()))
@@ -481,6 +553,8 @@ class StageGroup:
                     self.runs.append(run)
         except BaseException:  # the run is being cancelled: stop the stages still running
             self.abort.set("the flow run was stopped")
+            for _, future, *_ in pending.values():
+                future.wait(ABORT_WAIT_S)
             raise
         if failure is not None:
             raise failure
@@ -524,6 +598,10 @@ class ProgressArtifact:
         self._last_event = -math.inf
         self._last_event_percent = -PERCENT
         self._id: Any = None
+        # The task run's context, for updates a library makes from its own threads (the mean's
+        # readers): the artifact and the event must belong to the task run.
+        self._context = contextvars.copy_context()
+        self._lock = threading.Lock()
         holder = _STAGE_PROGRESS.get()
         if holder is not None:
             holder.append(self)
@@ -542,11 +620,15 @@ class ProgressArtifact:
         self._update(percent, final=False)
 
     def _update(self, percent: float, final: bool) -> None:
-        now = time.monotonic()
-        if (self._id is not None and now - self._last < self.min_interval
-                and not final):
-            return
-        self._last, self.percent = now, percent
+        with self._lock:  # a library may report from several threads
+            now = time.monotonic()
+            if (self._id is not None and now - self._last < self.min_interval
+                    and not final):
+                return
+            self._last, self.percent = now, percent
+            self._context.copy().run(self._send, percent, final, now)
+
+    def _send(self, percent: float, final: bool, now: float) -> None:
         try:
             if self._id is None:
                 self._id = create_progress_artifact(progress=percent, key=self.key,

@@ -244,6 +244,12 @@ def test_task_runs_record_their_upstream_stages(first_run, data_root, make_param
     names = {tr.id: tr.name for tr in runs}
     upstream = {tr.name: {names[i.id] for i in tr.task_inputs.get("wait_for", [])} for tr in runs}
     assert {name: upstream[name] for name in EDGES} == EDGES
+    # every stage came from the cache, and its task run says why (not "Cache Key: None")
+    for tr in runs:
+        assert tr.state.name == "Cached", (tr.name, tr.state)
+        assert tr.state.message.startswith("cached: inputs, parameters and code are those ")
+        assert tr.state.state_details.cache_key and tr.state.state_details.cache_key in \
+            tr.state.message
     assert all(not upstream[f"download-{kind}"] for kind in ("train", "val", "aux"))
 
 
@@ -347,6 +353,31 @@ def test_a_stage_without_its_inputs_fails_in_one_line_and_creates_nothing(make_p
     assert state.message.startswith("stage convert-train: ") and "\n" not in state.message
     assert "does not exist" in state.message and str(root / "train") in state.message
     assert not root.exists()
+    # a download that fails (nothing listens on the port: refused, not retried) leaves no
+    # folder either (no downloads/, no .prefect-results/), and the summary says what happened
+    refused = "http://127.0.0.1:9/"
+    state = imagenet(**{**make_params(root).flow_parameters(), "stages": ["download"],
+                        "sources": {"train": refused + "ILSVRC2012_img_train.tar",
+                                    "val": refused + "ILSVRC2012_img_val.tar",
+                                    "aux": refused + "caffe_ilsvrc12.tar.gz"}},
+                     return_state=True)
+    assert state.is_failed() and state.message.startswith("stage download-")
+    assert not root.exists(), sorted(p.name for p in root.rglob("*"))
+    summary = _summary_of(state)
+    assert "# imagenet pipeline summary: Failed" in summary and "download-" in summary
+    assert "## What a rerun does" in summary
+
+
+def _summary_of(state) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.report import ARTIFACT_KEY_SUMMARY
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return next(a.data for a in artifacts if a.key == ARTIFACT_KEY_SUMMARY)
 
 
 def test_bad_parameters_fail_in_one_line(make_params, tmp_path):

@@ -80,3 +80,48 @@ def test_a_failed_stage_stops_the_stages_beside_it(tmp_path):
             id=FlowRunFilterId(any_=[flow_run])))
     keys = {a.key for a in artifacts if a.type == "progress"}
     assert {"progress-works", "progress-fails", "progress-flaky"} <= keys
+
+
+def test_tracebacks_go_to_debug_not_error():
+    """A task that fails with an unexpected error after its retries: Prefect's ERROR line stays
+    one line; its traceback is a DEBUG record (tasks/logs.py)."""
+    import logging
+
+    from prefect import flow, task
+
+    import flows.imagenet  # noqa: F401 - installs the filter, as in every flow process
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(level=logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    for logger in loggers:
+        logger.addHandler(keep)
+    old = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+
+    @task(retries=1, retry_delay_seconds=0)
+    def broken() -> None:
+        raise RuntimeError("a bug in a stage")
+
+    @flow
+    def run() -> None:
+        broken()
+
+    try:
+        state = run(return_state=True)
+    finally:
+        for logger, level in zip(loggers, old):
+            logger.removeHandler(keep)
+            logger.setLevel(level)
+    assert state.is_failed()
+    errors = [r for r in records if r.levelno >= logging.ERROR]
+    assert errors and not any(r.exc_info for r in errors)
+    assert any("a bug in a stage" in r.getMessage() for r in errors)
+    assert any(r.levelno == logging.DEBUG and r.exc_info and "a bug in a stage" in
+               r.getMessage() for r in records)
