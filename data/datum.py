@@ -154,6 +154,13 @@ def datum_to_array(datum: caffe_pb2.Datum, *, force_color: bool = False) -> np.n
         return decode_encoded(datum.data, force_color=force_color)
     shape = (datum.channels, datum.height, datum.width)
     count = shape[0] * shape[1] * shape[2]
+    if count <= 0 or min(shape) < 0:
+        raise ImagenetError(
+            f"Datum has channels x height x width = {shape[0]}x{shape[1]}x{shape[2]}: no image "
+            f"(an empty or damaged record; {_payload(datum)})")
+    if not datum.data and not datum.float_data:
+        raise ImagenetError(f"Datum holds no pixels (neither data nor float_data) for "
+                            f"channels x height x width = {shape[0]}x{shape[1]}x{shape[2]}")
     if datum.data:
         if len(datum.data) != count:
             raise ImagenetError(
@@ -165,6 +172,14 @@ def datum_to_array(datum: caffe_pb2.Datum, *, force_color: bool = False) -> np.n
             f"Datum float_data has {len(datum.float_data)} values, but channels x height x "
             f"width = {shape[0]}x{shape[1]}x{shape[2]} = {count}")
     return np.asarray(datum.float_data, dtype=np.float32).reshape(shape)
+
+
+def _payload(datum: caffe_pb2.Datum) -> str:
+    if datum.data:
+        return f"{len(datum.data)} bytes of data"
+    if datum.float_data:
+        return f"{len(datum.float_data)} float_data values"
+    return "no data"
 
 
 def decode_datum_bytes(value: bytes | memoryview, *, force_color: bool = False
@@ -183,10 +198,11 @@ def decode_datum_bytes(value: bytes | memoryview, *, force_color: bool = False
         datum.ParseFromString(bytes(value))
         return datum_to_array(datum), head.label
     count = head.channels * head.height * head.width
-    if head.data_length != count:
+    if head.data_length != count or count <= 0:
         raise ImagenetError(
             f"Datum data has {head.data_length} bytes, but channels x height x width = "
-            f"{head.channels}x{head.height}x{head.width} = {count}")
+            f"{head.channels}x{head.height}x{head.width} = {count}"
+            + (": the record is cut short or corrupt" if 0 < head.data_length < count else ""))
     arr = np.frombuffer(value, dtype=np.uint8, count=count, offset=head.data_offset)
     return arr.reshape(head.channels, head.height, head.width), head.label
 

@@ -44,7 +44,7 @@ import lmdb
 
 from data.atomic import pid_alive
 from data.errors import OS_ERROR_HINTS, ImagenetError, errno_name, from_os_error
-from data.lmdb_verify import DATA_FILE, REBUILD, check_data_file
+from data.lmdb_verify import BEING_WRITTEN, DATA_FILE, REBUILD, check_data_file, last_transaction
 
 # Initial map size of a new DB: the data file grows page by page (it is not preallocated), so
 # this only bounds how soon the first doubling happens.
@@ -59,6 +59,10 @@ COMMIT_BYTES_DEFAULT = 64 << 20
 # Transactions queued for the commit thread beyond the one it is writing: one lets the caller
 # fill the next batch while the last is written; more would only hold more memory.
 COMMITS_IN_FLIGHT = 1
+# Address space a registered reader maps: room for a database another process is still
+# growing (LMDB refuses a transaction beyond the map with MDB_MAP_RESIZED); only the pages in
+# use are ever touched.
+READER_MAP_BYTES = 1 << 42
 # Prefix of the temporary build directory; the pid after it tells whether its owner still runs.
 _PARTIAL_MARK = ".partial-"
 # Where an overwrite moves the previous DB for the instant between the two renames.
@@ -118,16 +122,38 @@ def lmdb_errors(path: str | os.PathLike, action: str = "") -> Iterator[None]:
         raise from_os_error(err, action, path if err.filename is None else None) from None
 
 
-def _open_readonly(path: Path) -> lmdb.Environment:
+def _open_readonly(path: Path) -> tuple[lmdb.Environment, bool]:
+    """(environment, registered). Like Caffe's reader (MDB_RDONLY, with the lock file), each
+    read transaction is registered in lock.mdb, so a process appending to the database never
+    reuses a page under it; where the lock file cannot be written (a read-only folder such as
+    the Caffe goldens) the reader goes without (registered=False). The tree is checked while a
+    registered read transaction holds the pages it walks still."""
     if not path.exists():
         raise ImagenetError(f"{path}: no such LMDB (the path does not exist)")
     if not _is_lmdb_dir(path):
         raise ImagenetError(
             f"{path}: not an LMDB (expected a directory holding {_DATA_FILE}, as Caffe writes)")
+    lock_file = path / _LOCK_FILE
+    env = None
+    if lock_file.is_file() and os.access(lock_file, os.W_OK) and os.access(path, os.W_OK):
+        try:
+            # lmdb.open reads the header with pread (a short file fails here, not SIGBUS)
+            env = lmdb.open(str(path), readonly=True, lock=True, readahead=True,
+                            max_readers=2048, subdir=True, map_size=READER_MAP_BYTES)
+        except lmdb.Error:
+            env = None  # read-only lock file or mount, unusual builds: read as before
+    if env is not None:
+        try:
+            with env.begin():  # pins this transaction's pages while the tree is walked
+                check_data_file(path)
+        except BaseException:
+            env.close()
+            raise
+        return env, True
     check_data_file(path)
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=True,
-                         max_readers=2048, subdir=True)
+                         max_readers=2048, subdir=True), False
     except lmdb.Error as err:
         raise ImagenetError(f"{path}: not a readable LMDB ({err})") from None
 
@@ -135,17 +161,30 @@ def _open_readonly(path: Path) -> lmdb.Environment:
 class LmdbReader:
     """Read-only access to an LMDB: len, iteration in key order, random access by key.
 
-    Opened with lock=False (safe for databases nobody writes, and needed for read-only
-    folders such as the Caffe goldens).
+    Registered in the lock file like Caffe's readers where it can be (see _open_readonly), so
+    a database another process appends to reads as the snapshot each transaction began at;
+    without the lock file (read-only folders) a change by a writer during a read is reported
+    as what it is, not as corruption.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.env = _open_readonly(self.path)
+        self.env, self.registered = _open_readonly(self.path)
+        self.txnid = last_transaction(self.path)
 
-    def errors(self) -> contextlib.AbstractContextManager[None]:
-        """lmdb_errors for this DB: a corrupt page read inside the block is an ImagenetError."""
-        return lmdb_errors(self.path, "reading LMDB")
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """lmdb_errors for this DB: a corrupt page read inside the block is an ImagenetError
+        (or, when a writer committed since the open, says the database is being written)."""
+        try:
+            with lmdb_errors(self.path, "reading LMDB"):
+                yield
+        except ImagenetError:
+            now = last_transaction(self.path)
+            if now is not None and self.txnid is not None and now != self.txnid:
+                raise ImagenetError(f"reading LMDB {self.path}: " + BEING_WRITTEN.format(
+                    old=self.txnid, new=now)) from None
+            raise
 
     def __len__(self) -> int:
         with self.errors():

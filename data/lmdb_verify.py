@@ -106,18 +106,30 @@ class _Corrupt(Exception):
         self.page, self.what = page, what
 
 
+# What to say when a database changes while it is read: a writer is still at work.
+BEING_WRITTEN = ("another process is writing it (its last transaction went from {old} to {new} "
+                 "while it was read): it is unfinished, not damaged; wait for the writer to "
+                 "finish, or read a copy made when it had")
+
+
 def check_data_file(path: str | os.PathLike) -> int:
     """Check the LMDB at directory `path` BEFORE it is mapped (module docstring); returns the
     bytes the database uses. A header that is not LMDB 0.9's is left to lmdb.open, which names
-    the problem itself."""
+    the problem itself.
+
+    A writer committing while the tree is walked (a database still being built: LMDB's readers
+    see a snapshot, but this walk is plain reads) is told apart from corruption by the meta
+    page's transaction id, read again after a violation: it changed, so the database is being
+    written, not corrupt."""
     data = Path(path) / DATA_FILE
     try:
         fd = os.open(data, os.O_RDONLY)
     except OSError as err:
         raise from_os_error(err, "cannot read LMDB data file") from None
     try:
+        # the meta before the size: a commit in between only makes the file longer
+        meta = _read_meta(fd, data, os.fstat(fd).st_size)
         st = os.fstat(fd)
-        meta = _read_meta(fd, data, st.st_size)
         if meta is None:
             return st.st_size
         needed = (meta.last_page + 1) * meta.page_size
@@ -131,6 +143,10 @@ def check_data_file(path: str | os.PathLike) -> int:
             try:
                 check_tree(fd, meta)
             except _Corrupt as bad:
+                now = _read_meta(fd, data, os.fstat(fd).st_size)
+                if now is not None and now.txnid != meta.txnid:
+                    raise ImagenetError(f"{path}: " + BEING_WRITTEN.format(
+                        old=meta.txnid, new=now.txnid)) from None
                 raise ImagenetError(
                     f"{data}: page {bad.page}: {bad.what}: the database is corrupt; {REBUILD}"
                 ) from None
@@ -138,6 +154,21 @@ def check_data_file(path: str | os.PathLike) -> int:
         return needed
     except OSError as err:
         raise from_os_error(err, "cannot read LMDB data file", data) from None
+    finally:
+        os.close(fd)
+
+
+def last_transaction(path: str | os.PathLike) -> int | None:
+    """The transaction id of the LMDB's current meta page (None when it cannot be read)."""
+    try:
+        fd = os.open(Path(path) / DATA_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        meta = _read_meta(fd, Path(path) / DATA_FILE, os.fstat(fd).st_size)
+        return meta.txnid if meta is not None else None
+    except (OSError, ImagenetError):
+        return None
     finally:
         os.close(fd)
 

@@ -280,7 +280,9 @@ def _other_pixels(key: memoryview | bytes, value: memoryview | bytes,
         if head.encoded:
             return _decode_checked(key, value, shape)
         rec_shape = (head.channels, head.height, head.width)
-        if rec_shape != shape or head.data_length != int(np.prod(shape)):
+        if head.data_length != int(np.prod(rec_shape)) or not all(rec_shape):
+            decode_datum_bytes(value)  # raises what is wrong with the record itself
+        if rec_shape != shape:
             raise ImagenetError(_shape_error(key, rec_shape, shape))
         return np.frombuffer(value, np.uint8, head.data_length, head.data_offset)
     except ImagenetError as err:

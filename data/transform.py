@@ -45,6 +45,7 @@ class TransformPlan:
     mean_values: tuple[float, ...]
     force_color: bool
     force_gray: bool
+    mean_path: str = ""  # where mean_file came from, for messages
 
     @classmethod
     def from_param(cls, tp: caffe_pb2.TransformationParameter, *, train: bool,
@@ -57,7 +58,7 @@ class TransformPlan:
                 f"({list(tp.mean_value)}) at the same time")
         if tp.force_color and tp.force_gray:
             raise ImagenetError("transform_param: force_color and force_gray are exclusive")
-        mean = None
+        mean, path = None, None
         if tp.HasField("mean_file"):
             path = Path(root) / tp.mean_file
             if not path.exists():
@@ -75,7 +76,8 @@ class TransformPlan:
                                     "(1, C, H, W) or (C, H, W)")
         return cls(crop_size=int(tp.crop_size), mirror=bool(tp.mirror), scale=float(tp.scale),
                    train=train, mean_file=mean, mean_values=tuple(float(v) for v in tp.mean_value),
-                   force_color=bool(tp.force_color), force_gray=bool(tp.force_gray))
+                   force_color=bool(tp.force_color), force_gray=bool(tp.force_gray),
+                   mean_path=str(path) if mean is not None else "")
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         return (self.crop_size, self.crop_size) if self.crop_size else (h, w)
@@ -87,8 +89,9 @@ class TransformPlan:
             raise ImagenetError(f"{where}: image {h}x{w} is smaller than crop_size "
                                 f"{self.crop_size}")
         if self.mean_file is not None and tuple(self.mean_file.shape) != (c, h, w):
-            raise ImagenetError(f"{where}: image shape {(c, h, w)} differs from the mean_file "
-                                f"shape {tuple(self.mean_file.shape)}")
+            raise ImagenetError(f"{where}: image shape {(c, h, w)} differs from the shape "
+                                f"{tuple(self.mean_file.shape)} of mean_file {self.mean_path}; "
+                                "compute the mean of this database (compute-image-mean)")
         if self.mean_values and len(self.mean_values) not in (1, c):
             raise ImagenetError(f"{where}: {len(self.mean_values)} mean_value entries for "
                                 f"{c} channels (Caffe wants 1 or one per channel)")

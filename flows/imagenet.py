@@ -24,14 +24,15 @@ import time
 import uuid
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled, Failed, State
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from data.errors import ImagenetError
 from data.ilsvrc12 import TRAIN_LIST, VAL_LIST
@@ -56,15 +57,25 @@ DEFAULT_AUX_URL = "http://dl.caffe.berkeleyvision.org/caffe_ilsvrc12.tar.gz"
 DEFAULT_SOLVER = "model/zoo/bvlc_alexnet/solver.prototxt"
 DEFAULT_RESIZE = 256  # examples/imagenet/create_imagenet.sh
 DEFAULT_SHUFFLE_SEED = 0
+# Parameters are checked strictly, once (PipelineParams): JSON's true is no worker count and
+# "5" no iteration count. Caffe keeps iterations and image sizes in int32 fields.
+STRICT = ConfigDict(strict=True)
+INT32_MAX = 2**31 - 1
+# Conversion workers beyond this are a typo, not a plan: each holds images in flight, and a
+# thread or process pool of millions exhausts memory before the first image.
+MAX_WORKERS = 256
 
 
 class Sources(BaseModel):
     """Where each archive comes from: an http(s)/file URL, a local path (used in place), or
     `mini` / `mini:tiny` for the built-in mini ILSVRC12, built under the data root."""
 
-    train: str = Field(DEFAULT_TRAIN_URL, description="ILSVRC2012_img_train.tar")
-    val: str = Field(DEFAULT_VAL_URL, description="ILSVRC2012_img_val.tar")
-    aux: str = Field(DEFAULT_AUX_URL, description="Caffe's caffe_ilsvrc12.tar.gz (listings)")
+    model_config = STRICT
+
+    train: str = Field(DEFAULT_TRAIN_URL, min_length=1, description="ILSVRC2012_img_train.tar")
+    val: str = Field(DEFAULT_VAL_URL, min_length=1, description="ILSVRC2012_img_val.tar")
+    aux: str = Field(DEFAULT_AUX_URL, min_length=1,
+                     description="Caffe's caffe_ilsvrc12.tar.gz (listings)")
     checksums: str | None = Field(
         None, description="md5sum-format file (URL or path) for archives that are not the "
         "official ones; the official ones are checked against their known md5s (the mini's "
@@ -72,43 +83,80 @@ class Sources(BaseModel):
 
 
 class PipelineParams(BaseModel):
-    """Everything a run of the `imagenet` flow depends on: exactly the flow's parameters."""
+    """Everything a run of the `imagenet` flow depends on: exactly the flow's parameters,
+    each checked here by type (strictly: no bool for a number, no string for a list) and range,
+    so a bad value is one line before anything runs."""
 
-    data_root: str = Field(DEFAULT_DATA_ROOT, description="where archives, images, LMDBs, "
+    model_config = STRICT
+
+    data_root: str = Field(DEFAULT_DATA_ROOT, min_length=1, description="where archives, images, LMDBs, "
                            "snapshots and the stage cache live")
     sources: Sources = Field(default_factory=Sources, description="where the three archives come "
                              "from (URL, path, or `mini` for the built-in mini ILSVRC12)")
-    resize_height: int | None = Field(None, ge=0, description="convert_imageset "
+    resize_height: int | None = Field(None, ge=0, le=INT32_MAX, description="convert_imageset "
                                       "--resize_height (0: keep; default: what the data root's "
                                       f"LMDBs were built with, else {DEFAULT_RESIZE})")
-    resize_width: int | None = Field(None, ge=0, description="convert_imageset --resize_width "
-                                     "(0: keep; default: what the data root's LMDBs were built "
-                                     f"with, else {DEFAULT_RESIZE})")
+    resize_width: int | None = Field(None, ge=0, le=INT32_MAX, description="convert_imageset "
+                                     "--resize_width (0: keep; default: what the data root's "
+                                     f"LMDBs were built with, else {DEFAULT_RESIZE})")
     encoded: bool | None = Field(None, description="convert_imageset --encoded: store JPEG "
                                  "bytes (default: what the data root's LMDBs were built with, "
                                  "else false)")
     shuffle_seed: int | None = Field(DEFAULT_SHUFFLE_SEED, description="shuffle the listings "
                                      "with this seed (reproducible, unlike Caffe's --shuffle); "
                                      "null: keep order")
-    solver: str = Field(DEFAULT_SOLVER, description="solver.prototxt (its `net:` is the "
+    solver: str = Field(DEFAULT_SOLVER, min_length=1, description="solver.prototxt (its `net:` is the "
                         "train_val prototxt; its Data layers are pointed at this run's LMDBs)")
-    max_iter: int | None = Field(None, gt=0, description="override the solver's max_iter")
-    snapshot_interval: int | None = Field(None, gt=0, description="training segment length "
+    max_iter: int | None = Field(None, gt=0, le=INT32_MAX, description="override the solver's max_iter")
+    snapshot_interval: int | None = Field(None, gt=0, le=INT32_MAX, description="training segment length "
                                           "(default: the solver's snapshot)")
-    devices: list[int] | None = Field(None, description="accelerator ids (default: all / CPU)")
+    devices: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="accelerator ids (default: all / CPU)")
     processes: int = Field(1, ge=1, description="training processes on this host, joined by "
                            "jax.distributed (global batch = batch_size x devices of all)")
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES),
                                 description="which stages to run (others use what is on disk)")
     force: list[Stage] = Field(default_factory=list, description="stages to recompute even "
                                "when cached (force: [train] trains again from iteration 0)")
-    workers: int = Field(0, ge=0, description="conversion workers and training's input "
-                         "threads per process (0: one per core)")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="conversion workers and "
+                         "training's input threads per process (0: one per core)")
 
     @field_validator("stages", "force")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return sorted(set(value), key=STAGES.index)
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"a device is named twice in {value}")
+        return value
+
+    @field_validator("processes")
+    @classmethod
+    def _processes_fit_the_host(cls, value: int) -> int:
+        from data.host import available_cores
+
+        cores = available_cores()
+        if value > cores:
+            raise ValueError(f"{value} training processes on a host with {cores} cores: each "
+                             f"needs one at least; use at most {cores}")
+        return value
+
+    @model_validator(mode="after")
+    def _resize(self) -> "PipelineParams":
+        from data.images import MAX_PIXELS_DEFAULT
+
+        h, w = self.resize_height, self.resize_width
+        if h is None or w is None:
+            return self  # the other comes from the data root's LMDBs (_conversion)
+        if (h == 0) != (w == 0):
+            raise ValueError(f"resize_height={h} with resize_width={w}: give both sizes to "
+                             "resize, or 0 for both to keep each image's size")
+        if h * w > MAX_PIXELS_DEFAULT:
+            raise ValueError(f"resize_height={h} x resize_width={w} = {h * w:,} pixels per "
+                             f"image, over the limit of {MAX_PIXELS_DEFAULT:,}")
+        return self
 
     def flow_parameters(self) -> dict[str, Any]:
         """Keyword arguments for `imagenet(...)` (the flow's parameters are these fields)."""
@@ -188,6 +236,9 @@ class _Runner:
                 force=force or self.forced(stage), **kwargs))
 
 
+# A deployment run's parameters are checked by the Prefect API against this flow's JSON schema
+# (enforce_parameter_schema: true is no integer there either), `imagenet pipeline`'s by
+# PipelineParams before the call; the first line of the flow checks them all again.
 @flow(name="imagenet", log_prints=True, persist_result=False,
       on_cancellation=[keep_message_hook])
 def imagenet(
@@ -368,6 +419,10 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     p, root = r.p, r.root
     sources = {kind: getattr(p.sources, kind) for kind in ARCHIVES}
     checksums = p.sources.checksums
+    if r.wanted("train") or r.wanted("evaluate"):
+        # the solver's mistakes now, not after hours of downloading and converting
+        with r.stage("train" if r.wanted("train") else "evaluate"):
+            training.check_solver_file(p.solver, p.max_iter)
 
     # 0. The built-in mini ILSVRC12, when the sources name it (part of the download stage).
     with r.stage("mini-ilsvrc12"):

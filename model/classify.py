@@ -125,6 +125,9 @@ def read_mean(path: str | Path | None, values: Sequence[float] | None, channels:
         mean = mean[0]
     if mean.ndim != 3:
         raise ImagenetError(f"{p}: mean of shape {mean.shape}; expected (C, H, W)")
+    if mean.shape[0] != channels:
+        raise ImagenetError(f"{p}: the mean has {mean.shape[0]} channels, the net's input "
+                            f"{channels}; use the mean of the data this net was trained on")
     return np.ascontiguousarray(mean, np.float32)
 
 

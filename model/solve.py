@@ -45,7 +45,7 @@ from model.metrics import (CaffeLog, LogFn, MetricsWriter, OutputSums, discard, 
 from model.net import Net, Params
 from model.resume import (DataPosition, ResumePoint, choose_seed, load_weights,
                           read_resume_point, weights_paths)
-from model.solver import build_solver, read_solver
+from model.solver import build_solver, check_solver, read_solver, solver_type
 from model.steps import (TrainState, flatten_params, jit_for, jit_train_step, make_forward,
                          make_train_forward, place_state, unflatten_params)
 from model.stop import StopRequest, StopVote
@@ -151,6 +151,8 @@ class Solver:
             raise ImagenetError("Give a snapshot to resume training or weights to finetune but "
                                 "not both.")
         self.param = sp = read_solver(str(self.solver_path))
+        check_solver(sp, solver_type(sp), str(self.solver_path))  # before any net is built
+        snap.check_snapshot_folder(self._snapshot_prefix(), self.prefix_str)
         self.devices = select_devices(devices, int(sp.solver_mode), int(sp.device_id))
         self.log("Use CPU." if self.devices[0].platform == "cpu"
                  else f"Using devices {self.devices}", "caffe.cpp:197")

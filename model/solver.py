@@ -340,20 +340,43 @@ class CaffeSolver:
         return (*opt_state[:-1], CaffeState(history=tuple(new)))
 
 
-def check_solver(param: caffe_pb2.SolverParameter, kind: str) -> None:
-    """Caffe's CHECKs on solver settings, raised as user errors with the offending values."""
+def check_solver(param: caffe_pb2.SolverParameter, kind: str, where: str = "") -> None:
+    """Caffe's CHECKs on solver settings, and the range checks Caffe lacks (a negative base_lr
+    climbs the loss, a negative weight_decay grows the weights: Caffe trains on without a word),
+    raised as user errors naming the file (`where`) and the offending values."""
+    def fail(message: str) -> None:
+        raise ImagenetError(f"{where}: {message}" if where else message)
+
     if param.lr_policy not in LR_POLICIES:
-        raise ImagenetError(f"unknown lr_policy {param.lr_policy!r}; valid: "
-                            f"{', '.join(sorted(LR_POLICIES))}")
+        fail(f"unknown lr_policy {param.lr_policy!r}; valid: {', '.join(sorted(LR_POLICIES))}")
     if param.iter_size < 1:
-        raise ImagenetError(f"iter_size must be >= 1, got {param.iter_size}")
+        fail(f"iter_size must be >= 1, got {param.iter_size}")
     if kind in ("AdaGrad", "RMSProp") and param.momentum != 0:
         # adagrad_solver.cpp / rmsprop_solver.cpp constructor checks
-        raise ImagenetError(f"Momentum cannot be used with {kind} (momentum: {param.momentum})")
+        fail(f"Momentum cannot be used with {kind} (momentum: {param.momentum})")
     if kind == "RMSProp" and not (0 <= param.rms_decay < 1):
-        raise ImagenetError(f"rms_decay should lie in [0, 1), got {param.rms_decay}")
+        fail(f"rms_decay should lie in [0, 1), got {param.rms_decay}")
     if param.average_loss < 1:
-        raise ImagenetError(f"average_loss should be non-negative, got {param.average_loss}")
+        fail(f"average_loss should be non-negative, got {param.average_loss}")
+    for name in ("base_lr", "weight_decay", "momentum", "momentum2", "delta", "gamma", "power"):
+        value = getattr(param, name)
+        if not math.isfinite(value) or value < 0:
+            fail(f"{name} must be a finite number >= 0, got {str(np.float32(value))}")
+    for name in ("max_iter", "snapshot", "display", "test_interval"):
+        if getattr(param, name) < 0:
+            fail(f"{name} must be >= 0, got {getattr(param, name)}")
+    if any(n < 0 for n in param.test_iter):
+        fail(f"test_iter must be >= 0, got {list(param.test_iter)}")
+    if param.momentum >= 1:
+        fail(f"momentum must be below 1 (at 1 and above no gradient is ever forgotten: the "
+             f"steps grow without bound), got {param.momentum}")
+    if kind == "Adam" and param.momentum2 >= 1:
+        fail(f"momentum2 must be below 1, got {param.momentum2}")
+    if param.lr_policy == "step" and param.stepsize <= 0:
+        fail(f"lr_policy \"step\" needs stepsize > 0, got {param.stepsize}")  # sgd_solver.cpp
+    if param.lr_policy == "multistep" and list(param.stepvalue) != sorted(set(param.stepvalue)):
+        fail(f"lr_policy \"multistep\" needs increasing stepvalues, got "
+             f"{list(param.stepvalue)}")
 
 
 def build_solver(param: caffe_pb2.SolverParameter, lr_mult: Sequence[float],

@@ -171,6 +171,23 @@ def _portable_net(net: caffe_pb2.NetParameter, data_root: Path | str) -> caffe_p
     return out
 
 
+def check_solver_file(solver_src: str, max_iter: int | None = None) -> None:
+    """What prepare_training would refuse in the solver and its net (a missing file, a syntax
+    error, a negative base_lr), checked when the run starts instead of after the downloads and
+    the conversion. Reads only."""
+    from model.solver import check_solver, solver_type
+
+    solver_path = _resolve(solver_src, REPO_ROOT)
+    solver = _read(solver_path, caffe_pb2.SolverParameter())
+    if not solver.net:
+        raise ImagenetError(f"{solver_path}: the pipeline needs a solver with `net:` "
+                            "(one train_val prototxt with TRAIN and TEST Data layers)")
+    _read(_resolve(solver.net, solver_path.parent), caffe_pb2.NetParameter())
+    if max_iter is not None:
+        solver.max_iter = max_iter
+    check_solver(solver, solver_type(solver), str(solver_path))
+
+
 def prepare_training(
     data_root: Path | str,
     solver_src: str,

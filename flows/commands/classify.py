@@ -209,7 +209,11 @@ def run(args: argparse.Namespace) -> int:
     if skipped or bad:
         summary += f"; skipped {len(skipped) + len(bad)}"
     print(summary, file=sys.stderr)
-    return 0 if predictions else 1
+    if not predictions:  # nothing classified is a failure, said in the one error line
+        path, reason = (skipped or bad)[0]
+        raise ImagenetError(f"none of the {len(paths)} images could be classified ({path}: "
+                            f"{reason})")
+    return 0
 
 
 __all__ = ["add_arguments", "expand_inputs", "run"]

@@ -80,14 +80,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _value(name: str, text: str, field: Any) -> Any:
+    """A flag's text as the field's type: the flags are text, so they are converted here (a
+    number from digits, a list from commas), and the whole set is then checked strictly like
+    the JSON of --params and of a deployment run."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from data.errors import ImagenetError
+
     annotation = str(field.annotation)
     if text.strip().lower() in NONE_WORDS and "None" in annotation:
         return None
-    if "list" in annotation:
-        return [part.strip() for part in text.split(",") if part.strip()]
     if field.annotation is bool:
         return parse_bool(text)
-    return text  # pydantic converts (and rejects) ints
+    value: Any = text
+    if "list" in annotation:
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return TypeAdapter(field.annotation).validate_python(value)
+    except ValidationError as err:
+        raise ImagenetError(f"--{name}={text!r}: {describe_validation_error(err, name)}; see "
+                            "'imagenet pipeline --help'") from None
 
 
 def read_params_file(path: Path) -> dict[str, Any]:
@@ -114,15 +126,24 @@ def read_params_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def describe_validation_error(err: Any) -> str:
-    """pydantic's multi-line report as one line: 'field: problem (got value)'; ..."""
+def describe_validation_error(err: Any, field: str = "") -> str:
+    """pydantic's multi-line report as one line: 'field: problem (got value)'; ... (`field`
+    names what a bare TypeAdapter checked: its report has no field names). Credentials in a
+    rejected URL are masked."""
     from data.download import mask_secrets
 
     parts = []
     for e in err.errors():
-        field = ".".join(str(x) for x in e.get("loc", ())) or "parameters"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        parts.append(f"{field}: {e.get('msg', 'invalid')}{got}")
+        where = field
+        for part in e.get("loc", ()):
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else part)
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "value_error":  # our validators' messages carry their values
+            msg, got = msg.removeprefix("Value error, "), ""
+        else:
+            got = (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict)
+                   else "")
+        parts.append(f"{where}: {msg}{got}" if where else f"{msg}{got}")
     return mask_secrets("; ".join(parts))
 
 
@@ -143,16 +164,22 @@ def _refuse_unknown_keys(data: dict[str, Any], where: Path) -> None:
 
 def build_params(args: argparse.Namespace) -> Any:
     from data.download import hide_url
+    from data.errors import ImagenetError
     from flows.imagenet import PipelineParams
 
     data: dict[str, Any] = read_params_file(args.params) if args.params else {}
     if args.params:
         _refuse_unknown_keys(data, args.params)
-    sources = dict(data.get("sources") or {})
-    for name in SOURCE_FLAGS:
-        if getattr(args, name) is not None:
-            sources[name] = getattr(args, name)
-    if sources:
+    given = {name: getattr(args, name) for name in SOURCE_FLAGS
+             if getattr(args, name) is not None}
+    sources = data.get("sources")
+    if given:
+        if not isinstance(sources or {}, dict):
+            raise ImagenetError(f"--params {args.params}: sources: expected an object like "
+                                f"{{\"train\": URL, \"val\": URL, \"aux\": URL}}, got "
+                                f"{hide_url(sources) if isinstance(sources, str) else sources!r}")
+        sources = {**(sources or {}), **given}
+    if isinstance(sources, dict):
         # A credentialed URL stays in this process (the downloader gets it back); the flow
         # run's parameters, logs and records only ever see its masked form.
         data["sources"] = {k: hide_url(v) if isinstance(v, str) else v

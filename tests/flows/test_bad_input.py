@@ -328,6 +328,13 @@ CASES = [
     Case("mean-encoded-record-undecodable", MEAN + ["db"], ERROR,
          ("record '00000003_img3.jpg'", "could not decode"),
          lambda ws: _put(ws, 3, encoded_datum_bytes(b"not an image", 3))),
+    # records whose own fields are wrong are named for what is wrong with them
+    Case("mean-datum-data-short", MEAN + ["db"], ERROR,
+         ("record '00000002_img2.jpg'", "100 bytes", "3x8x8 = 192", "cut short"),
+         lambda ws: _put(ws, 2, _datum(3, 8, 8, b"\1" * 100))),
+    Case("mean-datum-zero-dimensions", MEAN + ["db"], ERROR,
+         ("record '00000002_img2.jpg'", "0x0x0", "no image"),
+         lambda ws: _put(ws, 2, _datum(0, 0, 0, b""))),
     Case("mean-output-folder-missing", MEAN + ["db", "no/such/mean.binaryproto"], ERROR,
          ("no/such/mean.binaryproto", "ENOENT")),
     Case("mean-output-is-a-folder", MEAN + ["db", "out"], ERROR, ("out", "EISDIR")),
@@ -394,6 +401,21 @@ CASES = [
          ("solver.prototxt", "snapshot_prefix", "NUL byte"),
          lambda ws: (ws / "solver.prototxt").write_text(SOLVER.replace('"snap"', '"sn\\000ap"'))),
     Case("train-precision-bogus", TRAIN + ["--precision=fp8"], ERROR, ("fp8", "fp32")),
+    Case("train-snapshot-prefix-under-a-file", TRAIN, ERROR,
+         ("snapshot_prefix 'list.txt/snap'", "list.txt is a file"),
+         _write("solver.prototxt", SOLVER.replace('"snap"', '"list.txt/snap"'))),
+    # solver values Caffe trains on without a word
+    *[Case(f"train-solver-{name}", TRAIN, ERROR, ("solver.prototxt", *names),
+           _write("solver.prototxt", "".join(
+               line + "\n" for line in SOLVER.splitlines()
+               if line.split(":")[0] not in extra) + extra)) for name, extra, names in (
+        ("negative-base-lr", "base_lr: -0.01\n", ("base_lr", "-0.01")),
+        ("negative-weight-decay", "weight_decay: -0.0005\n", ("weight_decay", "-0.0005")),
+        ("momentum-one", "momentum: 1\n", ("momentum must be below 1",)),
+        ("nan-base-lr", "base_lr: nan\n", ("base_lr", "nan")),
+        ("step-without-stepsize", 'lr_policy: "step"\n', ("stepsize > 0",)),
+        ("negative-max-iter", "max_iter: -2\n", ("max_iter", "-2")),
+    )],
     # ---- test
     Case("test-zero-iterations", ["test", "--model=net.prototxt", "--weights=w.caffemodel",
                                   "--iterations=0"], USAGE, ("--iterations", ">= 1")),
@@ -407,6 +429,29 @@ CASES = [
          ("data.mdb", "hold 6 records but the meta page says 99", "rebuild it"),
          lambda ws: _patch_lmdb(ws, lambda at: (at["md_entries"], struct.pack("<Q", 99)))),
     Case("test-no-model", ["test", "--weights=w.caffemodel"], ERROR, ("--model",)),
+    Case("test-datum-data-short", ["test", "--model=net.prototxt", "--weights=w.caffemodel",
+                                   "--iterations=2"], ERROR,
+         ("record '00000002_img2.jpg'", "100 bytes", "192", "cut short"),
+         lambda ws: _put(ws, 2, _datum(3, 8, 8, b"\1" * 100))),
+    Case("test-datum-zero-dimensions", ["test", "--model=net.prototxt", "--weights=w.caffemodel",
+                                        "--iterations=2"], ERROR,
+         ("record '00000002_img2.jpg'", "3x0x8", "no image"),
+         lambda ws: _put(ws, 2, _datum(3, 0, 8, b""))),
+    Case("test-mean-file-of-other-channels", ["test", "--model=net_m.prototxt",
+                                              "--weights=w.caffemodel", "--iterations=1"], ERROR,
+         ("mean1.binaryproto", "(1, 8, 8)", "(3, 8, 8)"),
+         _both(_write("net_m.prototxt", NET.replace(
+             "crop_size: 6 }", 'crop_size: 6 mean_file: "mean1.binaryproto" }')),
+             lambda ws: _mean(ws / "mean1.binaryproto", 1))),
+    Case("classify-single-non-image", ["classify", "--model=deploy.prototxt",
+                                       "--weights=w.caffemodel", "notes.jpg"], ERROR,
+         ("none of the 1 images could be classified", "notes.jpg", "could not decode"),
+         _both(_write("notes.jpg", "not an image"), _write("deploy.prototxt", DEPLOY))),
+    Case("classify-mean-of-other-channels", ["classify", "--model=deploy.prototxt",
+                                             "--weights=w.caffemodel", "--mean=mean1.binaryproto",
+                                             "images/a.jpg"], ERROR,
+         ("mean1.binaryproto", "1 channels", "input 3"),
+         _both(lambda ws: _mean(ws / "mean1.binaryproto", 1), _write("deploy.prototxt", DEPLOY))),
     # weights that would leave layers at their random initialisation, in every reader
     Case("test-weights-empty-file", ["test", "--model=net.prototxt", "--weights=zero.caffemodel",
                                      "--iterations=1"], ERROR,
@@ -466,6 +511,62 @@ CASES = [
          ("data_root", "NUL byte"), _write("p.json", '{"data_root": "a\\u0000b"}')),
     Case("pipeline-bad-value", ["pipeline", "--max_iter=abc"], ERROR,
          ("max_iter", "integer", "'abc'")),
+    # one typed check of every parameter (JSON's true is no number, "5" no count)
+    Case("pipeline-params-sources-a-number", ["pipeline", "--params", "p.json"], ERROR,
+         ('sources', 'valid dictionary', 'got 3'), _write("p.json", '{"sources": 3}')),
+    Case("pipeline-params-sources-a-word", ["pipeline", "--params", "p.json"], ERROR,
+         ('sources', 'valid dictionary', "'nonsense'"), _write("p.json", '{"sources": "nonsense"}')),
+    Case("pipeline-params-sources-train-a-number", ["pipeline", "--params", "p.json"], ERROR,
+         ('sources.train', 'valid string'), _write("p.json", '{"sources": {"train": 5}}')),
+    Case("pipeline-params-sources-train-empty", ["pipeline", "--params", "p.json"], ERROR,
+         ('sources.train', 'at least 1 character'), _write("p.json", '{"sources": {"train": ""}}')),
+    Case("pipeline-params-workers-a-bool", ["pipeline", "--params", "p.json"], ERROR,
+         ('workers', 'valid integer', 'True'), _write("p.json", '{"workers": true}')),
+    Case("pipeline-params-workers-a-million", ["pipeline", "--params", "p.json"], ERROR,
+         ('workers', 'less than or equal to 256'), _write("p.json", '{"workers": 1000000}')),
+    Case("pipeline-params-processes-beyond-the-cores", ["pipeline", "--params", "p.json"], ERROR,
+         ('processes', '1000 training processes', 'cores'), _write("p.json", '{"processes": 1000}')),
+    Case("pipeline-params-processes-zero", ["pipeline", "--params", "p.json"], ERROR,
+         ('processes', 'greater than or equal to 1'), _write("p.json", '{"processes": 0}')),
+    Case("pipeline-params-max-iter-a-string", ["pipeline", "--params", "p.json"], ERROR,
+         ('max_iter', 'valid integer', "'5'"), _write("p.json", '{"max_iter": "5"}')),
+    Case("pipeline-params-max-iter-a-float", ["pipeline", "--params", "p.json"], ERROR,
+         ('max_iter', 'valid integer'), _write("p.json", '{"max_iter": 5.5}')),
+    Case("pipeline-params-max-iter-beyond-int32", ["pipeline", "--params", "p.json"], ERROR,
+         ('max_iter', '2147483647'), _write("p.json", '{"max_iter": 99999999999}')),
+    Case("pipeline-params-snapshot-interval-negative", ["pipeline", "--params", "p.json"], ERROR,
+         ('snapshot_interval', 'greater than 0'), _write("p.json", '{"snapshot_interval": -1}')),
+    Case("pipeline-params-encoded-a-string", ["pipeline", "--params", "p.json"], ERROR,
+         ('encoded', 'valid boolean'), _write("p.json", '{"encoded": "yes"}')),
+    Case("pipeline-params-shuffle-seed-a-bool", ["pipeline", "--params", "p.json"], ERROR,
+         ('shuffle_seed', 'valid integer'), _write("p.json", '{"shuffle_seed": false}')),
+    Case("pipeline-params-stages-a-string", ["pipeline", "--params", "p.json"], ERROR,
+         ('stages', 'valid list'), _write("p.json", '{"stages": "convert"}')),
+    Case("pipeline-params-stages-unknown", ["pipeline", "--params", "p.json"], ERROR,
+         ('stages[1]', "'bake'"), _write("p.json", '{"stages": ["convert", "bake"]}')),
+    Case("pipeline-params-force-a-number", ["pipeline", "--params", "p.json"], ERROR,
+         ('force', 'valid list'), _write("p.json", '{"force": 1}')),
+    Case("pipeline-params-devices-a-bool", ["pipeline", "--params", "p.json"], ERROR,
+         ('devices[0]', 'valid integer'), _write("p.json", '{"devices": [true]}')),
+    Case("pipeline-params-devices-negative", ["pipeline", "--params", "p.json"], ERROR,
+         ('devices[0]', 'greater than or equal to 0'), _write("p.json", '{"devices": [-1]}')),
+    Case("pipeline-params-devices-twice", ["pipeline", "--params", "p.json"], ERROR,
+         ('devices', 'named twice'), _write("p.json", '{"devices": [0, 0]}')),
+    Case("pipeline-params-resize-one-size", ["pipeline", "--params", "p.json"], ERROR,
+         ('resize_height=0', 'resize_width=64', 'give both'),
+         _write("p.json", '{"resize_height": 0, "resize_width": 64}')),
+    Case("pipeline-params-resize-a-bomb", ["pipeline", "--params", "p.json"], ERROR,
+         ('10,000,000,000 pixels', 'limit'), _write("p.json", '{"resize_height": 100000, "resize_width": 100000}')),
+    Case("pipeline-params-data-root-empty", ["pipeline", "--params", "p.json"], ERROR,
+         ('data_root', 'at least 1 character'), _write("p.json", '{"data_root": ""}')),
+    Case("pipeline-params-data-root-a-list", ["pipeline", "--params", "p.json"], ERROR,
+         ('data_root', 'valid string'), _write("p.json", '{"data_root": ["a"]}')),
+    Case("pipeline-params-solver-null", ["pipeline", "--params", "p.json"], ERROR,
+         ('solver', 'valid string'), _write("p.json", '{"solver": null}')),
+    Case("pipeline-flag-workers-true", ["pipeline", "--workers=true"], ERROR,
+         ("--workers='true'", "valid integer")),
+    Case("pipeline-flag-devices-not-numbers", ["pipeline", "--devices=0,gpu"], ERROR,
+         ("--devices='0,gpu'", "devices[1]", "valid integer")),
     # ---- the command line itself
     Case("unknown-command", ["trian"], USAGE, ("'trian'", "train")),
     Case("unknown-flag", ["train", "--solverr=x"], USAGE, ("--solverr",)),
@@ -478,6 +579,19 @@ def _put(ws: Path, index: int, value: bytes) -> None:
 
     with lmdb.open(str(ws / "db"), map_size=1 << 24) as env, env.begin(write=True) as txn:
         txn.put(f"{index:08d}_img{index}.jpg".encode(), value)
+
+
+def _datum(channels: int, height: int, width: int, data: bytes) -> bytes:
+    from data.proto import caffe_pb2
+
+    return caffe_pb2.Datum(channels=channels, height=height, width=width, data=data,
+                           label=1).SerializeToString()
+
+
+def _mean(path: Path, channels: int) -> None:
+    from data.datum import write_blobproto
+
+    write_blobproto(path, np.zeros((channels, 8, 8), np.float32))
 
 
 def _patch(path: Path, offset: int, data: bytes) -> None:
@@ -718,3 +832,62 @@ def test_read_only_and_full_disks_are_one_line(case, template, tmp_path):
     _assert_one_line(proc, command, *[n.replace("MNT", str(mnt)) for n in names])
     # `ls -A` of the disk printed after the error line: nothing was left there.
     assert proc.stderr.rstrip().endswith(_error_lines(proc.stderr)[0])
+
+
+def test_unwritable_snapshot_folder_fails_before_training(template, tmp_path):
+    """A snapshot_prefix on a read-only disk used to fail at the first snapshot, after the
+    training before it; now before the first iteration, in one line."""
+    prefix = _private_mount(tmp_path)
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (ws / "solver.prototxt").write_text(SOLVER.replace('"snap"', f'"{mnt}/run/snap"'))
+    script = (f"mount -t tmpfs -o ro tmpfs {mnt} && {sys.executable} -m flows.cli train "
+              "--solver=solver.prototxt")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IMAGENET_ALLOCATOR": "system"}
+    proc = subprocess.run(prefix + ["sh", "-c", script], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=300)
+    _assert_one_line(proc, "train", f"snapshot_prefix '{mnt}/run/snap'", "EROFS")
+    assert "Iteration" not in proc.stdout + proc.stderr, "it trained before failing"
+
+
+WRITER = """
+import sys, lmdb
+sys.path.insert(0, {repo!r})
+from data.proto import caffe_pb2
+value = caffe_pb2.Datum(channels=3, height=40, width=40, data=bytes(4800)).SerializeToString()
+env = lmdb.open({db!r}, map_size=1 << 34)
+i = 1000
+print("writing", flush=True)
+while True:
+    with env.begin(write=True) as txn:
+        for _ in range(50):
+            txn.put(b"%08d_more.jpg" % i, value)
+            i += 1
+"""
+
+
+def test_a_database_being_written_is_not_called_corrupt(template, tmp_path):
+    """compute-image-mean on an LMDB another process appends to said the database was corrupt
+    and should be rebuilt (its readers did not register in lock.mdb, and the tree walk raced
+    the writer's commits). Now each read sees the snapshot its transaction began at, and a
+    change under a read is reported as a writer at work."""
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    shutil.rmtree(ws / "db")
+    _db(ws / "db", [i % CLASSES for i in range(3000)], [(3, 40, 40)] * 3000)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(repo=str(REPO),
+                                                                   db=str(ws / "db"))],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        for attempt in range(4):
+            proc = _imagenet(["compute-image-mean", "db", f"m{attempt}.binaryproto"], ws)
+            text = proc.stdout + proc.stderr
+            assert "corrupt" not in text and "rebuild" not in text, text
+            assert proc.returncode == 0 or "another process is writing it" in text, text
+    finally:
+        writer.kill()
+        writer.wait()

@@ -23,3 +23,21 @@ def test_every_parameter_is_described_in_the_ui_form():
     stages = schema["properties"]["stages"]["items"]
     assert stages["enum"] == ["download", "extract", "listings", "convert", "mean", "train",
                               "evaluate"]
+
+
+def test_deployment_parameters_are_checked_by_type_like_the_command_line():
+    """The Prefect API checks a deployment run's parameters against the flow's JSON schema
+    (enforce_parameter_schema), where JSON's true is no integer and "5" no count: the same
+    values PipelineParams refuses for `imagenet pipeline`."""
+    import jsonschema
+    import pytest
+    from pydantic import ValidationError
+
+    schema = imagenet.parameters.model_dump()
+    for bad in ({"workers": True}, {"sources": 3}, {"sources": "nonsense"}, {"max_iter": "5"},
+                {"devices": [True]}, {"stages": "convert"}, {"encoded": "yes"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        with pytest.raises(ValidationError):
+            PipelineParams.model_validate(bad)
+    jsonschema.validate({"workers": 2, "sources": {"train": "mini"}, "devices": [0]}, schema)
