@@ -47,6 +47,7 @@ from data.host import available_cores
 from data.lmdb_io import COMMIT_EVERY_DEFAULT, MAX_KEY_BYTES, LmdbWriter, value_hash
 from data.pixelsum import PixelSums
 from data.progress import Progress
+from data.textlines import caffe_lines, read_text
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +137,14 @@ def read_listing(listfile: str | os.PathLike) -> list[ListingEntry]:
     check_path_text(listfile, "listing file")
     listfile = Path(listfile)
     try:
-        text = listfile.read_text(encoding="utf-8", errors="surrogateescape")
+        text = read_text(listfile, errors="surrogateescape")
     except FileNotFoundError:
         raise ImagenetError(f"{listfile}: listing file not found") from None
     except OSError as err:
         raise from_os_error(err, "cannot read listing file") from None
     # A byte-order mark (Windows editors) would become part of the first path, invisibly:
     # Caffe then skips that image; no file name starts with one, so it is dropped.
-    lines = text.removeprefix(_BOM).splitlines()
+    lines = caffe_lines(text.removeprefix(_BOM))  # at '\n' only, like Caffe
     while lines and not lines[-1].strip():
         lines.pop()  # blank lines at the end are no entries (a blank line inside is an error)
     entries = []

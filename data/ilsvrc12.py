@@ -16,6 +16,7 @@ from typing import Iterable
 
 from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
+from data.textlines import caffe_lines, read_text
 
 # A WordNet noun id as ILSVRC uses them: "n" + 8 digits.
 WNID_RE = re.compile(r"^n\d{8}$")
@@ -103,10 +104,10 @@ def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
 
 def _lines(path: Path) -> list[str]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text(path)
     except UnicodeDecodeError as err:
         raise ImagenetError(f"{path}: not UTF-8 text ({err})") from None
-    return text.splitlines()
+    return caffe_lines(text)
 
 
 def parse_synsets(lines: list[str], where: str) -> list[str]:
@@ -195,7 +196,7 @@ def write_listing(path: Path, entries: Iterable[tuple[str, int]]) -> None:
 def parse_md5sums(text: str, where: str) -> dict[str, str]:
     """md5sum(1) output (`<hex>  <name>` or `<hex> *<name>`) -> {basename: md5}."""
     out: dict[str, str] = {}
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(caffe_lines(text), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         digest, _, name = line.strip().partition(" ")

@@ -41,6 +41,7 @@ import numpy as np
 from data.errors import ImagenetError
 from data.ilsvrc12 import format_listing
 from data.atomic import write_bytes_atomic
+from data.textlines import caffe_lines, read_caffe_lines
 
 TRAIN_LIST, VAL_LIST, LABELS_FILE = "train.txt", "val.txt", "labels.txt"
 LISTING_FILES = (TRAIN_LIST, VAL_LIST, LABELS_FILE)
@@ -327,7 +328,7 @@ def write_folder_listings(data_root: Path | str, images: Path | str, *,
 def read_labels(path: Path | str) -> list[str]:
     """labels.txt: line i names class i."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_caffe_lines(path)
     except FileNotFoundError:
         raise ImagenetError(f"{path}: no labels file (has the listings stage run?)") from None
     return [line for line in lines if line]
@@ -363,7 +364,7 @@ def listing_digest(listing: Path | str, root: Path | str) -> str:
     listing, root = Path(listing), Path(root)
     data = listing.read_bytes()
     h = hashlib.sha256(data)
-    for line in data.decode("utf-8", "surrogateescape").splitlines():
+    for line in caffe_lines(data.decode("utf-8", "surrogateescape")):
         rel = line.rpartition(" ")[0]
         try:
             st = os.stat(root / rel)

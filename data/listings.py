@@ -34,6 +34,7 @@ from data import devkit_meta
 from data import ilsvrc12
 from data.errors import ImagenetError
 from data.extract import STATE_DIR
+from data.textlines import caffe_lines, read_caffe_lines
 
 EXAMPLES_SHOWN = 3
 PLAIN_MAPPING = "ILSVRC2012_mapping.txt"
@@ -101,7 +102,7 @@ def read_aux(aux_tar: Path) -> Listings:
                 base = os.path.basename(member.name)
                 if member.isreg() and base in AUX_WANTED:
                     data = tar.extractfile(member).read()
-                    texts[base] = data.decode("utf-8").splitlines()
+                    texts[base] = caffe_lines(data.decode("utf-8"))
     except FileNotFoundError:
         raise ImagenetError(f"{aux_tar}: no such file") from None
     except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as err:
@@ -192,7 +193,7 @@ def devkit_synsets(devkit: Path) -> tuple[dict[int, str], dict[str, str]]:
             words[synset.wnid] = synset.words
     elif PLAIN_MAPPING in files:
         where = f"{devkit}:{PLAIN_MAPPING}"
-        for i, line in enumerate(files[PLAIN_MAPPING].decode().splitlines(), 1):
+        for i, line in enumerate(caffe_lines(files[PLAIN_MAPPING].decode()), 1):
             if not line.strip():
                 continue
             fields = line.split(None, 2)
@@ -216,7 +217,7 @@ def val_labels_from_devkit(devkit: Path) -> tuple[dict[str, str], dict[str, str]
         raise ImagenetError(f"{devkit}: no {ilsvrc12.DEVKIT_GROUND_TRUTH}")
     problems = Mismatches(f"{devkit}:{gt_name}")
     labels: dict[str, str] = {}
-    for i, line in enumerate(files[gt_name].decode().splitlines(), 1):
+    for i, line in enumerate(caffe_lines(files[gt_name].decode()), 1):
         text = line.strip()
         if not text.isdigit():
             raise ImagenetError(f"{devkit}:{gt_name}:{i}: expected an ILSVRC2012_ID, got {line!r}")
@@ -266,7 +267,7 @@ def flatten_val_tree(data_root: Path) -> dict[str, str]:
     saved_path = root / STATE_DIR / VAL_TREE_LABELS
     labels: dict[str, str] = {}
     if saved_path.is_file():
-        for line in saved_path.read_text().splitlines():
+        for line in read_caffe_lines(saved_path):
             name, _, wnid = line.partition(" ")
             labels[name] = wnid
     folders = [e for e in sorted(os.scandir(val_dir), key=lambda e: e.name)

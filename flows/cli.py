@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from data.errors import ImagenetError, check_path_text, os_error_message
+from data.textlines import OTHER_LINE_BREAKS
 from flows import allocator
 from flows.commands import COMMANDS
 from flows.flags import caffe_style_argv
@@ -55,8 +56,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def one_line(text: str) -> str:
-    """A message on one line: lines joined with '; ' (a pydantic report, say)."""
-    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    """A message on one line: lines joined with '; ' (a pydantic report, say). Only '\n' ends
+    a line of the message: the other characters str.splitlines breaks at belong to a name in
+    it (a file called a\u2028b.jpg) and are shown escaped, so the terminal line stays one."""
+    lines = (part.strip() for part in str(text).replace("\r\n", "\n").split("\n"))
+    joined = "; ".join(part for part in lines if part)
+    return joined.translate(_ESCAPE_BREAKS)
+
+
+_ESCAPE_BREAKS = {ord(c): c.encode("unicode_escape").decode("ascii") for c in OTHER_LINE_BREAKS}
 
 
 def printable(text: str) -> str:

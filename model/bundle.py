@@ -54,6 +54,7 @@ from google.protobuf import text_format
 from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
+from data.textlines import read_caffe_lines
 
 FORMAT = "imagenet-pipeline inference v1"
 BUNDLE_SUFFIX = ".inference.json"
@@ -377,7 +378,7 @@ def write_bundle(prefix: str | os.PathLike, net_param: caffe_pb2.NetParameter, *
     if label_src is not None:
         if not label_src.is_file():
             raise ImagenetError(f"labels file {label_src} does not exist")
-        lines = label_src.read_text(encoding="utf-8").splitlines()
+        lines = read_caffe_lines(label_src)
         while lines and not lines[-1].strip():
             lines.pop()
         if len(lines) == classes:

@@ -30,6 +30,7 @@ import numpy as np
 
 from data import images
 from data.errors import ImagenetError
+from data.textlines import read_caffe_lines
 
 # caffe.io.oversample: 4 corners + centre, each also mirrored.
 OVERSAMPLE_CROPS = 10
@@ -135,7 +136,7 @@ def read_labels(path: str | Path) -> list[str]:
     """synset_words.txt and the like: line i names class i (classification.cpp)."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = read_caffe_lines(p)
     except FileNotFoundError:
         raise ImagenetError(f"{p}: labels file not found") from None
     while lines and not lines[-1].strip():

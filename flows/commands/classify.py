@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from data.errors import ImagenetError
+from data.textlines import read_caffe_lines
 from flows.flags import add_flag
 
 DEFAULT_TOP_K = 5
@@ -117,7 +118,7 @@ def _listing(path: Path, root: str, labels: dict[str, int]) -> list[str]:
     # convert_imageset's parser, imported only for listings (it brings LMDB and multiprocessing)
     from data.convert import read_listing, resolve_listed as resolve
 
-    text = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    text = read_caffe_lines(path, errors="surrogateescape")
     if all(len(line.rsplit(" ", 1)) == 2 and line.rsplit(" ", 1)[1].lstrip("-").isdigit()
            for line in text if line.strip()):
         out = []

@@ -130,6 +130,33 @@ def test_malformed_listing_names_file_and_line(golden: Path, tmp_path: Path) -> 
     assert read_listing(listing)[0].label == 4
 
 
+# Characters Python's str.splitlines ends a line at and Caffe's std::getline does not.
+NOT_LINE_ENDS = ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", NOT_LINE_ENDS, ids=lambda c: f"U+{ord(c):04X}")
+def test_listing_lines_end_at_newline_only(char: str, tmp_path: Path) -> None:
+    """A listed name holding one of these was split into two entries (one silently wrong
+    record, or a refused line); Caffe splits at '\n' only, so the name is one entry and its
+    image one record, keyed by the whole name."""
+    images = tmp_path / "images"
+    images.mkdir()
+    name = f"a{char}b.jpg"
+    photo = cv2.imencode(".jpg", np.full((8, 8, 3), 99, np.uint8))[1].tobytes()
+    (images / name).write_bytes(photo)
+    (images / "c.jpg").write_bytes(photo)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(f"c.jpg 0\n{name} 1\nc.jpg 2\r\n".encode("utf-8"))
+    entries = read_listing(listing)
+    assert [(e.line_no, e.path, e.label) for e in entries] == [
+        (1, "c.jpg", 0), (2, name, 1), (3, "c.jpg", 2)]
+    result = convert_imageset(str(images) + "/", listing, tmp_path / "db")
+    assert result.count == 3 and not result.skipped
+    with LmdbReader(tmp_path / "db") as reader:
+        assert reader.keys() == [b"00000000_c.jpg", f"00000001_{name}".encode(),
+                                 b"00000002_c.jpg"]
+
+
 def test_max_skipped_fails_without_leaving_a_db(golden: Path, tmp_path: Path) -> None:
     with pytest.raises(ImagenetError, match="more than --max-skipped=0.*corrupt_0003.JPEG"):
         _build(golden, "bad_lmdb", tmp_path / "db", max_skipped=0, workers=1)

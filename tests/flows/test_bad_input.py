@@ -298,6 +298,9 @@ CASES = [
     Case("convert-path-too-long-for-a-key", CONVERT + ["new_db"], ERROR,
          ("list.txt:1", "longer than", "LMDB key"), _write("list.txt", "x" * 600 + ".jpg 0\n")),
     Case("convert-nul-in-db-name", CONVERT + ["new\0db"], ERROR, ("NUL byte",)),
+    Case("convert-line-split-only-at-newline", ["convert-imageset", "--max_skipped=0"]
+         + CONVERT[1:] + ["new_db"], ERROR, ("list.txt:2", "a\\u2028b.jpg", "cannot read"),
+         _write("list.txt", "a.jpg 0\na\u2028b.jpg 1\n")),
     Case("convert-name-not-utf8", ["convert-imageset", "--max_skipped=0"] + CONVERT[1:]
          + ["new_db"], ERROR, ("caf", "list.txt:2", "could not decode", "no DB written"),
          _both(_write("list.txt", b"a.jpg 0\ncaf\xe9.jpg 1\n"),
