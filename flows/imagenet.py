@@ -34,11 +34,13 @@ from prefect.states import Cancelled, Failed, State
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from data import image_folder
 from data.errors import ImagenetError
-from data.ilsvrc12 import TRAIN_LIST, VAL_LIST
+from data.ilsvrc12 import SYNSETS_FILE, TRAIN_LIST, VAL_LIST
 from flows.cancel import keep_message_hook
 from flows.commands.pipeline import DEFAULT_DATA_ROOT, describe_validation_error
-from tasks import acquire, convert, logs, report
+from model.zoo import recipes
+from tasks import acquire, convert, folder, logs, report
 from tasks import train as training
 from tasks.cache import read_manifest, stage_key, stale_reason
 from tasks.stage import (RESULTS_DIRNAME, USER_ERRORS, StageCancelled, StageFailed, StageGroup,
@@ -47,6 +49,11 @@ from tasks.stage import (RESULTS_DIRNAME, USER_ERRORS, StageCancelled, StageFail
 logs.install()  # tracebacks at DEBUG, one line at ERROR (tasks/logs.py)
 
 Stage = Literal["download", "extract", "listings", "convert", "mean", "train", "evaluate"]
+# data.images.RESIZE_MODES and model.zoo.recipes.RECIPES as types, so the Prefect UI offers them
+# as choices (tests/flows check they agree).
+ResizeMode = Literal["squash", "crop", "fill", "half_crop"]
+NetName = Literal["alexnet_mini", "bvlc_alexnet", "bvlc_reference_caffenet", "bvlc_googlenet",
+                  "resnet_50"]
 STAGES: tuple[str, ...] = ("download", "extract", "listings", "convert", "mean", "train", "evaluate")
 ARCHIVES = ("train", "val", "aux")
 # Public locations: ImageNet's (login needed: put the files there yourself, or give URLs of a
@@ -93,12 +100,27 @@ class PipelineParams(BaseModel):
                            "snapshots and the stage cache live")
     sources: Sources = Field(default_factory=Sources, description="where the three archives come "
                              "from (URL, path, or `mini` for the built-in mini ILSVRC12)")
+    images: str | None = Field(None, description="your own images instead of ILSVRC12: a "
+                               "folder with one subfolder per class (any depth below it), or "
+                               "train/ and val/ folders of class folders; no download or "
+                               "extract stage then")
+    val_percent: float | None = Field(None, gt=0, lt=100, description="with images: the share "
+                                      "of each class held out for validation (default "
+                                      f"{image_folder.DEFAULT_VAL_PERCENT}; the split is seeded "
+                                      "by shuffle_seed)")
     resize_height: int | None = Field(None, ge=0, le=INT32_MAX, description="convert_imageset "
                                       "--resize_height (0: keep; default: what the data root's "
-                                      f"LMDBs were built with, else {DEFAULT_RESIZE})")
+                                      f"LMDBs were built with, else {DEFAULT_RESIZE}, or the net's "
+                                      "record size: 64 for alexnet_mini)")
     resize_width: int | None = Field(None, ge=0, le=INT32_MAX, description="convert_imageset "
                                      "--resize_width (0: keep; default: what the data root's "
-                                     f"LMDBs were built with, else {DEFAULT_RESIZE})")
+                                     f"LMDBs were built with, else {DEFAULT_RESIZE}, or the "
+                                     "net's)")
+    resize_mode: ResizeMode | None = Field(None, description="how images reach that size: "
+                                           "squash (Caffe's: aspect ratio ignored), crop, fill "
+                                           "or half_crop (NVIDIA DIGITS's modes); default: "
+                                           "what the data root's LMDBs were built with, else "
+                                           "squash")
     encoded: bool | None = Field(None, description="convert_imageset --encoded: store JPEG "
                                  "bytes (default: what the data root's LMDBs were built with, "
                                  "else false)")
@@ -107,6 +129,14 @@ class PipelineParams(BaseModel):
                                      "null: keep order")
     solver: str = Field(DEFAULT_SOLVER, min_length=1, description="solver.prototxt (its `net:` is the "
                         "train_val prototxt; its Data layers are pointed at this run's LMDBs)")
+    net: NetName | None = Field(None, description="a zoo net and its solver (instead of "
+                               "solver), its classifier layers sized to the dataset's classes")
+    weights: str | None = Field(None, description="finetune: start training from this "
+                                ".caffemodel, layers copied by name (caffe train --weights)")
+    finetune_lr_factor: float = Field(recipes.FINETUNE_LR_FACTOR, gt=0, description="with net "
+                                      "and weights: base_lr / this, the new classifier layers' "
+                                      "lr_mult x this (Caffe's flickr_style example: 10; 1 "
+                                      "keeps the recipe's rates)")
     max_iter: int | None = Field(None, gt=0, le=INT32_MAX, description="override the solver's max_iter")
     snapshot_interval: int | None = Field(None, gt=0, le=INT32_MAX, description="training segment length "
                                           "(default: the solver's snapshot)")
@@ -124,6 +154,15 @@ class PipelineParams(BaseModel):
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return sorted(set(value), key=STAGES.index)
+
+    @model_validator(mode="after")
+    def _choices_agree(self) -> "PipelineParams":
+        if self.net and self.solver != DEFAULT_SOLVER:
+            raise ValueError(f"give net ({self.net}) or solver ({self.solver}), not both: net "
+                             "picks a zoo solver")
+        if self.val_percent is not None and not self.images:
+            raise ValueError("val_percent splits the images folder: give images too")
+        return self
 
     @field_validator("devices")
     @classmethod
@@ -244,11 +283,17 @@ class _Runner:
 def imagenet(
     data_root: str = DEFAULT_DATA_ROOT,
     sources: Sources = Sources(),
+    images: str | None = None,
+    val_percent: float | None = None,
     resize_height: int | None = None,
     resize_width: int | None = None,
+    resize_mode: ResizeMode | None = None,
     encoded: bool | None = None,
     shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
     solver: str = DEFAULT_SOLVER,
+    net: NetName | None = None,
+    weights: str | None = None,
+    finetune_lr_factor: float = recipes.FINETUNE_LR_FACTOR,
     max_iter: int | None = None,
     snapshot_interval: int | None = None,
     devices: list[int] | None = None,
@@ -263,13 +308,21 @@ def imagenet(
         data_root: where archives, images, LMDBs, snapshots and the stage cache live
         sources: where the three archives come from (URL, path, or `mini` / `mini:tiny` for
             the built-in mini ILSVRC12, built once under the data root)
+        images: your own images instead of ILSVRC12: a folder of class folders (or of train/
+            and val/ folders of class folders)
+        val_percent: with images: the share of each class held out for validation (25)
         resize_height: convert_imageset --resize_height (0: keep; default: what the data
-            root's LMDBs were built with, else 256)
+            root's LMDBs were built with, else 256, or the net's record size)
         resize_width: convert_imageset --resize_width (0: keep; default: as resize_height)
+        resize_mode: squash (Caffe's), crop, fill or half_crop (DIGITS's resize modes;
+            default: as the data root's LMDBs, else squash)
         encoded: convert_imageset --encoded: store JPEG bytes (default: as the data root's
             LMDBs, else false)
         shuffle_seed: shuffle the listings with this seed (reproducible); null: keep order
         solver: solver.prototxt; its Data layers are pointed at this run's LMDBs
+        net: a zoo net and solver instead, sized to the dataset's class count
+        weights: finetune from this .caffemodel (layers copied by name)
+        finetune_lr_factor: with net and weights: base_lr / f, new layers' lr_mult x f
         max_iter: override the solver's max_iter
         snapshot_interval: training segment length (default: the solver's snapshot)
         devices: accelerator ids (default: all / CPU)
@@ -397,8 +450,9 @@ def _conversion(p: PipelineParams, train_lmdb: Path, log: logging.LoggerAdapter
     built (tasks.convert.recorded_conversion), else the defaults; and the changes from what was
     built ("resize_height 64 -> 256"), which the run states rather than makes silently."""
     recorded = convert.recorded_conversion(train_lmdb)
-    defaults = {"resize_height": DEFAULT_RESIZE, "resize_width": DEFAULT_RESIZE,
-                "encoded": False}
+    size = recipes.RECIPES[p.net].record_size if p.net else DEFAULT_RESIZE
+    defaults = {"resize_height": size, "resize_width": size, "encoded": False,
+                "resize_mode": "squash"}
     params: dict[str, Any] = {}
     reused = []
     for name, default in defaults.items():
@@ -415,9 +469,54 @@ def _conversion(p: PipelineParams, train_lmdb: Path, log: logging.LoggerAdapter
     return params, changes
 
 
+NETS_DIR = "nets"  # <data root>/nets/<net>/: the zoo recipe sized to this data root's classes
+
+
+def _folder_listings(r: _Runner, listings: dict[str, Path]) -> None:
+    """The listings stage of your own images: keyed on the folder's fingerprint (every file's
+    path, size and mtime), so adding or replacing an image reruns it, and what depends on it."""
+    p = r.p
+    images = Path(p.images).resolve()
+    seed = p.shuffle_seed if p.shuffle_seed is not None else DEFAULT_SHUFFLE_SEED
+    with r.stage("listings"):
+        key = stage_key("listings_folder", code=folder.FOLDER_LISTINGS_CODE,
+                        params={"images": str(images), "files": image_folder.fingerprint(images),
+                                "val_percent": p.val_percent, "seed": seed})
+    r.call("listings", folder.write_folder_listings, "listings", key=key,
+           outputs=list(listings.values()), data_root=str(r.root), images=str(images),
+           val_percent=p.val_percent, seed=seed)
+
+
+def _count_lines(path: Path) -> int:
+    """Non-blank lines of a listing (one class or one image each)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        raise ImagenetError(f"{path}: not found (has the listings stage run?)") from None
+
+
+def _sized_net(r: _Runner, log: logging.LoggerAdapter, listings: dict[str, Path]
+               ) -> recipes.SizedRecipe:
+    """The --net recipe sized to the dataset's classes (model/zoo/recipes.py), written under
+    <data root>/nets/. With your own images its classifier layers get new names (fresh weights
+    when finetuning, as in Caffe's flickr_style example)."""
+    p = r.p
+    classes_file = listings.get(image_folder.LABELS_FILE) or listings[SYNSETS_FILE]
+    classes = _count_lines(classes_file)
+    val_images = _count_lines(r.root / VAL_LIST)
+    rename = recipes.layer_suffix(Path(p.images).resolve().name) if p.images else None
+    sized = recipes.write_sized_recipe(
+        p.net, r.root / NETS_DIR / p.net, classes=classes, rename=rename,
+        finetune_lr_factor=p.finetune_lr_factor if p.weights else 1.0, val_images=val_images)
+    log.info("%s", sized.describe())
+    return sized
+
+
 def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     p, root = r.p, r.root
-    sources = {kind: getattr(p.sources, kind) for kind in ARCHIVES}
+    # Your own images (p.images) replace the archives: no mini, download or extract stage.
+    sources = {} if p.images else {kind: getattr(p.sources, kind) for kind in ARCHIVES}
     checksums = p.sources.checksums
     if r.wanted("train") or r.wanted("evaluate"):
         # the solver's mistakes now, not after hours of downloading and converting
@@ -476,7 +575,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
 
     # 2. Extraction.
     trees = {"train": root / "train", "val": root / "val"}
-    if r.wanted("extract"):
+    if r.wanted("extract") and not p.images:
         for kind, task in (("train", acquire.extract_train), ("val", acquire.extract_val)):
             with r.stage(f"extract-{kind}"):
                 key = stage_key(f"extract_{kind}", code=acquire.EXTRACT_CODE,
@@ -487,7 +586,13 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
 
     # 3. Listings (Caffe's synsets.txt, synset_words.txt, train.txt, val.txt).
     listings = acquire.listing_paths(root)
-    if r.wanted("listings"):
+    if p.images:  # the class folders under p.images (tasks/folder.py)
+        with r.stage("listings"):
+            trees = image_folder.image_roots(p.images)
+            listings = folder.listing_paths(root)
+        if r.wanted("listings"):
+            _folder_listings(r, listings)
+    elif r.wanted("listings"):
         with r.stage("listings"):
             key = stage_key("listings", code=acquire.LISTINGS_CODE,
                             inputs={"aux": archives["aux"], **trees})
@@ -504,9 +609,13 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
         for split, listname in (("train", TRAIN_LIST), ("val", VAL_LIST)):
             listfile = root / listname
             with r.stage(f"convert-{split}"):
-                key = stage_key(f"convert_{split}", code=convert.CONVERT_CODE,
-                                inputs={"images": trees[split], "listfile": listfile},
-                                params=conv_params)
+                # Your own images: the listing's manifest digest covers the size and mtime of
+                # every image it names (their folder has no manifest of ours).
+                inputs = ({"listfile": listfile} if p.images
+                          else {"images": trees[split], "listfile": listfile})
+                key = stage_key(f"convert_{split}", code=convert.CONVERT_CODE, inputs=inputs,
+                                params={**conv_params, **({"image_root": str(trees[split])}
+                                                          if p.images else {})})
             run = r.call("convert", convert.convert_lmdb, f"convert-{split}", key=key,
                          outputs=[lmdbs[split]], after=r.after("listings", f"extract-{split}"),
                          split=split, data_root=str(root), image_root=str(trees[split]),
@@ -551,10 +660,13 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     data_after = r.after("convert-train", "convert-val", "mean")
     if r.wanted("train") or r.wanted("evaluate"):
         with r.stage("train" if r.wanted("train") else "evaluate"):
+            solver = str(_sized_net(r, log, listings).solver) if p.net else p.solver
             plan = training.prepare_training(
-                root, p.solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
+                root, solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
                 mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval,
-                processes=p.processes, devices=p.devices,
+                processes=p.processes, devices=p.devices, weights=p.weights,
+                resize_mode=convert.recorded_conversion(lmdbs["train"]).get("resize_mode",
+                                                                            "squash"),
                 image_listings={"train": (root / TRAIN_LIST, trees["train"]),
                                 "val": (root / VAL_LIST, trees["val"])})
         for note in plan.bundle_notes:
@@ -580,7 +692,8 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
                          solver=plan.solver, snapshot_prefix=plan.snapshot_prefix,
                          start_iter=start, end_iter=end, max_iter=plan.max_iter,
                          devices=p.devices, restart=start == 0 and r.forced("train"),
-                         processes=p.processes, workers=p.workers or None)
+                         processes=p.processes, workers=p.workers or None,
+                         weights=plan.weights)
             test_rows.extend(run.result.record.get("tests", []))
             loss_rows.extend(run.result.record.get("losses", []))
             last_segment = r.after(name)
@@ -628,9 +741,14 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     curve = None
     if plan is not None and test_rows:
         curve = report.render_curve(test_rows + loss_rows, Path(plan.run_dir) / report.CURVE_FILE)
+    if p.images:
+        outputs["labels"] = str(listings[image_folder.LABELS_FILE])
+    notes = [note for run in r.runs if run.name == "listings"
+             for note in run.result.record.get("notes", [])]
     create_markdown_artifact(
         markdown=report.summary_markdown(r.runs, data_root=str(root), datasets=datasets,
-                                         final=final, outputs=outputs, curve=curve),
+                                         final=final, outputs=outputs, curve=curve,
+                                         notes=notes),
         key=report.ARTIFACT_KEY_SUMMARY, description="imagenet pipeline summary")
     table = report.stage_table_rows(r.runs)
     # One line, not the table: `imagenet pipeline` and `make demo` print the table, and Prefect

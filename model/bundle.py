@@ -24,11 +24,11 @@ The bundle's format (`FORMAT`; file names relative to the bundle's folder):
      "channels": 3, "image_hw": [64, 64], "crop_hw": [57, 57],
      "mean_file": "snap.mean.binaryproto", "mean_value": null,
      "raw_scale": 255.0, "input_scale": 0.015625,
-     "labels": "snap.labels.txt", "classes": 10,
+     "labels": "snap.labels.txt", "classes": 10, "resize_mode": "squash",
      "trained_from": {"net": "/abs/train_val.prototxt", "mean_file": "...", "labels": "..."}}
 
 `image_hw` is the size of the training records (images are resized to it, as convert_imageset
-did), `crop_hw` the net's input (the TEST-phase crop), pixels are BGR in 0..255 times
+did, by `resize_mode`: data.images.RESIZE_MODES, squash when absent), `crop_hw` the net's input (the TEST-phase crop), pixels are BGR in 0..255 times
 raw_scale/255, minus the mean, times input_scale (Caffe's DataTransformer). `labels` and
 `classes` are null when the class names are unknown; `mean_file`/`mean_value` both null when
 the net subtracts nothing.
@@ -94,6 +94,7 @@ class Bundle:
     input_scale: float
     labels: Path | None
     classes: int | None
+    resize_mode: str = "squash"
 
 
 # ---------------------------------------------------------------- finding and reading
@@ -163,7 +164,8 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
             raw_scale=float(data.get("raw_scale", RAW_SCALE)),
             input_scale=float(data.get("input_scale", 1.0)),
             labels=file("labels"),
-            classes=int(data["classes"]) if data.get("classes") is not None else None)
+            classes=int(data["classes"]) if data.get("classes") is not None else None,
+            resize_mode=str(data.get("resize_mode") or "squash"))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ImagenetError(f"{path}: inference bundle field missing or wrong ({err!r})") from None
 
@@ -180,12 +182,14 @@ class ClassifySettings:
     image_hw: tuple[int, int] | None
     labels: str | None
     bundle: Path | None
+    resize_mode: str = "squash"
 
 
 def resolve_settings(weights: str, *, model: str | None = None, mean_file: str | None = None,
                      mean_values: Sequence[float] | None = None, raw_scale: float | None = None,
                      input_scale: float | None = None, image_hw: tuple[int, int] | None = None,
-                     labels: str | None = None) -> ClassifySettings:
+                     labels: str | None = None, resize_mode: str | None = None
+                     ) -> ClassifySettings:
     """The settings for classifying with `weights`: every argument given wins; the rest come
     from the weights' bundle (`find_bundle`), else Caffe's defaults (python/classify.py). A
     mean given either way (file or values) replaces the bundle's mean of either kind."""
@@ -200,7 +204,8 @@ def resolve_settings(weights: str, *, model: str | None = None, mean_file: str |
                                 mean_values=list(mean_values) if mean_values else None,
                                 raw_scale=RAW_SCALE if raw_scale is None else raw_scale,
                                 input_scale=1.0 if input_scale is None else input_scale,
-                                image_hw=image_hw, labels=labels, bundle=None)
+                                image_hw=image_hw, labels=labels, bundle=None,
+                                resize_mode=resize_mode or "squash")
     b = read_bundle(found)
     own_mean = mean_file is not None or bool(mean_values)
     return ClassifySettings(
@@ -211,7 +216,7 @@ def resolve_settings(weights: str, *, model: str | None = None, mean_file: str |
         input_scale=b.input_scale if input_scale is None else input_scale,
         image_hw=image_hw or b.image_hw,
         labels=labels or (str(b.labels) if b.labels else None),
-        bundle=found)
+        bundle=found, resize_mode=resize_mode or b.resize_mode)
 
 
 # ---------------------------------------------------------------- deriving the deploy net
@@ -342,12 +347,14 @@ def _write_text_if_changed(path: Path, payload: bytes) -> None:
 
 def write_bundle(prefix: str | os.PathLike, net_param: caffe_pb2.NetParameter, *,
                  root: str | os.PathLike = ".", labels: str | os.PathLike | None = None,
-                 net_source: str | None = None) -> tuple[Path, list[str]]:
+                 net_source: str | None = None, resize_mode: str = "squash"
+                 ) -> tuple[Path, list[str]]:
     """Write the inference bundle of snapshot prefix `prefix` for the train_val net
     `net_param` (its paths relative to `root`, as Caffe resolves them against the working
     directory). `labels`: the class names (line i = class i); None: looked for near the data
     (`find_labels`). Returns (bundle path, notes): the notes say what could not be recorded
-    (labels whose count differs from the net's classes, say). Files already holding the same
+    (labels whose count differs from the net's classes, say). `resize_mode`: how the records
+    were resized (data.images.RESIZE_MODES), so classify resizes alike. Files holding the same
     bytes are left untouched; the JSON is written last."""
     from model.net import Net
 
@@ -411,6 +418,7 @@ def write_bundle(prefix: str | os.PathLike, net_param: caffe_pb2.NetParameter, *
         "input_scale": _f32(tp.scale) if tp.HasField("scale") else 1.0,
         "labels": files["labels"].name if label_bytes is not None else None,
         "classes": classes,
+        "resize_mode": resize_mode,
         "trained_from": {"net": net_source, "mean_file": str(mean_src) if mean_src else None,
                          "labels": str(label_src) if label_src else None},
     }

@@ -51,6 +51,7 @@ class Preprocess:
     raw_scale: float = DEFAULT_RAW_SCALE
     input_scale: float = 1.0
     oversample: bool = True
+    resize_mode: str = images.SQUASH  # as the training records were resized (data.images)
 
     @property
     def crops(self) -> int:
@@ -83,7 +84,7 @@ class Preprocess:
         Raises images.ImageSkip when it cannot be decoded."""
         h, w = self.image_hw
         img = images.load_image(path, gray=self.channels == 1, resize_height=h,
-                                resize_width=w)
+                                resize_width=w, resize_mode=self.resize_mode)
         x = images.to_chw(img.pixels).astype(np.float32)
         if self.raw_scale != PIXEL_MAX:
             x *= np.float32(self.raw_scale / PIXEL_MAX)
@@ -157,7 +158,8 @@ class Classifier:
                  image_hw: tuple[int, int] | None = None, mean_file: str | Path | None = None,
                  mean_values: Sequence[float] | None = None,
                  raw_scale: float = DEFAULT_RAW_SCALE, input_scale: float = 1.0,
-                 oversample: bool = True, batch_images: int = 1, device=None) -> None:
+                 oversample: bool = True, batch_images: int = 1, device=None,
+                 resize_mode: str = images.SQUASH) -> None:
         import jax
 
         from model.caffemodel import check_coverage, copy_layers, load_caffemodel
@@ -183,7 +185,8 @@ class Classifier:
             image_hw = image_hw or (int(mean.shape[1]), int(mean.shape[2]))
         self.pre = Preprocess(image_hw=image_hw or DEFAULT_IMAGE_HW, crop_hw=(int(h), int(w)),
                               channels=int(channels), mean=mean, raw_scale=raw_scale,
-                              input_scale=input_scale, oversample=oversample)
+                              input_scale=input_scale, oversample=oversample,
+                              resize_mode=images.check_resize_mode(resize_mode))
         self.pre.check()
         self.batch_images = batch_images
         self.net = Net(net_param, "TEST", source=str(model), input_shapes={

@@ -55,7 +55,8 @@ def classify_images(weights: str, images: list[str], *, top_k: int = 5,
     clf = Classifier(settings.model, weights, image_hw=settings.image_hw,
                      mean_file=settings.mean_file, mean_values=settings.mean_values,
                      raw_scale=settings.raw_scale, input_scale=settings.input_scale,
-                     oversample=not center_only, batch_images=min(batch_images, len(paths)))
+                     oversample=not center_only, batch_images=min(batch_images, len(paths)),
+                     resize_mode=settings.resize_mode)
     if names is not None and len(names) != clf.num_outputs:
         raise ImagenetError(f"{settings.labels} has {len(names)} labels but the net has "
                             f"{clf.num_outputs} outputs")

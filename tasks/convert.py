@@ -28,7 +28,7 @@ MEAN_FROM_LMDB = "read from the LMDB"
 SKIPPED_EXAMPLES = 5
 # What the conversion was asked for; recorded in the LMDB's manifest, so that a rerun of the
 # convert stage alone reuses the size the data root was built with (recorded_conversion).
-CONVERSION_PARAMS = ("resize_height", "resize_width", "encoded", "shuffle_seed")
+CONVERSION_PARAMS = ("resize_height", "resize_width", "encoded", "shuffle_seed", "resize_mode")
 # Threads, not processes: a forkserver pool started from inside a flow run (`python -m
 # flows.demo`) hung here with its workers idle; OpenCV's decode and resize release the GIL, so
 # threads keep the cores busy, and the records are the same for any pool (data.convert).
@@ -57,8 +57,10 @@ def convert_lmdb(
     encoded: bool,
     gray: bool = False,
     workers: int = 0,
+    resize_mode: str = "squash",
 ) -> StageResult:
-    """convert_imageset IMAGE_ROOT/ LISTFILE lmdb/ilsvrc12_<split>_lmdb, replacing what is there."""
+    """convert_imageset IMAGE_ROOT/ LISTFILE lmdb/ilsvrc12_<split>_lmdb, replacing what is there
+    (`resize_mode`: data.images.RESIZE_MODES; squash is Caffe's)."""
     from data import pixelsum
     from data.convert import convert_imageset
     from data.lmdb_io import lmdb_content_digest
@@ -69,7 +71,7 @@ def convert_lmdb(
     progress = ProgressArtifact(f"convert {split} LMDB (images)")
     result = convert_imageset(
         str(image_root).rstrip("/") + "/", listfile, db,
-        resize_height=resize_height, resize_width=resize_width,
+        resize_height=resize_height, resize_width=resize_width, resize_mode=resize_mode,
         shuffle=shuffle_seed is not None, seed=shuffle_seed or 0, gray=gray,
         encoded=encoded, workers=workers or None, overwrite=True, progress=progress,
         pool=CONVERT_POOL, pixel_sum=split == "train",
@@ -88,7 +90,8 @@ def convert_lmdb(
               "truncated": len(result.truncated), "total_lines": int(result.total_lines),
               "digest": digest,
               "params": {"resize_height": resize_height, "resize_width": resize_width,
-                         "encoded": encoded, "shuffle_seed": shuffle_seed},
+                         "encoded": encoded, "shuffle_seed": shuffle_seed,
+                         "resize_mode": resize_mode},
               "skipped_examples": [f"line {n}: {path}: {why}"
                                    for n, path, why in result.skipped[:SKIPPED_EXAMPLES]]}
     write_manifest(db, stage=f"convert_{split}", key=cache_key, digest=digest, record=record,

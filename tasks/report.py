@@ -283,12 +283,16 @@ def summary_markdown(
     final: dict[str, Any] | None,
     outputs: dict[str, str],
     curve: Path | None,
+    notes: Sequence[str] = (),
 ) -> str:
-    """The end-of-run summary artifact."""
+    """The end-of-run summary artifact; `notes`: what the listings stage found and did not use
+    (empty class folders, stray files, ...)."""
     parts = ["# imagenet pipeline summary\n", f"Data root: `{data_root}`\n", "## Stages\n",
              _md_table(stage_table_rows(runs))]
     if datasets:
         parts += ["\n## Datasets\n", _md_table([{"set": k, **v} for k, v in datasets.items()])]
+    if notes:
+        parts += ["\n## Notes on the data\n", *[f"- {note}\n" for note in notes]]
     if final:
         t1, t5 = final.get("top1"), final.get("top5")
         parts += ["\n## Final accuracy (val LMDB)\n",

@@ -87,6 +87,8 @@ class TrainingPlan(BaseModel):
     # what it could not record.
     bundle: str | None = None
     bundle_notes: list[str] = []
+    # The .caffemodel training starts from (caffe train --weights: finetuning), or None.
+    weights: str | None = None
 
 
 def _resolve(path: str, relative_to: Path) -> Path:
@@ -200,6 +202,8 @@ def prepare_training(
     image_listings: Mapping[str, tuple[Path | str, Path | str]] | None = None,
     processes: int = 1,
     devices: Sequence[int] | None = None,
+    weights: Path | str | None = None,
+    resize_mode: str = "squash",
 ) -> TrainingPlan:
     """Write this data root's copies of the solver and net and cut max_iter into segments.
 
@@ -209,7 +213,11 @@ def prepare_training(
     `processes` > 1 (local training processes, one device each on a CPU host) and `devices`
     (ids per process; default one device, as `caffe train` without --gpu) multiply the global
     batch, so both are part of the configuration id: a rerun on another count trains anew
-    instead of resuming the other's snapshots."""
+    instead of resuming the other's snapshots; so are `weights`, the .caffemodel a finetuning
+    starts from. `resize_mode`: how the LMDBs' images were resized, for the inference bundle."""
+    if weights and not Path(weights).is_file():
+        raise ImagenetError(f"weights {weights}: no such file (the .caffemodel to finetune "
+                            "from)")
     solver_path = _resolve(solver_src, REPO_ROOT)
     solver = _read(solver_path, caffe_pb2.SolverParameter())
     if not solver.net:
@@ -276,6 +284,8 @@ def prepare_training(
         # absent for one process: the ids of single-process configurations stay as they were
         **({"processes": processes} if processes > 1 else {}),
         **({"devices": len(devices)} if devices and len(devices) > 1 else {}),
+        # absent from scratch, likewise: finetuning from other weights is another configuration
+        **({"weights": input_fingerprint(weights)} if weights else {}),
     }
     import hashlib
 
@@ -288,18 +298,19 @@ def prepare_training(
     _write_if_changed(run_dir / NET_FILE, text_format.MessageToString(net))
     _write_if_changed(run_dir / SOLVER_FILE, text_format.MessageToString(solver))
 
-    bundle, notes = _write_bundle(prefix, net, run_dir / NET_FILE)
+    bundle, notes = _write_bundle(prefix, net, run_dir / NET_FILE, resize_mode)
 
     ends = list(range(interval, solver.max_iter, interval)) + [solver.max_iter]
     return TrainingPlan(run_dir=str(run_dir), solver=str(run_dir / SOLVER_FILE),
                         net=str(run_dir / NET_FILE), snapshot_prefix=str(prefix),
                         max_iter=solver.max_iter, segment_ends=ends, config_id=config_id,
                         test_batch_size=test_batch, accuracy_top_k=top_k,
-                        image_inputs=image_inputs, bundle=bundle, bundle_notes=notes)
+                        image_inputs=image_inputs, bundle=bundle, bundle_notes=notes,
+                        weights=str(Path(weights).resolve()) if weights else None)
 
 
-def _write_bundle(prefix: Path, net: caffe_pb2.NetParameter, net_file: Path
-                  ) -> tuple[str | None, list[str]]:
+def _write_bundle(prefix: Path, net: caffe_pb2.NetParameter, net_file: Path,
+                  resize_mode: str = "squash") -> tuple[str | None, list[str]]:
     """The inference bundle of this configuration's snapshots (model/bundle.py): the class
     names are the data root's (labels.txt, else synset_words.txt, beside the LMDBs' folder).
     Written before the first snapshot, so every snapshot on disk has one; a net the bundle
@@ -307,7 +318,8 @@ def _write_bundle(prefix: Path, net: caffe_pb2.NetParameter, net_file: Path
     from model.bundle import write_bundle
 
     try:
-        path, notes = write_bundle(prefix, net, net_source=str(net_file))
+        path, notes = write_bundle(prefix, net, net_source=str(net_file),
+                                   resize_mode=resize_mode)
     except ImagenetError as err:
         return None, [f"no inference bundle for classify: {err}"]
     return str(path), notes
@@ -419,8 +431,13 @@ def train_segment(
     restart: bool = False,
     processes: int = 1,
     workers: int | None = None,
+    weights: str | None = None,
 ) -> StageResult | State:
     """Train from the newest snapshot <= end_iter (normally start_iter's) to end_iter.
+
+    `weights` (a .caffemodel): where there is no snapshot to resume, start from these weights
+    by layer name (`caffe train --weights`); the log says which layers were copied and which
+    start from their fillers.
 
     `restart` (force: [train], first segment): move this configuration's earlier snapshots
     aside first, so training starts again from iteration 0. `workers`: input decoding threads
@@ -455,8 +472,16 @@ def train_segment(
             log.warning("newest snapshot on disk is iteration %d, before this segment's start %d",
                         resume, start_iter)
         snapshot = str(snapshot_files(snapshot_prefix, resume)[1]) if resume else None
+        finetune = weights if snapshot is None else None
         log.info("training iterations %d -> %d%s", resume or 0, end_iter,
-                 f" (resuming from {snapshot})" if snapshot else " (from scratch)")
+                 f" (resuming from {snapshot})" if snapshot else
+                 f" (finetuning from {finetune})" if finetune else " (from scratch)")
+        if finetune:
+            if processes > 1:
+                raise ImagenetError("finetuning from weights runs in one process: leave "
+                                    f"processes at 1 (got {processes})")
+            for line in finetune_report(solver, finetune):
+                log.info("%s", line)
         clock = TrainingClock(read_schedule(solver), resume or 0, end_iter)
         progress = ProgressArtifact(f"training iterations {resume or 0}->{end_iter} of {max_iter}")
         inject = _injected_failure_hook(run_dir, resume or 0, end_iter)
@@ -493,6 +518,7 @@ def train_segment(
                      ", ".join(f"{k} = {float(v):.4g}" for k, v in outputs.items()))
 
         options = dict(snapshot=snapshot, devices=devices, stop_at_iter=end_iter, workers=workers,
+                       **({"weights": finetune} if finetune else {}),
                        on_progress=on_progress, on_test=on_test, workdir=str(run_dir),
                        log=lambda line: log.info("%s", line))
         if processes > 1:
@@ -534,6 +560,33 @@ def train_segment(
                 "tests": rows, "losses": loss_rows, "images_per_second": images_per_second},
         seconds=seconds, throughput=f"{images_per_second:.1f} img/s" if images_per_second else "",
     )
+
+
+def finetune_report(solver: str, weights: str) -> list[str]:
+    """What `caffe train --weights` will do with the train net's learnable layers, by name:
+    copied from `weights`, left to their fillers, and the source's layers the net lacks."""
+    from model.caffemodel import read_net_binary
+    from model.net import Net
+
+    sp = _read(Path(solver), caffe_pb2.SolverParameter())
+    net = Net.from_prototxt(_resolve(sp.net, Path(solver).parent), "TRAIN")
+    source = {layer.name for layer in read_net_binary(weights).layer if layer.blobs}
+    learnable = [layer.name for layer in net.layers if layer.blobs]
+    copied = [n for n in learnable if n in source]
+    fresh = [n for n in learnable if n not in source]
+    ignored = sorted(source - set(learnable))
+    def layers(names: list[str]) -> str:
+        return f"{len(names)} layer{'s' if len(names) != 1 else ''}" + (
+            f" ({', '.join(names)})" if names else "")
+
+    lines = [f"copied by name from the weights: {layers(copied)}",
+             f"not in the weights, starting from their fillers: {layers(fresh)}"]
+    if ignored:
+        lines.append(f"in the weights but not in the net, ignored: {layers(ignored)}")
+    if not copied:
+        lines.append("no layer of the weights matches the net by name: this is training from "
+                     "scratch (wrong --weights file?)")
+    return lines
 
 
 def eval_path(plan: TrainingPlan, it: int) -> Path:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from data.errors import ImagenetError
+from data.images import RESIZE_MODES
 from data.textlines import read_caffe_lines
 from flows.flags import add_flag
 
@@ -73,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help=f"classes shown per image (default {DEFAULT_TOP_K})")
     add_flag(parser, "center_only", type=bool, default=False,
              help="score the centre crop only, not the ten oversampled crops")
+    add_flag(parser, "resize_mode", default=None, choices=RESIZE_MODES,
+             help="how images reach the records' size, as convert-imageset --resize_mode "
+             "(default: the bundle's, else squash)")
     add_flag(parser, "images_dim", type=_dims, default=None,
              help="resize images to H,W before cropping (default: the bundle's training size, "
              "else the mean's size, else 256,256)")
@@ -162,13 +166,14 @@ def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args.weights, model=args.model, mean_file=args.mean,
                                 mean_values=args.mean_value, raw_scale=args.raw_scale,
                                 input_scale=args.input_scale, image_hw=args.images_dim,
-                                labels=args.labels)
+                                labels=args.labels, resize_mode=args.resize_mode)
     names = read_labels(settings.labels) if settings.labels else None
     clf = Classifier(settings.model, args.weights, image_hw=settings.image_hw,
                      mean_file=settings.mean_file, mean_values=settings.mean_values,
                      raw_scale=settings.raw_scale, input_scale=settings.input_scale,
                      oversample=not args.center_only,
-                     batch_images=min(args.batch_size, len(paths)), device=_device(args.gpu))
+                     batch_images=min(args.batch_size, len(paths)), device=_device(args.gpu),
+                     resize_mode=settings.resize_mode)
     if names is not None and len(names) != clf.num_outputs:
         raise ImagenetError(f"{settings.labels} has {len(names)} labels but {clf.output!r} has "
                             f"{clf.num_outputs} outputs (Caffe: 'Number of labels is different "

@@ -12,7 +12,8 @@ solver prototxts into `out_dir` with:
   lr_mult multiplied by f (flickr_style: base_lr 0.001 instead of 0.01, fc8_flickr at lr_mult
   10 / 20), so the copied layers move slowly and the new ones at the recipe's rate;
 - Accuracy layers with top_k above N dropped (Caffe's AccuracyLayer refuses them);
-- with `val_images`, the TEST batch no larger than the val set and test_iter covering it once.
+- with `val_images`, a TEST batch that divides the val set where one near the recipe's does
+  (test_batch_for) and test_iter covering it once.
 Nothing else changes: the recipe's fillers, transforms and schedule are kept.
 """
 from __future__ import annotations
@@ -176,13 +177,25 @@ def _test_layers(net: caffe_pb2.NetParameter) -> list[caffe_pb2.LayerParameter]:
     return out
 
 
+def test_batch_for(batch: int, val_images: int) -> int:
+    """A TEST batch size that sees the val set once without wrapping around (a wrapped batch
+    counts some images twice): the whole set when it is smaller than `batch`, else the largest
+    divisor of it between batch/2 and batch, else `batch` itself."""
+    if val_images <= batch:
+        return val_images
+    for size in range(batch, (batch + 1) // 2 - 1, -1):
+        if val_images % size == 0:
+            return size
+    return batch
+
+
 def _fit_test_pass(net: caffe_pb2.NetParameter, solver: caffe_pb2.SolverParameter,
                    val_images: int) -> None:
-    """TEST batch <= the val set, and test_iter = batches to see it once."""
+    """TEST batch fitted to the val set (test_batch_for), test_iter = batches to see it once."""
     batch = 0
     for layer in _test_layers(net):
         param = layer.data_param if layer.type == "Data" else layer.image_data_param
-        param.batch_size = min(param.batch_size, val_images) or param.batch_size
+        param.batch_size = test_batch_for(param.batch_size, val_images)
         batch = param.batch_size
     if batch:
         del solver.test_iter[:]
@@ -206,7 +219,8 @@ def write_sized_recipe(name: str, out_dir: Path | str, *, classes: int,
                                          lr_factor=finetune_lr_factor)
     size_net(deploy, classes, rename=rename)  # learning rates mean nothing there
     if finetune_lr_factor != 1.0:
-        solver.base_lr = solver.base_lr / finetune_lr_factor
+        # float32 in the proto: rounded to its 7 digits, so 0.01 / 10 prints as 0.001
+        solver.base_lr = float(f"{solver.base_lr / finetune_lr_factor:.7g}")
     if val_images:
         _fit_test_pass(net, solver, val_images)
     solver.net = str(out / NET_FILE)

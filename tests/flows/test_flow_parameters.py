@@ -41,3 +41,15 @@ def test_deployment_parameters_are_checked_by_type_like_the_command_line():
         with pytest.raises(ValidationError):
             PipelineParams.model_validate(bad)
     jsonschema.validate({"workers": 2, "sources": {"train": "mini"}, "devices": [0]}, schema)
+
+
+def test_choice_types_list_the_libraries_registries():
+    """The UI's choices for resize_mode and net are data.images' modes and the zoo's recipes."""
+    from typing import get_args
+
+    from data.images import RESIZE_MODES
+    from flows.imagenet import NetName, ResizeMode
+    from model.zoo.recipes import RECIPES
+
+    assert get_args(ResizeMode) == RESIZE_MODES
+    assert list(get_args(NetName)) == list(RECIPES)

@@ -69,6 +69,12 @@ def test_sizing_without_finetuning_keeps_the_rates_and_test_pass(tmp_path) -> No
     assert r.net.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("batch, val, want", [(25, 9, 9), (25, 40, 20), (25, 50, 25),
+                                              (25, 53, 25), (50, 1000, 50), (50, 998, 50), (50, 990, 45)])
+def test_test_batch_sees_the_val_set_once(batch, val, want) -> None:
+    assert recipes.test_batch_for(batch, val) == want
+
+
 def test_unknown_recipe_and_too_few_classes_fail_in_one_line(tmp_path) -> None:
     with pytest.raises(ImagenetError, match="unknown net 'vgg16'; valid: alexnet_mini, "):
         recipes.write_sized_recipe("vgg16", tmp_path, classes=3)
