@@ -131,7 +131,7 @@ def test_operator_path_through_a_real_server(tmp_path, tiny_solver):
         presets = {d["name"]: d["parameters"]
                    for d in api.post("/deployments/filter", json={}).json()}
         assert set(presets) == {"mini-pipeline", "full-pipeline", "convert-lmdb", "train",
-                                "classify"}
+                                "classify", "own-images"}
         assert presets["mini-pipeline"]["sources"] == {"train": "mini", "val": "mini",
                                                        "aux": "mini"}
         # (7, started now to run alongside: convert-lmdb on a data root that holds nothing)
