@@ -6,14 +6,16 @@ rerun resumes there"). But when the cancellation comes through Prefect's worker 
 Cancel, `prefect flow-run cancel`, `make down`), the worker, once the flow process has exited,
 writes its own Cancelled state over it: "Flow run was cancelled successfully." (prefect
 runner/_cancellation_manager.py). So the flow's on_cancellation hook, which the worker runs
-just before that, and `make down` wait for that overwrite and put the run's own message back
-(`keep_cancel_message`), leaving every cancelled run with the same kind of message.
+(in a subprocess) just before that, starts a detached `python -m flows.cancel RUN_ID` that
+waits for the overwrite and puts the run's own message back (`keep_cancel_message`), and
+`make down` does the same before it stops the worker: every cancelled run keeps its message.
 """
 from __future__ import annotations
 
-import os
-import threading
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -23,8 +25,7 @@ GENERIC_MESSAGES = frozenset({"Flow run was cancelled successfully.", "Flow run 
 # The worker finalizes within a second of the flow process's exit; a little more under load.
 KEEP_WAIT_S = 30.0
 POLL_S = 0.25
-# Set by the worker in the flow run's own process (never in the worker itself).
-FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _own_message(states: list[Any]) -> str | None:
@@ -58,19 +59,25 @@ def keep_cancel_message(flow_run_id: UUID | str, wait_s: float = KEEP_WAIT_S) ->
 
 
 def keep_message_hook(flow: Any, flow_run: Any, state: Any) -> None:
-    """on_cancellation hook: in the worker (which runs it just before writing its generic
-    Cancelled state), watch for that state in the background and restore the run's message.
-    In the flow's own process it does nothing (the message there is already the run's)."""
-    if os.environ.get(FLOW_RUN_ENV):
-        return
+    """on_cancellation hook. Prefect's worker runs it in a subprocess of its own just before it
+    writes its generic Cancelled state, and waits for it: so it starts a detached process
+    (`python -m flows.cancel RUN_ID`) that waits for that state and puts the run's message
+    back, and returns at once."""
+    subprocess.Popen([sys.executable, "-m", "flows.cancel", str(flow_run.id)],
+                     cwd=str(PROJECT_ROOT), stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
 
-    def keep() -> None:
-        try:
-            keep_cancel_message(flow_run.id)
-        except Exception:  # noqa: BLE001 - cosmetic: the run is cancelled either way
-            pass
 
-    threading.Thread(target=keep, name="keep-cancel-message", daemon=True).start()
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m flows.cancel FLOW_RUN_ID", file=sys.stderr)
+        return 2
+    return 0 if keep_cancel_message(args[0]) else 1
 
 
 __all__ = ["GENERIC_MESSAGES", "keep_cancel_message", "keep_message_hook"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -213,6 +213,7 @@ class _Runner:
         self.stopped: list[tuple[str, str]] = []  # stages cancelled beside a failed one
         self.changes: list[str] = []  # what this run changed in the data root, said aloud
         self.current: str | None = None  # the stage being prepared or run
+        self.failed_beside: list[tuple[str, str]] = []  # failures after the first, same group
         # What the data root held when the run started: a failed run removes the folders it
         # created and left empty (tidy_after_failure).
         self.existed = root.exists()
@@ -411,6 +412,7 @@ def _stop_summary(r: "_Runner", log: logging.LoggerAdapter, state: str, message:
         create_markdown_artifact(
             markdown=report.stopped_summary_markdown(
                 r.runs, state=state, message=message, stage=stage, stopped=r.stopped,
+                failed=r.failed_beside,
                 not_reached=not_reached, data_root=str(r.root), changes=r.changes, rerun=rerun),
             key=report.ARTIFACT_KEY_SUMMARY, description=f"imagenet pipeline summary ({state})")
     except Exception as err:  # noqa: BLE001 - the state message says it all the same
@@ -572,6 +574,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
             for run in group.runs:
                 r.record(run)
             r.stopped.extend(group.stopped)
+            r.failed_beside.extend((e.stage, e.cause) for e in group.failed[1:])
 
     # 2. Extraction.
     trees = {"train": root / "train", "val": root / "val"}

@@ -215,7 +215,7 @@ def build_mini(cache_key: str, data_root: str, size: str) -> StageResult:
     classes, train, val = SIZES[size]
     outputs = mini_outputs(data_root, size)
     progress = ProgressArtifact(f"mini ILSVRC12 ({size}): {classes} classes x ({train} train + "
-                                f"{val} val) images")
+                                f"{val} val) images", unit="images")
     result = make_mini_ilsvrc12(mini_dir(data_root, size), classes=classes, train_per_class=train,
                                 val_per_class=val, seed=MINI_SEED, progress=progress)
     progress.finish()

@@ -32,11 +32,13 @@ class TracebackToDebug(logging.Filter):
         if record.exc_info[0] is None:  # exc_info=True outside an `except`: "NoneType: None"
             record.exc_info = None
             return True
-        detail = copy.copy(record)
-        detail.levelno, detail.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
-        detail.msg, detail.args = TRACEBACK_NOTE + record.getMessage(), ()
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(logging.DEBUG):  # Logger.handle skips the level check
+            detail = copy.copy(record)
+            detail.levelno, detail.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+            detail.msg, detail.args = TRACEBACK_NOTE + record.getMessage(), ()
+            logger.handle(detail)
         record.exc_info, record.exc_text, record.stack_info = None, None, None
-        logging.getLogger(record.name).handle(detail)
         return True
 
 

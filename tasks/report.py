@@ -33,6 +33,7 @@ ARTIFACT_KEY_METRICS = "imagenet-test-metrics"
 ARTIFACT_KEY_SUMMARY = "imagenet-summary"
 CURVE_FILE = "curve.png"
 NUMBER_DIGITS = 4
+SHORT_WHY = 100  # characters of a cause in the summary's stage table (the headline has it all)
 
 # Curve layout, in pixels.
 CURVE_WIDTH = 900
@@ -308,6 +309,10 @@ def summary_markdown(
     return "".join(parts)
 
 
+def _short(text: str, limit: int = SHORT_WHY) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
 def stopped_summary_markdown(
     runs: Sequence[StageRun],
     *,
@@ -319,23 +324,27 @@ def stopped_summary_markdown(
     data_root: str,
     changes: Sequence[str] = (),
     rerun: str = "",
+    failed: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The summary artifact of a run that ended Failed or Cancelled: what ran (and what came
-    from the cache), which stage stopped and why, the stages stopped beside it, and what a
-    rerun does."""
+    from the cache), which stage stopped and why (the headline), the other stages that failed
+    or were stopped beside it, and what a rerun does."""
     rows = stage_table_rows(runs)
+    dash = {"this run (s)": "-", "work (s)": "-", "throughput": "-"}
     if stage:
-        rows.append({"stage": stage, "status": state.lower(), "why": message.split(": ", 1)[-1],
-                     "this run (s)": "-", "work (s)": "-", "throughput": "-"})
-    for name, why in stopped:
-        rows.append({"stage": name, "status": "cancelled", "why": why, "this run (s)": "-",
-                     "work (s)": "-", "throughput": "-"})
+        rows.append({"stage": stage, "status": state.lower(), "why": "the message above", **dash})
+    for name, why in failed:
+        rows.append({"stage": name, "status": "failed", "why": _short(why), **dash})
+    for name, _ in stopped:
+        rows.append({"stage": name, "status": "cancelled",
+                     "why": f"stopped when {stage} {state.lower()}" if stage else "stopped",
+                     **dash})
     parts = [f"# imagenet pipeline summary: {state}\n", f"Data root: `{data_root}`\n\n",
              f"**{message}**\n", "\n## Stages\n", _md_table(rows)]
     if changes:
         parts += ["\n## Changed in this run\n", *[f"- {c}\n" for c in changes]]
     finished = [run.name for run in runs]
-    again = [name for name in ([stage] if stage else []) + [n for n, _ in stopped]]
+    again = ([stage] if stage else []) + [n for n, _ in failed] + [n for n, _ in stopped]
     parts.append("\n## What a rerun does\n")
     if finished:
         parts.append(f"- reuses what finished (cached): {', '.join(finished)}\n")

@@ -330,20 +330,22 @@ def fail_in_one_line(fn: Callable[..., StageResult]) -> Callable[..., StageResul
         finally:
             _STAGE_PROGRESS.reset(token)
         if isinstance(result, StageResult) and not cards:
-            ProgressArtifact(f"done in {time.monotonic() - start:.1f} s").finish()
+            ProgressArtifact("").finish(f"done in {time.monotonic() - start:.1f} s")
         return result
 
     return wrapper
 
 
 def _close_cards(cards: list["ProgressArtifact"], why: str) -> None:
-    """A stage that stopped: its card shows where and why (a stage without one gets one)."""
+    """A stage that stopped: its card shows where and why (a stage without one gets one); the
+    --watch line says only "failed" or "cancelled" (the cause follows in the run's event)."""
+    word = why.split(":", 1)[0]
     if not cards:
-        ProgressArtifact(why).finish(percent=0.0)
+        ProgressArtifact("").finish(why, percent=0.0, watch=word)
         return
     for card in cards:
         if card.percent < PERCENT:
-            card.finish(why, percent=card.percent)
+            card.finish(why, percent=card.percent, watch=word)
 
 
 def stage_options(
@@ -479,6 +481,7 @@ class StageGroup:
         self._pending: list[tuple[str, Any, str, float, list[float]]] = []
         self.runs: list[StageRun] = []
         self.stopped: list[tuple[str, str]] = []  # (stage, message) of those it cancelled
+        self.failed: list[StageFailed] = []  # every failure, the first one first
 
     def submit(self, task: Task, name: str, *, results_root: Path | str, cache_key: str,
                outputs: Iterable[Path | str], force: bool | str = False,
@@ -547,6 +550,7 @@ class StageGroup:
                     except StageFailed as err:
                         if failure is None or isinstance(failure, StageCancelled):
                             failure = err
+                        self.failed.append(err)
                         self.abort.set(str(err))
                         continue
                     run.wall_seconds = (finished[0] if finished else time.monotonic()) - start
@@ -598,6 +602,8 @@ class ProgressArtifact:
         self._last_event = -math.inf
         self._last_event_percent = -PERCENT
         self._id: Any = None
+        self._described = False  # describe() text says more than the counts (training)
+        self._final_text: str | None = None
         # The task run's context, for updates a library makes from its own threads (the mean's
         # readers): the artifact and the event must belong to the task run.
         self._context = contextvars.copy_context()
@@ -612,6 +618,7 @@ class ProgressArtifact:
 
     def describe(self, description: str) -> None:
         self.description = description
+        self._described = True
 
     def __call__(self, done: int, total: int | None) -> None:
         check_abort()
@@ -635,8 +642,9 @@ class ProgressArtifact:
                                                     description=self.description)
             else:
                 _patch_artifact(self._id, percent, self.description)
-            if (final or now - self._last_event >= WATCH_EVENT_INTERVAL_S
-                    or percent - self._last_event_percent >= WATCH_EVENT_STEP):
+            if final or (percent < PERCENT and (
+                    now - self._last_event >= WATCH_EVENT_INTERVAL_S
+                    or percent - self._last_event_percent >= WATCH_EVENT_STEP)):
                 self._last_event, self._last_event_percent = now, percent
                 _progress_event(self._id, self.line(final))
         except Exception as err:  # a flaky API must never kill a 3-day conversion
@@ -644,23 +652,33 @@ class ProgressArtifact:
 
     def line(self, final: bool = False) -> str:
         """The stage's progress in words (the --watch line)."""
+        from tasks.eta import duration
+
         head = f"{self.stage or 'stage'}: {self.percent:.0f}%"
-        if self.description and (self.done is None or final):
-            return f"{head} - {self.description}"
-        detail = ""
-        if self.done is not None and self.total:
-            detail = f" ({_amount(self.done, self.unit)} of {_amount(self.total, self.unit)}"
-            detail += f" {self.unit})" if self.unit and self.unit != BYTES else ")"
-            elapsed = time.monotonic() - self.started
-            if 0 < self.done < self.total and elapsed > 0:
-                from tasks.eta import duration
+        elapsed = time.monotonic() - self.started
+        if final:
+            if self._final_text:
+                return f"{head} - {self._final_text}"
+            amount = (f", {_amount(self.total, self.unit)}"
+                      + (f" {self.unit}" if self.unit and self.unit != BYTES else "")
+                      if self.total else "")
+            return f"{head} - done in {duration(elapsed)}{amount}"
+        if self._described or self.done is None or not self.total:
+            return f"{head} - {self.description}" if self.description else head
+        unit = f" {self.unit}" if self.unit and self.unit != BYTES else ""
+        line = f"{head} ({_amount(self.done, self.unit)} of {_amount(self.total, self.unit)}{unit})"
+        # A rate from the first item or two is noise: the time left once a little is done.
+        if 0 < self.done < self.total and (self.percent >= 1 or elapsed >= self.min_interval):
+            line += f", {duration((self.total - self.done) * elapsed / self.done)} left"
+        return line
 
-                detail += f", {duration((self.total - self.done) * elapsed / self.done)} left"
-        return head + detail
-
-    def finish(self, description: str | None = None, percent: float = PERCENT) -> None:
+    def finish(self, description: str | None = None, percent: float = PERCENT,
+               watch: str | None = None) -> None:
         """The stage finished (100%) or stopped (`percent`): shown now, creating the card if
-        no progress was reported before."""
+        no progress was reported before. `watch`: a shorter text for the --watch line than
+        the card's description (a failure's cause is in the run's own failed event)."""
         if description is not None:
-            self.description = description
+            self.description = self._final_text = description
+        if watch is not None:
+            self._final_text = watch
         self._update(percent, final=True)

@@ -483,7 +483,8 @@ def train_segment(
             for line in finetune_report(solver, finetune):
                 log.info("%s", line)
         clock = TrainingClock(read_schedule(solver), resume or 0, end_iter)
-        progress = ProgressArtifact(f"training iterations {resume or 0}->{end_iter} of {max_iter}")
+        progress = ProgressArtifact(f"training iterations {resume or 0}->{end_iter} of {max_iter}",
+                                    unit="iterations")
         inject = _injected_failure_hook(run_dir, resume or 0, end_iter)
         logged_eta = [-math.inf]
 
@@ -610,7 +611,7 @@ def evaluate_weights(
     log = get_run_logger()
     start = time.monotonic()
     progress = ProgressArtifact(f"evaluate {Path(weights).name} on the val LMDB "
-                                f"({iterations} batches)")
+                                f"({iterations} batches)", unit="batches")
     outputs = {k: float(v) for k, v in
                evaluate(net, weights, iterations, devices=devices, on_batch=progress).items()}
     seconds = time.monotonic() - start

@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files, folders of images, or .txt listings")
     add_flag(parser, "model", help="the deploy net prototxt (one input blob); default: the "
              "one in the weights' inference bundle")
-    add_flag(parser, "weights", help="the trained .caffemodel (its inference bundle, written "
-             "beside it by training, supplies the flags not given)")
+    add_flag(parser, "weights", required=True, help="the trained .caffemodel (its inference "
+             "bundle, written beside it by training, supplies the flags not given)")
     add_flag(parser, "mean", help="mean.binaryproto (or .npy); images are resized to its size")
     add_flag(parser, "mean_value", type=_floats, help="per-channel mean instead: B,G,R")
     add_flag(parser, "labels", help="class names, line i = class i (synset_words.txt)")

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_flag(parser, name, default=None, help=f"source of the {name} archive (URL or path)"
                  if name != "checksums" else "md5sum-format file for non-official archives")
     for name, field in _fields().items():
-        help_text = (field.description or "") + f" (default: {field.get_default(call_default_factory=True)})"
-        add_flag(parser, name, default=None, help=help_text)
+        help_text, metavar = flag_help(name, field)
+        add_flag(parser, name, default=None, help=help_text, metavar=metavar)
+
+
+def flag_help(name: str, field: Any) -> tuple[str, str]:
+    """(help, metavar) of the flag of one PipelineParams field: its description, the syntax of
+    its value (list fields are comma-separated; --stages/--force name the stages), and its
+    default once (unless the description already says it)."""
+    from flows.imagenet import STAGES
+
+    text = field.description or ""
+    default = field.get_default(call_default_factory=True)
+    kinds = typing.get_args(field.annotation) or (field.annotation,)
+    metavar = name.upper()
+    if name in ("stages", "force"):
+        metavar = "STAGE[,STAGE...]"
+        text += f"; comma-separated, from {','.join(STAGES)}"
+        default = "all" if default == list(STAGES) else (default or "none")
+    elif any(typing.get_origin(k) is list for k in kinds):
+        metavar = "ID[,ID...]"
+        text += "; comma-separated"
+    elif bool in kinds:
+        metavar = "true|false"
+    elif int in kinds:
+        metavar = "N"
+    if "default" not in text and default is not None:
+        text += f" (default: {default})"
+    return text, metavar
 
 
 def _value(name: str, text: str, field: Any) -> Any:
@@ -90,7 +117,7 @@ def _value(name: str, text: str, field: Any) -> Any:
     annotation = str(field.annotation)
     if text.strip().lower() in NONE_WORDS and "None" in annotation:
         return None
-    if field.annotation is bool:
+    if bool in (typing.get_args(field.annotation) or (field.annotation,)):
         return parse_bool(text)
     value: Any = text
     if "list" in annotation:

@@ -34,7 +34,7 @@ MS_PER_S = 1000.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "model", help="the net prototxt to time (required)")
+    add_flag(parser, "model", required=True, help="the net prototxt to time")
     add_flag(parser, "iterations", type=int_at_least(1), default=DEFAULT_ITERATIONS,
              help=f"timed iterations (default {DEFAULT_ITERATIONS})")
     add_flag(parser, "phase", default=DEFAULT_PHASE, help="TRAIN or TEST (default TRAIN)")

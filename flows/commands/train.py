@@ -13,7 +13,7 @@ SLURM's srun or Open MPI's mpirun the three come from the scheduler's environmen
 reads its share of every global batch from its own copy of the LMDB; process 0 logs and writes
 the snapshots. The logic lives in model.train and model.distributed.
 
-Before training, process 0 writes the inference bundle beside the snapshots
+Once training runs, process 0 writes the inference bundle beside the snapshots
 (`<snapshot_prefix>.inference.json` with the derived deploy net, the mean, the input scale and
 the class names: model/bundle.py), so `imagenet classify --weights=<snapshot>.caffemodel IMAGE`
 needs no other flag. --labels names the class names (line i = class i); without it a
@@ -117,13 +117,21 @@ def run(args: argparse.Namespace) -> int:
         raise ImagenetError(f"--labels={args.labels}: no such file")
     processes = distributed.join(args.coordinator, args.num_processes, args.process_id,
                                  timeout_s=args.join_timeout)
-    if processes == 1 or distributed.process_index() == 0:
-        write_inference_bundle(args.solver, args.labels)
+    # The bundle is written once the first iteration ran (the inputs are good: a refused
+    # command changes nothing), before this run's first snapshot.
+    pending = [processes == 1 or distributed.process_index() == 0]
+
+    def on_progress(it: int, total: int) -> None:
+        if pending[0]:
+            pending[0] = False
+            write_inference_bundle(args.solver, args.labels)
+
     report_conv_plan_measuring()
     try:
         result = train(args.solver, snapshot=args.snapshot, weights=args.weights,
                        devices=parse_gpu(args.gpu), stop_at_iter=args.iterations,
-                       precision=args.precision, workers=args.workers)
+                       precision=args.precision, workers=args.workers,
+                       on_progress=on_progress)
     except BaseException as err:  # the other processes stop at once, naming this one's error
         distributed.report_failure(str(err).strip().splitlines()[0] if str(err).strip()
                                    else type(err).__name__)
