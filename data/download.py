@@ -23,10 +23,11 @@ a `DownloadError` whose `transient` says whether waiting may help:
 the count (and the backoff) again, so a days-long download survives any number of isolated
 drops while a dead server is given up on after `retries` retries.
 
-Credentials: `Credentials` (username/password -> Basic, token -> Bearer), from the caller
-(tasks/ reads the Prefect Secret block), user:pass@ in the URL, or IMAGENET_USERNAME /
+Credentials: `Credentials` (username/password -> Basic, token -> Bearer), from user:pass@ in
+the URL, else the caller (tasks/ reads the Prefect Secret block), else IMAGENET_USERNAME /
 IMAGENET_PASSWORD / IMAGENET_TOKEN. They are sent only to the scheme, host and port of the URL
-given, never on a redirect elsewhere. Every URL that reaches a log line, an error or a record is
+given, never on a redirect elsewhere; the caller's and the environment's (which apply to every
+source) only over https or to this machine, never in clear across a network. Every URL that reaches a log line, an error or a record is
 masked (`mask_url`: userinfo and credential-bearing query values become ***). `hide_url`
 registers a credentialed URL in this process and returns its masked form, which can then travel
 through logs and stored parameters; `reveal_url` gives the real URL back to the downloader.
@@ -39,6 +40,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -551,7 +553,8 @@ def _status_error(response: httpx.Response, masked: str) -> DownloadError:
     if status in TRANSIENT_STATUSES:
         return DownloadError(text, transient=True,
                              retry_after=_parse_retry_after(response.headers.get("Retry-After")))
-    hint = f" (check the credentials: {CREDENTIALS_HINT})" if status in AUTH_STATUSES else ""
+    hint = (f" (check the credentials: user:password@ in the URL, or {CREDENTIALS_HINT}; those "
+            "two are sent over https only, or to this machine)") if status in AUTH_STATUSES else ""
     return DownloadError(f"{text} for {masked}{hint}", transient=False,
                          unreachable=status in AUTH_STATUSES or status in (404, 410))
 
@@ -610,11 +613,26 @@ def _split_url(source: str, credentials: Credentials | None) -> tuple[str, str,
                             "valid: http, https, file, or a local path")
     masked = mask_url(source)
     if parts.username is not None:
-        if parts.username != MASK:
-            credentials = Credentials(urllib.parse.unquote(parts.username),
-                                      urllib.parse.unquote(parts.password or ""))
         source = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return source, masked, credentials or Credentials.from_env()
+        if parts.username != MASK:  # this URL's own: sent as its user chose
+            return source, masked, Credentials(urllib.parse.unquote(parts.username),
+                                               urllib.parse.unquote(parts.password or ""))
+    ambient = credentials or Credentials.from_env()
+    if ambient and parts.scheme.lower() == "http" and not _is_loopback(parts.hostname):
+        # The environment's or the Secret's credentials apply to every source; over plain http
+        # they would cross the network in clear (the default aux URL is http://).
+        log.info("%s: plain http: not sending the credentials from %s", masked, CREDENTIALS_HINT)
+        ambient = None
+    return source, masked, ambient
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 def fetch_bytes(source: str, *, max_bytes: int = 1 << 20, credentials: Credentials | None = None,

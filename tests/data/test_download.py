@@ -373,3 +373,19 @@ def test_malformed_urls_fail_in_one_masked_line(url, tmp_path):
         download(url, tmp_path / "dl", retries=0)
     assert "pw1" not in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "dl").exists()
+
+
+def test_ambient_credentials_never_cross_a_network_in_clear(monkeypatch):
+    """The environment's (or the Secret block's) credentials apply to every source: they go
+    over https, or over http to this machine; user:pass@ in an http URL is the user's choice."""
+    from data.download import _split_url
+
+    monkeypatch.setenv("IMAGENET_TOKEN", "tok-789")
+    assert _split_url("http://dl.example.org/a.tar.gz", None)[2] is None
+    assert _split_url("https://dl.example.org/a.tar", None)[2].token == "tok-789"
+    assert _split_url("http://127.0.0.1:8/a.tar", None)[2].token == "tok-789"
+    assert _split_url("http://[::1]:8/a.tar", Credentials(token="sb"))[2].token == "sb"
+    assert _split_url("http://dl.example.org/a.tar", Credentials(token="sb"))[2] is None
+    url, masked, own = _split_url("http://al:pw@dl.example.org/a.tar", None)
+    assert (url, masked, own.password) == ("http://dl.example.org/a.tar",
+                                           "http://***@dl.example.org/a.tar", "pw")
