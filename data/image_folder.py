@@ -63,6 +63,11 @@ OUTSIDE = "files outside any class folder"
 BAD_NAMES = "files whose names hold a line break (a listing line cannot)"
 LINKED_DIRS = "symbolic links to folders (not followed)"
 OTHER_TOP = "folders beside train/ and val/"
+_SINGULAR = {NOT_IMAGES: "file without an image extension", HIDDEN: "hidden file or folder",
+             OUTSIDE: "file outside any class folder",
+             BAD_NAMES: "file whose name holds a line break (a listing line cannot)",
+             LINKED_DIRS: "symbolic link to a folder (not followed)",
+             OTHER_TOP: "folder beside train/ and val/"}
 
 
 @dataclass
@@ -284,7 +289,8 @@ def folder_listings(images: Path | str, *, val_percent: float | None = None, see
                      f"no images: left out of {LABELS_FILE} ({_examples(found.empty_classes)})")
     for kind, items in sorted(found.ignored.items()):
         if items:
-            notes.append(f"ignored {len(items)} {kind}: {_examples(items)}")
+            what = kind if len(items) != 1 else _SINGULAR.get(kind, kind)
+            notes.append(f"ignored {len(items)} {what}: {_examples(items)}")
     if len(classes) < MIN_CLASSES:
         raise ImagenetError(f"{found.images}: {len(classes)} class folders with images "
                             f"({_examples(classes) or 'none'}); a classifier needs at least "

@@ -36,9 +36,9 @@ def test_messy_folder_gives_listings_and_a_note_for_each_oddity(sample, tmp_path
     notes = "\n".join(result.notes)
     assert "1 class has a single image (lonely): it is in train.txt" in notes
     assert "1 class folder holds no images: left out of labels.txt (empty)" in notes
-    assert "ignored 1 files outside any class folder: notes.txt" in notes
-    assert "ignored 1 files without an image extension: circle/Thumbs.db" in notes
-    assert "ignored 1 hidden files and folders: circle/.DS_Store" in notes
+    assert "ignored 1 file outside any class folder: notes.txt" in notes
+    assert "ignored 1 file without an image extension: circle/Thumbs.db" in notes
+    assert "ignored 1 hidden file or folder: circle/.DS_Store" in notes
     # every image once, in the class of its top-level folder (nested folders included)
     listed = result.train + result.val
     assert sorted(p for p, _ in listed) == sorted(p for ps in sample.classes.values() for p in ps)
@@ -129,7 +129,7 @@ def test_names_a_listing_cannot_hold_and_names_that_are_not_utf8(sample, tmp_pat
     raw = os.fsencode(folder / "square") + b"/caf\xe9.jpg"  # Latin-1, not UTF-8
     shutil.copy(folder / "square" / "IMG_0000.jpg", raw)
     result = f.write_folder_listings(tmp_path / "root", folder, val_percent=25)
-    assert any("1 files whose names hold a line break" in n and "two\\nlines.jpg" in n
+    assert any("1 file whose name holds a line break" in n and "two\\nlines.jpg" in n
                for n in result.notes)
     listing = (tmp_path / "root" / "train.txt").read_bytes() + \
         (tmp_path / "root" / "val.txt").read_bytes()
