@@ -11,10 +11,8 @@
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -24,10 +22,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from data.atomic import write_bytes_atomic
+from model.plot import TRAIN_LOSS, curve_png
 
 LogFn = Callable[[str], None]
-# Points of the loss/accuracy plot and its size in pixels.
-PLOT_SIZE = (900, 500)
 
 
 class CaffeLog:
@@ -143,48 +140,15 @@ class MetricsWriter:
             f.write(json.dumps(rec) + "\n")
 
     def plot(self) -> None:
+        """`<prefix>_plot.png`: the train loss and the first test net's outputs against the
+        iteration, drawn by model/plot.py (the pipeline summary's curve too)."""
         if not self.enabled:
             return
-        from PIL import Image, ImageDraw
-        train = [(r["iter"], r["loss"]) for r in self.records if r["kind"] == "train"]
-        test_loss = [(r["iter"], r["outputs"]["loss"]) for r in self.records
-                     if r["kind"] == "test" and r.get("net", 0) == 0 and "loss" in r["outputs"]]
-        test_acc = [(r["iter"], r["outputs"]["accuracy"]) for r in self.records
-                    if r["kind"] == "test" and r.get("net", 0) == 0
-                    and "accuracy" in r["outputs"]]
-        w, h = PLOT_SIZE
-        left, right, top, bottom = 60, 60, 30, 40
-        img = Image.new("RGB", (w, h), "white")
-        d = ImageDraw.Draw(img)
-        d.rectangle([left, top, w - right, h - bottom], outline="black")
-        xs = [p[0] for p in train + test_loss + test_acc] or [0, 1]
-        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-        losses = [p[1] for p in train + test_loss if math.isfinite(p[1])] or [0, 1]
-        l1 = max(max(losses), 1e-6)
-
-        def px(it: float) -> float:
-            return left + (it - x0) / (x1 - x0) * (w - left - right)
-
-        def py(v: float, vmax: float) -> float:
-            return h - bottom - (v / vmax) * (h - top - bottom)
-
-        for series, color, vmax in ((train, (31, 119, 180), l1), (test_loss, (214, 39, 40), l1),
-                                    (test_acc, (44, 160, 44), 1.0)):
-            pts = [(px(i), py(v, vmax)) for i, v in series if math.isfinite(v)]
-            if len(pts) > 1:
-                d.line(pts, fill=color, width=2)
-            for x, y in pts[-1:] if len(pts) > 1 else pts:
-                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        d.text((left, 8), "train loss", fill=(31, 119, 180))
-        d.text((left + 90, 8), "test loss", fill=(214, 39, 40))
-        d.text((left + 170, 8), "test accuracy (right axis, 0..1)", fill=(44, 160, 44))
-        d.text((left - 50, top), fmt(l1), fill="black")
-        d.text((left - 10, h - bottom), "0", fill="black")
-        d.text((w - right + 5, top), "1", fill="black")
-        d.text((left, h - bottom + 5), str(int(x0)), fill="black")
-        d.text((w - right - 40, h - bottom + 5), str(int(x1)), fill="black")
-        d.text((w // 2 - 30, h - bottom + 20), "iteration", fill="black")
-        png = io.BytesIO()
-        img.save(png, format="PNG")
-        write_bytes_atomic(self.plot_path, png.getvalue(), durable=False)
+        rows = [{"iter": r["iter"], TRAIN_LOSS: r["loss"]} for r in self.records
+                if r["kind"] == "train"]
+        rows += [{"iter": r["iter"], **r["outputs"]} for r in self.records
+                 if r["kind"] == "test" and r.get("net", 0) == 0]
+        png = curve_png(rows)
+        if png is not None:
+            write_bytes_atomic(self.plot_path, png, durable=False)
 

@@ -37,7 +37,7 @@ from model.caffemodel import check_coverage, copy_layers
 from model.devices import SOLVER_MODE_CPU, local_copy, select_devices
 from model.feed import (TEST_STREAM, TRAIN_STREAM, FedNet, build_fed_net, fed_batch_size,
                         num_test_nets, stack_batches)
-from model.metrics import PLOT_SIZE, CaffeLog, LogFn, MetricsWriter, OutputSums, fmt
+from model.metrics import CaffeLog, LogFn, MetricsWriter, OutputSums, fmt
 from model.resume import (DataPosition, ResumePoint, choose_seed, load_weights,
                           read_resume_point, weights_paths)
 from model.solve import Solver, TrainResult, update_smoothed_loss
@@ -46,7 +46,7 @@ from model.steps import (PRECISIONS, TRAIN_STEP_COMPILER_OPTIONS, TrainState, fl
                          make_train_step, merge_statistics, unflatten_params)
 
 __all__ = [
-    "CaffeLog", "DataPosition", "FedNet", "LogFn", "MetricsWriter", "PLOT_SIZE", "PRECISIONS",
+    "CaffeLog", "DataPosition", "FedNet", "LogFn", "MetricsWriter", "PRECISIONS",
     "ResumePoint", "SOLVER_MODE_CPU", "Solver", "TEST_STREAM", "TRAIN_STEP_COMPILER_OPTIONS",
     "TRAIN_STREAM", "TrainResult", "TrainState", "build_fed_net", "choose_seed", "evaluate",
     "fed_batch_size", "flatten_params", "fmt", "jit_for", "jit_train_step", "local_copy",

@@ -253,29 +253,6 @@ def test_numbers_at_four_significant_digits():
                     "final weights /d/snap_iter_300.caffemodel")
 
 
-def test_curve_has_a_loss_and_an_accuracy_panel(tmp_path):
-    import cv2
-
-    both = [{"iter": i, "train loss": 2.3 - i / 200} for i in range(0, 301, 10)]
-    both += [{"iter": i, "loss": 2.0 - i / 300, "accuracy": i / 330, "accuracy_top5": 0.5 + i / 700}
-             for i in (0, 100, 200, 300)]
-    two = cv2.imread(str(report.render_curve(both, tmp_path / "two.png")))
-    one = cv2.imread(str(report.render_curve(
-        [{"iter": 0, "accuracy": 0.1}, {"iter": 10, "accuracy": 0.3}], tmp_path / "one.png")))
-    assert two.shape[1] == one.shape[1] == report.CURVE_WIDTH
-    assert two.shape[0] > 2 * one.shape[0] - report.MARGIN_TOP
-    # Nothing is drawn right of the plots except the legend rows: the legend never covers data.
-    legend = two[:, report.CURVE_WIDTH - report.LEGEND_WIDTH + 2:]
-    rows_with_ink = {y for y in range(legend.shape[0]) if (legend[y] < 200).any()}
-    assert rows_with_ink and len(rows_with_ink) < legend.shape[0] / 4
-
-
-def test_nice_ticks_cover_the_range():
-    assert report.nice_ticks(0, 300) == [0, 100, 200, 300]
-    assert report.nice_ticks(0, 2.31) == [0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    assert report.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
-
-
 def test_why_a_stage_ran(tmp_path):
     from tasks.stage import WHY_FORCED, stage_options
 
