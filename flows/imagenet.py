@@ -22,7 +22,7 @@ import logging
 import signal
 import time
 import uuid
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
@@ -42,6 +42,7 @@ from flows.commands.pipeline import DEFAULT_DATA_ROOT, describe_validation_error
 from model.zoo import recipes
 from tasks import acquire, convert, folder, logs, report
 from tasks import train as training
+from tasks.accelerator import accelerator_slot
 from tasks.cache import read_manifest, stage_key, stale_reason
 from tasks.stage import (RESULTS_DIRNAME, USER_ERRORS, StageCancelled, StageFailed, StageGroup,
                          StageRun, call_stage, one_line)
@@ -56,6 +57,8 @@ NetName = Literal["alexnet_mini", "bvlc_alexnet", "bvlc_reference_caffenet", "bv
                   "resnet_50"]
 STAGES: tuple[str, ...] = ("download", "extract", "listings", "convert", "mean", "train", "evaluate")
 ARCHIVES = ("train", "val", "aux")
+# Stages that run on the accelerator: a run holds the host's slot from the first one on.
+ACCELERATOR_STAGES = ("train", "evaluate")
 # Public locations: ImageNet's (login needed: put the files there yourself, or give URLs of a
 # mirror) and Caffe's aux tarball as data/ilsvrc12/get_ilsvrc_aux.sh fetches it.
 DEFAULT_TRAIN_URL = "https://image-net.org/data/ILSVRC/2012/ILSVRC2012_img_train.tar"
@@ -220,6 +223,10 @@ class _Runner:
         self.folders = ({c.name for c in root.iterdir() if c.is_dir()} if root.is_dir()
                         else set())
         self.started = time.time()
+        # This host's accelerator slot, taken by the first stage that needs the accelerator
+        # and kept until the flow run ends (tasks/accelerator.py says why).
+        self.held = ExitStack()
+        self.holding = False
 
     def tidy_after_failure(self) -> None:
         """A failed stage creates no folders: remove the folders this run created under the
@@ -270,6 +277,9 @@ class _Runner:
 
     def call(self, stage: str, task: Any, name: str, *, key: str, outputs: list[Path],
              force: bool | str = False, **kwargs: Any) -> StageRun:
+        if stage in ACCELERATOR_STAGES and not self.holding:
+            self.holding = True
+            self.held.enter_context(accelerator_slot(get_run_logger(), name))
         with self.stage(name):
             return self.record(call_stage(
                 task, name, results_root=self.root, cache_key=key, outputs=outputs,
@@ -357,6 +367,8 @@ def imagenet(
         stage = r.current or "?"
         return _cancelled(r, log, f"stage {stage}: stopped by {name}; a rerun runs it again",
                           stage)
+    finally:
+        r.held.close()  # this host's accelerator slot, where the run took it
 
 
 def _is_uuid(name: str) -> bool:

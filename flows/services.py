@@ -14,25 +14,35 @@ Each long-lived process starts in its own session (process group): PREFECT_NOTES
 worker started with `&` from a script ignores one SIGTERM, and that a second SIGTERM orphans the
 running flow; signalling the whole group stops the worker and its flow subprocess together.
 The server listens on 127.0.0.1 only and telemetry is off (flows.prefect_env).
+
+Everything said to the server goes through Prefect's own CLI (work pool, deploy) or client
+(health, variables, the concurrency limit, cancelling runs). Before deploying, `up` sets the
+Prefect variables that prefect.yaml's job_variables.env reads (the jemalloc to preload on this
+host, XLA's compilation cache) and the global concurrency limit of 1 on this host's accelerator
+(tasks.accelerator), so two training runs never share the host's accelerator(s).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 
 from data.lmdb_io import pid_alive
-from flows import prefect_env
+from flows import allocator, prefect_env
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
 
 PROJECT_ROOT = prefect_env.PROJECT_ROOT
 DEFAULT_RUN_DIR = PROJECT_ROOT / ".run"
@@ -64,6 +74,9 @@ CANCEL_WAIT_S = CANCEL_GRACE_S + 30
 API_TIMEOUT_S = 10
 FLOW_RUNS_PAGE = 200
 CANCELLED_BY_DOWN = "Cancelled by `make down`"
+# Prefect variables read by prefect.yaml's job_variables.env when `prefect deploy` runs.
+LD_PRELOAD_VARIABLE = "imagenet_ld_preload"
+JAX_CACHE_VARIABLE = "imagenet_jax_cache_dir"
 
 
 class AlreadyUp(RuntimeError):
@@ -82,9 +95,6 @@ def service_env(port: int, prefect_home: Path | None = None) -> dict[str, str]:
     home = Path(prefect_home or prefect_env.PREFECT_HOME)
     env.update({
         "PREFECT_HOME": str(home),
-        # The worker's flow runs train one task per snapshot interval, each compiling the same
-        # step: the persistent cache compiles it once (flows.prefect_env.configure's reason).
-        "JAX_COMPILATION_CACHE_DIR": str(home / prefect_env.JAX_CACHE_DIRNAME),
         "PREFECT_API_URL": api_url(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
@@ -116,19 +126,57 @@ def _start(name: str, argv: list[str], run_dir: Path, env: dict[str, str]) -> in
     return proc.pid
 
 
+@contextmanager
+def client(url: str, timeout: float = API_TIMEOUT_S) -> Iterator[SyncPrefectClient]:
+    """Prefect's synchronous client for the server at `url` (whatever PREFECT_API_URL says)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), \
+            get_client(httpx_settings={"timeout": timeout}, sync_client=True) as api:
+        yield api
+
+
 def wait_healthy(port: int, timeout: float = SERVER_READY_TIMEOUT_S, pid: int | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pid is not None and not pid_alive(pid):
             raise RuntimeError(f"the Prefect server (pid {pid}) exited; see its log")
-        try:
-            with urllib.request.urlopen(api_url(port) + "/health", timeout=2) as resp:
-                if json.loads(resp.read() or b"false") is True or resp.status == 200:
-                    return
-        except OSError:
-            pass
+        # A fresh client each time: one that has connected once retries refused connections.
+        with client(api_url(port), timeout=2) as api:
+            if api.api_healthcheck() is None:
+                return
         time.sleep(POLL_S)
     raise TimeoutError(f"the Prefect server on port {port} was not healthy after {timeout:.0f} s")
+
+
+def deploy_variables(prefect_home: Path) -> dict[str, str | None]:
+    """The Prefect variables prefect.yaml's job_variables.env reads, for this host: None
+    deletes one (no jemalloc here: LD_PRELOAD stays empty)."""
+    return {LD_PRELOAD_VARIABLE: allocator.find_jemalloc(),
+            JAX_CACHE_VARIABLE: str(prefect_home / prefect_env.JAX_CACHE_DIRNAME)}
+
+
+def configure_server(url: str, prefect_home: Path) -> None:
+    """Set the deployments' variables and the accelerator's concurrency limit (both are upserts:
+    a rerun of `make up` on the same database changes nothing else)."""
+    from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.accelerator import ACCELERATOR_LIMIT, ACCELERATOR_SLOTS
+
+    with client(url) as api:
+        for name, value in deploy_variables(prefect_home).items():
+            if value is None:
+                try:
+                    api.delete_variable_by_name(name)
+                except ObjectNotFound:
+                    pass
+            elif api.read_variable_by_name(name) is None:
+                api.create_variable(VariableCreate(name=name, value=value))
+            else:
+                api.update_variable(VariableUpdate(name=name, value=value))
+        api.upsert_global_concurrency_limit_by_name(ACCELERATOR_LIMIT, ACCELERATOR_SLOTS)
 
 
 def _run(argv: list[str], env: dict[str, str], run_dir: Path, what: str) -> None:
@@ -172,6 +220,7 @@ def up(port: int = DEFAULT_PORT, run_dir: Path = DEFAULT_RUN_DIR, prefect_home: 
     pid = _start("server", [prefect, "server", "start", "--host", HOST, "--port", str(port)],
                  run_dir, env)
     wait_healthy(port, pid=pid)
+    configure_server(api_url(port), Path(env["PREFECT_HOME"]))
     print(f"creating work pool {POOL} and deploying prefect.yaml")
     _run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env, run_dir,
          "creating the work pool")
@@ -250,19 +299,14 @@ def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
             time.sleep(POLL_S)
 
 
-def _in_flight(client: httpx.Client, states: list[str] = IN_FLIGHT_STATES
-               ) -> list[dict[str, Any]]:
-    resp = client.post("/flow_runs/filter", json={
-        "flow_runs": {"state": {"type": {"any_": states}}}, "limit": FLOW_RUNS_PAGE})
-    resp.raise_for_status()
-    return resp.json()
+def _in_flight(api: SyncPrefectClient, states: list[str] = IN_FLIGHT_STATES) -> list[FlowRun]:
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
 
-
-def _set_state(client: httpx.Client, run_id: str, state: str, force: bool = False,
-               message: str = CANCELLED_BY_DOWN) -> None:
-    resp = client.post(f"/flow_runs/{run_id}/set_state", json={
-        "state": {"type": state, "message": message}, "force": force})
-    resp.raise_for_status()
+    types = FlowRunFilterStateType(any_=[StateType[name] for name in states])
+    return api.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=types)),
+                              limit=FLOW_RUNS_PAGE)
 
 
 def _keep_messages(url: str, run_ids: list[str]) -> None:
@@ -284,31 +328,33 @@ def cancel_in_flight(url: str, wait_s: float = CANCEL_WAIT_S) -> list[str]:
     """Ask the server to cancel every Running/Pending flow run and wait until they end (the
     worker SIGTERMs each; a training segment snapshots first). Runs still not finished after
     `wait_s` are forced to Cancelled, so none is left *Running*. Returns their ids."""
-    with httpx.Client(base_url=url, timeout=API_TIMEOUT_S) as client:
-        waiting = _in_flight(client, WAITING_STATES)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    with client(url) as api:
+        waiting = _in_flight(api, WAITING_STATES)
         for run in waiting:
-            print(f"cancelling flow run {run['name']} ({run['state_name']}, not started)")
-            _set_state(client, run["id"], "CANCELLED", force=True,
-                       message=CANCELLED_BEFORE_START)
-        runs = _in_flight(client)
+            print(f"cancelling flow run {run.name} ({run.state_name}, not started)")
+            api.set_flow_run_state(run.id, Cancelled(message=CANCELLED_BEFORE_START), force=True)
+        runs = _in_flight(api)
         for run in runs:
-            if run["state_type"] != "CANCELLING":
-                print(f"cancelling flow run {run['name']} ({run['state_name']})")
-                _set_state(client, run["id"], "CANCELLING")
+            if run.state_type != StateType.CANCELLING:
+                print(f"cancelling flow run {run.name} ({run.state_name})")
+                api.set_flow_run_state(run.id, Cancelling(message=CANCELLED_BY_DOWN))
         deadline = time.monotonic() + wait_s
         left = runs
         while left and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            left = _in_flight(client)
+            left = _in_flight(api)
         for run in left:
-            print(f"flow run {run['name']} did not end within {wait_s:.0f} s: marking it "
+            print(f"flow run {run.name} did not end within {wait_s:.0f} s: marking it "
                   "Cancelled", file=sys.stderr)
-            _set_state(client, run["id"], "CANCELLED", force=True)
+            api.set_flow_run_state(run.id, Cancelled(message=CANCELLED_BY_DOWN), force=True)
     if runs:
-        _keep_messages(url, [run["id"] for run in runs])
+        _keep_messages(url, [str(run.id) for run in runs])
     if runs or waiting:
         time.sleep(WATCH_STRAGGLER_S)
-    return [run["id"] for run in runs + waiting]
+    return [str(run.id) for run in runs + waiting]
 
 
 def down(run_dir: Path = DEFAULT_RUN_DIR, cancel_wait_s: float = CANCEL_WAIT_S) -> None:
@@ -339,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", DEFAULT_PORT)))
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     args = parser.parse_args(argv)
+    prefect_env.configure()  # before this process imports prefect (for its client)
     try:
         if args.action == "up":
             up(args.port, args.run_dir)

@@ -12,8 +12,10 @@ free port; everything is stopped after.
    conversions, while (7) the same deployment on an empty data root fails in one line naming the
    stage and creates no folder; imagenet/train with force: [train] trains from iteration 0 with
    the old snapshots moved aside (said in the log), then evaluates.
-4. `make down` during a training run (a second mini-pipeline with a long training, started
-   alongside 3's train run): the run is cancelled through the API, snapshots, and ends
+5. `make up`'s concurrency limit: while a second mini-pipeline trains for long, another training
+   run says it waits for the host's accelerator and starts no training task; cancelled, it ends
+   Cancelled at once, saying it was waiting.
+4. `make down` then: the training run is cancelled through the API, snapshots, and ends
    Cancelled (never left Running), then the worker and the server stop.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from flows import services
+from tasks.accelerator import ACCELERATOR_LIMIT
 from tasks.stage import PROGRESS_EVENT
 
 pytestmark = pytest.mark.slow
@@ -35,8 +38,13 @@ WATCH_TIMEOUT_S = 420
 # Long enough that `make down` finds it training (the tiny net does ~100 iterations a second).
 CANCELLED_MAX_ITER = 200_000
 CANCELLED_BASE_LR = 1e-5
-CANCELLED_DISPLAY = 10
+# One log line per CANCELLED_DISPLAY iterations: alone, the run trains at up to ~1,100
+# iterations a second, and it trains on while step 5 waits.
+CANCELLED_DISPLAY = 500
 EVENTS_PAGE = 50  # the most /events/filter returns at once
+# How long the waiting run must stay without a training task run: without the limit its
+# first segment would start within a second.
+SLOT_WAIT_CHECK_S = 5
 
 
 def _free_port() -> int:
@@ -180,22 +188,6 @@ def test_operator_path_through_a_real_server(tmp_path, tiny_solver):
         assert not empty.exists()
         mark("imagenet/convert-lmdb: rebuilt the two LMDBs; on an empty root failed in one line")
 
-        # (4, started now to run alongside the next step, on a data root of its own: a
-        # mini-pipeline whose training lasts until `make down` cancels it at the end)
-        slow = tmp_path / "slow_solver.prototxt"  # never diverges; few log lines and tests
-        slow.write_text(tiny_solver.read_text().replace(
-            'net: "train_val.prototxt"', f'net: "{tiny_solver.parent / "train_val.prototxt"}"')
-            .replace("base_lr: 0.01", f"base_lr: {CANCELLED_BASE_LR}")
-            .replace("display: 1\n", f"display: {CANCELLED_DISPLAY}\n")
-            .replace("test_interval: 2\n", f"test_interval: {CANCELLED_MAX_ITER}\n"))
-        long_root = tmp_path / "long-root"
-        code, out = _finish(_run_deployment("imagenet/mini-pipeline", {
-            **tiny, "data_root": str(long_root), "solver": str(slow),
-            "max_iter": CANCELLED_MAX_ITER, "snapshot_interval": CANCELLED_MAX_ITER}, env,
-            watch=False))
-        assert code == 0, out
-        busy = _flow_run_id(out)
-
         # 3. train with force: [train] trains again from iteration 0, the old snapshots aside.
         code, watched = _finish(_run_deployment("imagenet/train", {
             "data_root": str(root), "solver": str(tiny_solver), "force": ["train"]}, env))
@@ -213,12 +205,60 @@ def test_operator_path_through_a_real_server(tmp_path, tiny_solver):
         assert len(list(root.glob("training/*/previous-*/snap_iter_6.caffemodel"))) == 1
         mark("imagenet/train with force: [train] retrained from 0 and evaluated")
 
+        # 4. A mini-pipeline on a data root of its own whose training lasts until `make down`
+        # cancels it at the end (started after 3: it holds the accelerator's slot meanwhile).
+        slow = tmp_path / "slow_solver.prototxt"  # never diverges; few log lines and tests
+        slow.write_text(tiny_solver.read_text().replace(
+            'net: "train_val.prototxt"', f'net: "{tiny_solver.parent / "train_val.prototxt"}"')
+            .replace("base_lr: 0.01", f"base_lr: {CANCELLED_BASE_LR}")
+            .replace("display: 1\n", f"display: {CANCELLED_DISPLAY}\n")
+            .replace("test_interval: 2\n", f"test_interval: {CANCELLED_MAX_ITER}\n"))
+        long_root = tmp_path / "long-root"
+        code, out = _finish(_run_deployment("imagenet/mini-pipeline", {
+            **tiny, "data_root": str(long_root), "solver": str(slow),
+            "max_iter": CANCELLED_MAX_ITER, "snapshot_interval": CANCELLED_MAX_ITER}, env,
+            watch=False))
+        assert code == 0, out
+        busy = _flow_run_id(out)
+
+        _eventually(lambda: _logs(api, busy),
+                    lambda logs: any(f"] Iteration {CANCELLED_DISPLAY} " in m for m in logs),
+                    timeout=WATCH_TIMEOUT_S)
+        mark("a long training run is training")
+
+        # 5. Meanwhile another training on this host waits for the slot `make up` created.
+        limits = {c["name"]: c for c in api.post("/v2/concurrency_limits/filter", json={}).json()}
+        slot = limits[ACCELERATOR_LIMIT]
+        assert slot["limit"] == 1 and slot["active"] and slot["active_slots"] == 1
+        code, out = _finish(_run_deployment("imagenet/train", {
+            "data_root": str(root), "solver": str(tiny_solver), "force": ["train"]}, env,
+            watch=False))
+        assert code == 0, out
+        waiting = _flow_run_id(out)
+        logs = _eventually(lambda: _logs(api, waiting),
+                           lambda logs: any("waiting for this host's accelerator" in m
+                                            for m in logs), timeout=WATCH_TIMEOUT_S)
+        assert any(ACCELERATOR_LIMIT in m for m in logs), logs
+        time.sleep(SLOT_WAIT_CHECK_S)
+        assert "train-0-2" not in _task_runs(api, waiting)
+        assert api.get(f"/flow_runs/{waiting}").json()["state_name"] == "Running"
+        assert api.get(f"/flow_runs/{busy}").json()["state_name"] == "Running"
+        mark("a second training waits for the accelerator's slot")
+        # Cancelled while it waits (as the README says: `prefect flow-run cancel ID`), it ends
+        # at once with its own message; the first run trains on.
+        done = subprocess.run([services._prefect(), "flow-run", "cancel", waiting], env=env,
+                              cwd=services.PROJECT_ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        stopped = _eventually(lambda: api.get(f"/flow_runs/{waiting}").json(),
+                              lambda run: run["state_name"] == "Cancelled", timeout=60)
+        assert "while waiting for this host's accelerator" in stopped["state"]["message"], \
+            stopped["state"]
+        assert api.get(f"/flow_runs/{busy}").json()["state_name"] == "Running"
+        mark("the waiting run cancelled")
+
         # 4. `make down` while a run trains: it first cancels the runs in flight through the
         # API (services.cancel_in_flight, read back here before the server stops): snapshot,
         # then Cancelled, within the worker's grace period.
-        _eventually(lambda: _logs(api, busy),
-                    lambda logs: any("] Iteration 20 " in m for m in logs), timeout=WATCH_TIMEOUT_S)
-        mark("a long training run is training: make down's cancel")
         started = time.monotonic()
         assert busy in services.cancel_in_flight(services.api_url(port))
         mark(f"cancelled in {time.monotonic() - started:.1f} s")
