@@ -4,10 +4,9 @@ Against a running `make up` server whose newest imagenet/mini-pipeline run compl
     docs/images/flow-run-graph.png       the flow run's page: the task-run graph with its edges
     docs/images/summary-artifact.png     the imagenet-summary artifact (stage table, curve)
 and, where the server has them, of the newest cancelled and failed imagenet runs:
-    docs/images/cancelled-run.png        its page (Cancelled, with where it stopped)
+    docs/images/cancelled-run.png        its page (Cancelled, the graph up to where it stopped)
     docs/images/cancelled-summary.png    its imagenet-summary (what ran, what a rerun does)
-    docs/images/failed-run.png           its page (Failed, with the one-line cause)
-    docs/images/failed-summary.png       its imagenet-summary
+    docs/images/failed-summary.png       the failed run's imagenet-summary (cause, rerun)
 each at most MAX_PNG_BYTES (quantized to a palette when larger). A developer tool: not part of
 `make test`, not a runtime dependency. It needs Debian's Chromium (`apt-get install -y
 chromium`) and drives it over the DevTools protocol (a websocket; the `websockets` package comes
@@ -44,8 +43,8 @@ VIEWPORT = (1440, 1000)
 MAX_PAGE_HEIGHT = 4000
 DEPLOYMENT = "mini-pipeline"
 FLOW = "imagenet"
-# The stopped runs pictured, when the server has one: (state type, file name stem).
-STOPPED = (("CANCELLED", "cancelled"), ("FAILED", "failed"))
+# The stopped runs pictured, when the server has one: (state type, file name stem, its page too).
+STOPPED = (("CANCELLED", "cancelled", True), ("FAILED", "failed", False))
 SUMMARY_KEY = "imagenet-summary"
 MAX_PNG_BYTES = 300_000
 PALETTE_COLOURS = 128
@@ -196,8 +195,8 @@ async def take(api_url: str, out: Path) -> None:
     with httpx.Client(base_url=api_url, timeout=30) as api:
         run = newest_run(api)
         artifact = summary_artifact(api, run["id"])
-        stopped = [(stem, found, summary_artifact(api, found["id"]))
-                   for state, stem in STOPPED if (found := newest_in_state(api, state))]
+        stopped = [(stem, page, found, summary_artifact(api, found["id"]))
+                   for state, stem, page in STOPPED if (found := newest_in_state(api, state))]
     # What the pages show once rendered: the graph's canvas; the artifact's markdown table.
     graph_ready = "document.querySelectorAll('canvas').length > 0"
     summary_ready = "document.querySelectorAll('table').length > 0 && " \
@@ -209,10 +208,11 @@ async def take(api_url: str, out: Path) -> None:
         await browser.show(f"{ui}/artifacts/artifact/{artifact['id']}", summary_ready)
         size = await browser.screenshot(out / "summary-artifact.png", full_page=True)
         print(f"{out / 'summary-artifact.png'}: {size} bytes")
-        for stem, found, summary in stopped:
-            await browser.show(f"{ui}/runs/flow-run/{found['id']}", graph_ready)
-            size = await browser.screenshot(out / f"{stem}-run.png")
-            print(f"{out / f'{stem}-run.png'}: {size} bytes (flow run {found['name']})")
+        for stem, page, found, summary in stopped:
+            if page:
+                await browser.show(f"{ui}/runs/flow-run/{found['id']}", graph_ready)
+                size = await browser.screenshot(out / f"{stem}-run.png")
+                print(f"{out / f'{stem}-run.png'}: {size} bytes (flow run {found['name']})")
             await browser.show(f"{ui}/artifacts/artifact/{summary['id']}", summary_ready)
             size = await browser.screenshot(out / f"{stem}-summary.png", full_page=True)
             print(f"{out / f'{stem}-summary.png'}: {size} bytes")

@@ -25,6 +25,8 @@ from tasks.report import FAILED_EVENT, announce
 from tasks.train import LATEST_WEIGHTS, TRAINING_DIR
 
 DEFAULT_TOP_K = 5
+# --watch prints it as its last line before the final state: what the table says, in one line.
+CLASSIFY_EVENT = "imagenet.classify.finished"
 
 
 logs.install()  # tracebacks at DEBUG, one line at ERROR (tasks/logs.py)
@@ -61,4 +63,8 @@ def classify(
         log.error("%s", message)
         announce(message, {"message": message}, event=FAILED_EVENT)
         return Failed(message=message)
-    return state.result().record
+    record = state.result().record
+    line = record.get("summary") or f"classified {record.get('classified')} images"
+    announce(line, {k: record.get(k) for k in ("classified", "skipped", "top1", "labelled")},
+             event=CLASSIFY_EVENT)
+    return record

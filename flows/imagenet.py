@@ -763,7 +763,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     create_markdown_artifact(
         markdown=report.summary_markdown(r.runs, data_root=str(root), datasets=datasets,
                                          final=final, outputs=outputs, curve=curve,
-                                         notes=notes),
+                                         notes=notes + [f"this run: {c}" for c in r.changes]),
         key=report.ARTIFACT_KEY_SUMMARY, description="imagenet pipeline summary")
     table = report.stage_table_rows(r.runs)
     # One line, not the table: `imagenet pipeline` and `make demo` print the table, and Prefect

@@ -67,8 +67,10 @@ CANCELLED_BEFORE_START = "Cancelled by `make down` before it started"
 # the server stays up that long, so the watch ends with the state, not a connection traceback.
 WATCH_STRAGGLER_S = 5
 # How long `make down` waits for the worker's own "cancelled successfully" state, to put the
-# run's message back over it (flows/cancel.py).
-KEEP_MESSAGE_WAIT_S = 5
+# run's message back over it (flows/cancel.py): the worker writes it once the flow process has
+# exited and its cancellation hook has run, 12 s after the run's own state in one `make down`
+# on 2 busy cores.
+KEEP_MESSAGE_WAIT_S = 30
 CANCEL_GRACE_S = 30
 CANCEL_WAIT_S = CANCEL_GRACE_S + 30
 API_TIMEOUT_S = 10

@@ -104,6 +104,7 @@ def classify_images(weights: str, images: list[str], *, top_k: int = 5,
                                                  if len(rows) > MAX_TABLE_ROWS else ""))
     return StageResult(stage="classify", key="", outputs={"weights": weights},
                        record={"classified": len(predictions), "skipped": len(skipped) + len(bad),
+                               "summary": summary,
                                "rows": rows[:MAX_TABLE_ROWS], **accuracy},
                        seconds=seconds, throughput=f"{len(predictions) / seconds:.1f} img/s")
 

@@ -101,6 +101,8 @@ def flag_help(name: str, field: Any) -> tuple[str, str]:
         metavar = "true|false"
     elif int in kinds:
         metavar = "N"
+    elif float in kinds:
+        metavar = "X"
     if "default" not in text and default is not None:
         text += f" (default: {default})"
     return text, metavar
