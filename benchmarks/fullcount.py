@@ -77,6 +77,8 @@ TARGET_DATA_MIN = 20.0
 TARGET_MEMORY_MIB = 2048.0
 TARGET_RERUN_S = 60.0
 SAMPLE_S = 0.2
+SMALL_RECORD_BYTES = 1 << 20  # a stage's result record or manifest: paths, counts, digests
+MANIFEST_GLOB = ".manifest.json"
 MIB = 2**20
 SUMMARY_LINE = ("fullcount: {n:,} images, data stages {m:.1f} min, peak memory {p:,.0f} MiB, "
                 "cached rerun {s:.1f} s")
@@ -337,6 +339,21 @@ def check_lmdb(checks: Checks, db: Path, listing: Path, seed: int, split: str) -
     return n
 
 
+def check_small_records(checks: Checks, root: Path) -> None:
+    """Prefect's result records and our manifests stay small at the full count (paths, counts
+    and digests, never arrays or per-image lists)."""
+    from tasks.stage import RESULTS_DIRNAME
+
+    for what, files in (("Prefect result records", list((root / RESULTS_DIRNAME).iterdir())),
+                        ("manifests", [p for pattern in ("*", "*/*", "training/*/*")
+                                       for p in root.glob(pattern + MANIFEST_GLOB)])):
+        sizes = {p: p.stat().st_size for p in files if p.is_file()}
+        largest = max(sizes, key=sizes.get)
+        checks.check(sizes[largest] < SMALL_RECORD_BYTES,
+                     f"{what}: {len(sizes)} files, {sum(sizes.values()) / 1024:,.0f} KiB in all, "
+                     f"the largest {sizes[largest] / 1024:,.1f} KiB ({largest.name[:40]})")
+
+
 def run_checks(root: Path, work: Path, out: dict[str, Any], counts: list[int], val: int) -> Checks:
     from tasks.convert import lmdb_path, mean_path
 
@@ -346,6 +363,7 @@ def run_checks(root: Path, work: Path, out: dict[str, Any], counts: list[int], v
     n_val = check_lmdb(checks, lmdb_path(root, "val"), root / ilsvrc12.VAL_LIST, SEED, "val")
     checks.check(n_train == sum(counts) and n_val == val,
                  f"the set's counts: {sum(counts):,} train + {val:,} val")
+    check_small_records(checks, root)
     ours = work / "compute-image-mean.binaryproto"
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "flows.cli", "compute-image-mean",
@@ -454,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                                       ("cached rerun", rerun, TARGET_RERUN_S, "s")):
         print(f"# {what}: {value:,.1f} {unit} (target < {target:,.0f} {unit} at the full count on "
               f"2 cores: {'met' if value < target else 'NOT met'})")
+    for other in out["reruns"][1:]:
+        print(f"# {other['label']}: rerun {other['wall_s']:.1f} s (making it took "
+              f"{other['prepare_s']:.0f} s)")
     if checks.failed:
         print(f"# {len(checks.failed)} check(s) failed: " + "; ".join(checks.failed))
     print(SUMMARY_LINE.format(n=n_images, m=data_min, p=peak, s=rerun))
