@@ -207,10 +207,15 @@ def write_manifest(
 
 def _same_stat_elsewhere(manifest: Mapping[str, Any], output: Path, stat: str) -> bool:
     """The output is at another path than recorded (its data root was copied or moved) with
-    the recorded size and mtime: a copy or a move keeps those, not the inode."""
+    the recorded size and mtime: a copy or a move keeps those, not the inode. A plain folder's
+    size is its filesystem's bookkeeping (a copy's entries may pack into fewer blocks), so a
+    folder is compared by its mtime alone."""
     if manifest.get("location") in (None, _location(output)):
         return False
-    return stat.split(":")[:2] == str(manifest.get("stat", "")).split(":")[:2]
+    size, mtime = stat.split(":")[:2]
+    was_size, was_mtime = (str(manifest.get("stat", "")).split(":") + ["", ""])[:2]
+    folder = output.is_dir() and not (output / LMDB_DATA_FILE).is_file()
+    return mtime == was_mtime and (folder or size == was_size)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

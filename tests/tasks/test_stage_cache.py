@@ -2,6 +2,7 @@
 tell a stage's outputs from missing, stale or foreign ones."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -122,3 +123,66 @@ def test_lmdb_manifest_notices_a_rewritten_data_file(tmp_path):
     assert cache.manifest_matches(db, "k")
     _write_lmdb(db, {b"k2": b"v2"})
     assert not cache.manifest_matches(db, "k")
+
+
+def test_moved_outputs_are_taken_by_stat_or_reverified_by_content(tmp_path, caplog):
+    """A copy (new path, new inode) with the recorded size and mtime is the output itself; a
+    copy without its times is hashed and passes when the bytes are the same; a folder whose
+    size a copy changed (filesystem bookkeeping) but whose mtime it kept passes by stat; any
+    other change fails."""
+    from data.lmdb_io import lmdb_content_digest
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    out = a / "imagenet_mean.binaryproto"
+    out.write_bytes(b"mean bytes")
+    cache.write_manifest(out, stage="mean", key="k", digest="d")
+    db = a / "ilsvrc12_val_lmdb"
+    _write_lmdb(db, {b"00000000_x.JPEG": b"v" * 10})
+    cache.write_manifest(db, stage="convert_val", key="k", digest=lmdb_content_digest(db))
+    tree = a / "val"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "x.JPEG").write_bytes(b"jpeg")
+    cache.write_manifest(tree, stage="extract_val", key="k", digest="k")
+    assert cache.read_manifest(tree)["content"].startswith("tree:")
+
+    shutil.copytree(a, b, copy_function=shutil.copy2)  # times kept (as cp -a)
+    assert cache.stale_reason([b / "imagenet_mean.binaryproto", b / "ilsvrc12_val_lmdb"], "k") == ""
+    assert cache.input_fingerprint(b / "ilsvrc12_val_lmdb") == cache.input_fingerprint(db)
+    assert cache.read_manifest(b / "imagenet_mean.binaryproto")["location"] == str(
+        b / "imagenet_mean.binaryproto")
+    folder_stat = cache.read_manifest(b / "val")["stat"].split(":")
+    manifest = cache.read_manifest(b / "val")
+    manifest["stat"] = ":".join(["999999", *folder_stat[1:]])  # another folder size
+    manifest["location"] = str(tree)
+    cache.manifest_path(b / "val").write_text(json.dumps(manifest))
+    assert cache.manifest_matches(b / "val", "k")
+
+    c = tmp_path / "c"
+    shutil.copytree(a, c, copy_function=shutil.copyfile)  # new times: hashed, same bytes
+    assert cache.stale_reason([c / "imagenet_mean.binaryproto", c / "ilsvrc12_val_lmdb",
+                               c / "val"], "k") == ""
+
+    d = tmp_path / "d"
+    shutil.copytree(a, d, copy_function=shutil.copyfile)
+    (d / "imagenet_mean.binaryproto").write_bytes(b"other byte")  # same size
+    (d / "val" / "sub" / "x.JPEG").write_bytes(b"jpeg, longer")
+    os.utime(d / "val", ns=(1, 1))
+    assert cache.stale_reason([d / "imagenet_mean.binaryproto"], "k") == cache.STALE_MISSING
+    assert cache.stale_reason([d / "val"], "k") == cache.STALE_MISSING
+    assert cache.stale_reason([d / "imagenet_mean.binaryproto"], "other key") == cache.STALE_KEY
+
+
+def test_version_1_manifests_keep_their_check(tmp_path):
+    """A manifest written before version 2 is used as before (exact stat), not re-verified."""
+    out = tmp_path / "imagenet_mean.binaryproto"
+    out.write_bytes(b"mean")
+    v1 = {"version": 1, "stage": "mean", "key": "k", "digest": "d",
+          "stat": cache.stat_fingerprint(out), "record": {}}
+    cache.manifest_path(out).write_text(json.dumps(v1))
+    assert cache.outputs_valid([out], "k") and cache.input_fingerprint(out) == "digest:d"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy2(out, copy / out.name)
+    shutil.copy2(cache.manifest_path(out), cache.manifest_path(copy / out.name))
+    assert cache.stale_reason([copy / out.name], "k") == cache.STALE_MISSING
