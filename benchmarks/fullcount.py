@@ -275,8 +275,6 @@ def child(spec_path: Path) -> None:
                               "same_outputs": _outputs(result) == first, **memory})
         print(f"  {label}: {wall:.1f} s" + (f" (after {how[0]} in {prepare_s:.0f} s)" if how
                                              else ""), flush=True)
-    if spec["copy"] and not spec["keep"]:
-        shutil.rmtree(root + "-moved", ignore_errors=True)
     Path(spec["out"]).write_text(json.dumps(out, default=str))
 
 
@@ -458,10 +456,17 @@ def main(argv: list[str] | None = None) -> int:
         out = json.loads((work / "rows.json").read_text())
         print_table(out)
         checks = run_checks(root, work, out, counts, CLASSES * per_val)
-    finally:
+        summarize(out, checks, n_images)
+    finally:  # after the last line: deleting 1.3 M files takes minutes
         if not args.keep:
             for folder in (root, Path(f"{root}-copy"), Path(f"{root}-moved"), work / "prefect-home"):
                 shutil.rmtree(folder, ignore_errors=True)
+    return 1 if checks.failed else 0
+
+
+def summarize(out: dict[str, Any], checks: Checks, n_images: int) -> None:
+    """The closing lines: the targets, the copied and moved reruns, failed checks, and last
+    the one summary line."""
     walls = stage_walls(out)
     data_min = sum(walls[s] for s in DATA_STAGES) / 60
     peak = max(row["max_anon_mib"] for row in out["stages"] + out["reruns"])
@@ -477,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{other['prepare_s']:.0f} s)")
     if checks.failed:
         print(f"# {len(checks.failed)} check(s) failed: " + "; ".join(checks.failed))
-    print(SUMMARY_LINE.format(n=n_images, m=data_min, p=peak, s=rerun))
-    return 1 if checks.failed else 0
-
+    print(SUMMARY_LINE.format(n=n_images, m=data_min, p=peak, s=rerun), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())
