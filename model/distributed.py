@@ -8,7 +8,9 @@ Owns
   in. One process and no scheduler: nothing to join. With explicit flags, model/peers.py's
   rendezvous runs first (a missing process is named in one line after `timeout_s`, 60 s by
   default: --join_timeout) and its watchdog stays beside JAX for the run (a process that fails
-  or dies stops the others at once, with one line).
+  or dies stops the others at once, with one line). JAX's coordination service then runs in a
+  helper process beside process 0 that outlives it by a few seconds, so process 0 dying
+  outright (kill -9, a segfault) never lets the others' JAX clients abort natively first.
 - the CPU collectives: XLA's CPU client reduces across processes with gloo over TCP
   (`jax_cpu_collectives_implementation`, gloo by default in jax 0.10; "mpi" is the other
   implementation, chosen with JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi). GPU processes reduce
@@ -121,10 +123,13 @@ def join(coordinator: str | None = None, num_processes: int | None = None,
         raise ImagenetError(f"--join_timeout={timeout_s}: must be a positive number of seconds")
     global _WATCHDOG
     host, port = parse_coordinator(coordinator)
-    links = peers.rendezvous(host, port, num_processes, process_id, timeout_s)
-    _WATCHDOG = peers.Watchdog(links, process_id, num_processes)
+    links, service = peers.rendezvous(host, port, num_processes, process_id, timeout_s)
+    _WATCHDOG = peers.Watchdog(links, process_id, num_processes, service)
+    # process 0's JAX starts its own service as always, but where nobody connects: the one
+    # every client joins is the helper's, on the coordinator's port (model/peers.py)
     return _initialize(coordinator, num_processes, process_id, environ, timeout_s,
-                       f"coordinator {coordinator}")
+                       f"coordinator {coordinator}",
+                       bind=peers.DECOY_BIND if service is not None else None)
 
 
 def report_failure(message: str) -> None:
@@ -135,13 +140,17 @@ def report_failure(message: str) -> None:
 
 
 def _initialize(coordinator: str | None, num_processes: int | None, process_id: int | None,
-                environ: Mapping[str, str], timeout_s: int, what: str) -> int:
+                environ: Mapping[str, str], timeout_s: int, what: str,
+                bind: str | None = None) -> int:
     import jax
     if COLLECTIVES_ENV not in environ:
         jax.config.update("jax_cpu_collectives_implementation", CPU_COLLECTIVES)
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=timeout_s)
+                                   initialization_timeout=timeout_s,
+                                   heartbeat_timeout_seconds=peers.JAX_HEARTBEAT_S,
+                                   shutdown_timeout_seconds=peers.JAX_SHUTDOWN_S,
+                                   coordinator_bind_address=bind)
     except Exception as err:  # jax raises RuntimeError, ValueError or its own runtime errors
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ImagenetError(f"could not join the training processes ({what}): {first}; "
