@@ -9,6 +9,7 @@ process writing the same folder) keeps its file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import uuid
@@ -58,6 +59,27 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes, *, durable: bool
         if isinstance(err, OSError):
             raise from_os_error(err, "cannot write", path) from None
         raise
+
+
+def probe_writable(folder: str | os.PathLike, name: str = "probe") -> Path:
+    """Create and remove a file in `folder`, or in the nearest folder above it that exists
+    (the missing ones would be created there): the one test of writability that holds for
+    root, ACLs and read-only mounts alike, which permission bits do not. Returns the folder
+    probed; raises OSError naming that folder (NotADirectoryError naming the file that stands
+    in the way). The probe is
+    named like a temporary (temp_path), so a kill in between leaves what the sweep removes."""
+    probe_in = Path(folder)
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe_in))
+    probe = temp_path(probe_in / name)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
+        os.unlink(probe)
+    except OSError as err:  # named by the folder: the probe's own name means nothing to anyone
+        raise OSError(err.errno, err.strerror, str(probe_in)) from None
+    return probe_in
 
 
 def remove_stale_temps(folder: str | os.PathLike, name_prefix: str = "") -> list[Path]:

@@ -9,7 +9,9 @@ calls the libraries):
 - anything else is a bug: one line naming the exception and the file its full traceback was
   written to (TRACEBACK_DIR_ENV, else the temp folder), exit 70 (sysexits' EX_SOFTWARE);
 - IMAGENET_DEBUG=1 lets every exception through with its traceback;
-- Ctrl-C exits 130 with one line; a closed stdout (`| head`) ends quietly.
+- Ctrl-C exits 130 with one line, SIGTERM 143 (it unwinds like Ctrl-C, so temporary files,
+  a half-built LMDB and the pipeline's temporary Prefect server are cleaned up); a closed
+  stdout (`| head`) ends quietly.
 Commands leave their target as it was when they fail: the libraries write to temporary names
 and rename (data/atomic.py, data/lmdb_io.py).
 """
@@ -19,6 +21,7 @@ import argparse
 import datetime
 import importlib
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -37,6 +40,7 @@ DEBUG_ENV = "IMAGENET_DEBUG"
 TRACEBACK_DIR_ENV = "IMAGENET_TRACEBACK_DIR"
 # Exit statuses: an error the user can fix, a bad flag (argparse's), a bug, Ctrl-C.
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130
+EXIT_TERMINATED = 128 + 15  # what a shell reports for a process SIGTERM ended
 # How much of an unexpected exception's own message goes into the one line.
 MAX_DETAIL = 300
 # What XLA says when an allocation fails (jaxlib's XlaRuntimeError).
@@ -65,6 +69,25 @@ def one_line(text: str) -> str:
 
 
 _ESCAPE_BREAKS = {ord(c): c.encode("unicode_escape").decode("ascii") for c in OTHER_LINE_BREAKS}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python would otherwise end at once without cleaning up: it unwinds
+    like Ctrl-C (a KeyboardInterrupt, so `except Exception` blocks let it through)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM unwinds (Terminated) instead of killing the process where it stands. Training
+    installs its own handler for its duration (snapshot, then stop: model/stop.py)."""
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (a caller of main() in a thread): leave it
+        pass
 
 
 def printable(text: str) -> str:
@@ -166,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     argparse's own exits (--help, a bad flag) raise SystemExit as usual."""
     argv = caffe_style_argv(list(sys.argv[1:] if argv is None else argv))
     _tolerate_file_names_on_streams()
+    _terminate_like_interrupt()
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
         return EXIT_USAGE
@@ -191,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(name: str, err: BaseException) -> int:
     """Print the one line for `err`; returns the exit status."""
+    if isinstance(err, Terminated):
+        print(f"imagenet {name}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     if isinstance(err, KeyboardInterrupt):
         print(f"imagenet {name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.atomic import remove_stale_temps, temp_path, write_bytes_atomic
+from data.atomic import probe_writable, remove_stale_temps, write_bytes_atomic
 from data.datum import array_to_blobproto, blobproto_to_array, read_proto_file
 from data.errors import ImagenetError, from_os_error, os_error_message
 from data.proto import caffe_pb2
@@ -166,24 +166,19 @@ def write_snapshot(*, prefix: str, iteration: int, root: str | Path, caffemodel:
 def check_snapshot_folder(prefix: Path, given: str) -> None:
     """Fail now, before any training, if snapshots of `prefix` could not be written where it
     points (Caffe finds out at the first snapshot, losing the training before it). The folder
-    is not created here (write_snapshot does that); a file is created and removed in it, or in
-    the nearest folder above it that exists, since permission bits alone do not tell (root,
-    ACLs, read-only mounts). `given` is the snapshot_prefix as the solver spells it."""
+    is not created here (write_snapshot does that): data.atomic.probe_writable tries it, or
+    the nearest folder above it that exists. `given` is the snapshot_prefix as the solver
+    spells it."""
     folder = prefix.parent
-    probe_in = folder
-    while not probe_in.exists() and probe_in != probe_in.parent:
-        probe_in = probe_in.parent
-    where = f"snapshot_prefix {given!r}"
-    if not probe_in.is_dir():
-        raise ImagenetError(f"{where}: cannot create the snapshot folder {folder}: {probe_in} "
-                            "is a file; choose another snapshot_prefix")
-    probe = temp_path(probe_in / f"{prefix.name}_probe")  # swept by remove_snapshot_temps
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        os.unlink(probe)
+        probe_writable(folder, f"{prefix.name}_probe")  # named to be swept with the snapshots
+    except NotADirectoryError as err:
+        raise ImagenetError(f"snapshot_prefix {given!r}: cannot create the snapshot folder "
+                            f"{folder}: {err.filename} is a file; choose another "
+                            "snapshot_prefix") from None
     except OSError as err:
-        raise ImagenetError(f"{where}: " + os_error_message(
-            err, "snapshots cannot be written in", probe_in)) from None
+        raise ImagenetError(f"snapshot_prefix {given!r}: " + os_error_message(
+            err, "snapshots cannot be written in", err.filename or folder)) from None
 
 
 def remove_snapshot_temps(prefix: str, root: str | Path = ".") -> list[Path]:

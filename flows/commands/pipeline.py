@@ -12,9 +12,12 @@ before anything imports Prefect).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import signal
 import sys
+import threading
 import typing
 import warnings
 from pathlib import Path
@@ -24,6 +27,11 @@ from flows import prefect_env
 from flows.flags import add_flag, parse_bool
 
 SOURCE_FLAGS = ("train", "val", "aux", "checksums")
+# How often the terminal pipeline looks whether its temporary Prefect server still runs.
+SERVER_POLL_S = 0.5
+# How long `imagenet pipeline` waits for the Prefect API that PREFECT_API_URL names to answer
+# before it says so (and creates nothing).
+API_CHECK_TIMEOUT_S = 10.0
 # The flow's default data root (flows/imagenet.py takes it from here): known to prepare()
 # without importing Prefect.
 DEFAULT_DATA_ROOT = "ilsvrc12-data"
@@ -40,6 +48,9 @@ def prepare(argv: list[str]) -> Path:
     """Point PREFECT_HOME at the data root the flags (or --params) name, before Prefect is
     imported (it reads PREFECT_HOME once, at import); returns the PREFECT_HOME in force. Bad
     flags are left for the real parse to report."""
+    if os.environ.get("PREFECT_API_URL") and not {"-h", "--help"} & set(argv):
+        # before Prefect is imported: the import creates PREFECT_HOME in an existing data root
+        check_api(os.environ["PREFECT_API_URL"])
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--params", default=None)
     add_flag(pre, "data_root", default=None)
@@ -239,6 +250,99 @@ def _refuse_nul(value: Any, name: str = "") -> None:
                             "which no path or URL can hold; fix it")
 
 
+def check_api(url: str | None = None) -> None:
+    """Refuse, in one line, a PREFECT_API_URL where no Prefect API answers: every call of the
+    run would otherwise fail and be retried, and the run would end as a bug. `url` defaults to
+    Prefect's setting (which needs Prefect imported)."""
+    import httpx
+
+    from data.download import mask_secrets
+    from data.errors import ImagenetError
+
+    if url is None:
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
+    if not url:
+        return
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=API_CHECK_TIMEOUT_S)
+    except httpx.HTTPError as err:
+        reason = str(err) or type(err).__name__
+        raise ImagenetError(
+            f"PREFECT_API_URL={mask_secrets(url)}: no Prefect API answers there "
+            f"({mask_secrets(reason)}); start it (make up) or unset PREFECT_API_URL to run "
+            "with a temporary one; nothing was run or created") from None
+
+
+def check_writable(data_root: Path, home: Path) -> None:
+    """The data root (archives, LMDBs, snapshots, the stage cache) and Prefect's home (its
+    database) must be writable: a read-only one used to end, minutes later, in Prefect's
+    tracebacks and a bug exit. One line now, before anything starts."""
+    from data.atomic import probe_writable
+    from data.errors import ImagenetError, os_error_message
+
+    db = home / "prefect.db"
+    for folder, what in ((data_root, "data_root"), (home, "Prefect's home (PREFECT_HOME)")):
+        try:
+            probe_writable(folder)
+            if folder == home and db.is_file():
+                with open(db, "r+b"):  # the database itself (a read-only file in the home)
+                    pass
+        except OSError as err:
+            raise ImagenetError(f"{what}: " + os_error_message(err, "cannot write in")
+                                + " (the pipeline keeps its data and Prefect's database "
+                                "there)") from None
+
+
+def start_temporary_server() -> None:
+    """Without PREFECT_API_URL, start the temporary Prefect server Prefect would start on first
+    use, made to outlive the signals that stop a run. The terminal sends Ctrl-C to its whole
+    foreground process group, server included, and the flow, which snapshots and stops on it,
+    then had no API to record that with (~70 refused connections over 4-5 minutes, then a bug
+    exit). So the server starts with SIGINT blocked (a child inherits the signal mask), and a
+    watcher starts it again, on the same port and database, if something else ends it (a
+    SIGTERM sent to the whole group) while the run still needs it. Prefect stops it with
+    SIGTERM when this process exits."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    server = SubprocessASGIServer()  # the instance Prefect's clients use (port None)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        server.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    keeper = _ServerKeeper(server)
+    atexit.register(keeper.stop)  # runs before Prefect's own atexit stop (registered first)
+    keeper.start()
+
+
+class _ServerKeeper(threading.Thread):
+    """Starts the temporary server again when it ends before this process does."""
+
+    def __init__(self, server: Any) -> None:
+        super().__init__(name="prefect-server-keeper", daemon=True)
+        self.server, self.stopping = server, threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by restarts
+        while not self.stopping.wait(SERVER_POLL_S):
+            process = self.server.server_process
+            if process is None or process.poll() is None or self.stopping.is_set():
+                continue
+            print(f"imagenet pipeline: the temporary Prefect server ended (exit status "
+                  f"{process.returncode}); starting it again on {self.server.address}",
+                  file=sys.stderr)
+            # SubprocessASGIServer's own launcher (prefect 3.9: the same port and database)
+            self.server.server_process = self.server._run_uvicorn_command()
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -253,13 +357,16 @@ def run(args: argparse.Namespace) -> int:
     from flows.imagenet import imagenet
     from tasks.report import sig
 
+    check_api()  # a dead PREFECT_API_URL: one line, before anything is created
+    check_writable(Path(params.data_root), Path(os.environ["PREFECT_HOME"]))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # see prepare()
+    start_temporary_server()
     state = imagenet(**params.flow_parameters(), return_state=True)
-    if state.is_cancelled():  # Ctrl-C during training: snapshotted, then stopped
+    if state.is_cancelled():  # Ctrl-C or SIGTERM during training: snapshotted, then stopped
         print(f"imagenet pipeline: {state.message}", file=sys.stderr)
-        from flows.cli import EXIT_INTERRUPTED
+        from flows.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if "SIGTERM" in (state.message or "") else EXIT_INTERRUPTED
     if not state.is_completed():
         # The flow's state message is its one line: "stage convert-train: ..."
         raise ImagenetError(state.message or f"the flow run ended {state.name}")

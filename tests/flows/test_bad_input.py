@@ -894,3 +894,32 @@ def test_a_database_being_written_is_not_called_corrupt(template, tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_pipeline_without_a_reachable_prefect_api_is_one_line_and_creates_nothing(tmp_path):
+    """PREFECT_API_URL at a port where nothing listens: exit 70 'a bug' after the retries,
+    leaving <data root>/.prefect. Now one line, and the (existing) data root untouched."""
+    (tmp_path / "root").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_HOME")}
+    env.update(PYTHONPATH=str(REPO), PREFECT_API_URL=f"http://127.0.0.1:{_closed_port()}/api")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", "--data_root=root"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, "pipeline", "PREFECT_API_URL", "no Prefect API answers",
+                     "Connection refused", "nothing was run or created")
+    assert list((tmp_path / "root").iterdir()) == []
+
+
+def test_pipeline_on_a_read_only_data_root_is_one_line(tmp_path):
+    """A data root (with its Prefect database) on a read-only disk printed Prefect's
+    tracebacks for minutes, then exited 70. Now one line before anything starts."""
+    prefix = _private_mount(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(REPO)
+    script = (f"mount -t tmpfs tmpfs {mnt} && mkdir -p {mnt}/root/.prefect && "
+              f"touch {mnt}/root/.prefect/prefect.db && mount -o remount,ro {mnt} && "
+              f"{sys.executable} -m flows.cli pipeline --data_root={mnt}/root")
+    proc = subprocess.run(prefix + ["sh", "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, "pipeline", "data_root", f"{mnt}/root", "EROFS")
