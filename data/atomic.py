@@ -3,8 +3,10 @@
 A file is written under a temporary name beside its target and renamed over it, so a kill
 never leaves a half-written file under the real name. The temporary name carries the writer's
 pid (`.<name>.<pid>-<random>.tmp`): `remove_stale_temps` deletes those of writers that no
-longer run, so a rerun after a kill leaves nothing behind, while a writer still running (another
-process writing the same folder) keeps its file.
+longer run, while a writer still running (another process writing the same folder) keeps its
+file. Every writer here (write_bytes_atomic, open_atomic, symlink_atomic) sweeps the stale
+temporaries of its target before it writes, so the rerun after a kill leaves nothing behind:
+every atomic writer of the project goes through these.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from data.errors import from_os_error
 
@@ -43,12 +46,23 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes, *, durable: bool
     """Write `payload` to a temporary file beside `path`, fsync it (when `durable`), rename it
     over `path`. On any failure the temporary is removed and `path` is as it was; an OSError
     (read-only or full disk, missing folder) is raised as an ImagenetError naming `path`."""
+    with open_atomic(path, durable=durable) as fh:
+        fh.write(payload)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to stream `path`'s content into: written under a temporary name (after
+    sweeping the temporaries killed writers of `path` left), fsynced when `durable`, renamed
+    over `path` when the block ends normally, removed when it raises. An OSError is raised as
+    an ImagenetError naming `path`."""
     path = Path(path)
+    remove_stale_temps(path.parent, path.name)
     tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            yield fh
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -58,6 +72,22 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes, *, durable: bool
             tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise from_os_error(err, "cannot write", path) from None
+        raise
+
+
+def symlink_atomic(link: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make `link` a symbolic link to `target`, replacing what is there in one rename."""
+    link = Path(link)
+    remove_stale_temps(link.parent, link.name)
+    tmp = temp_path(link)
+    try:
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise from_os_error(err, "cannot create the link", link) from None
         raise
 
 
@@ -87,15 +117,18 @@ def remove_stale_temps(folder: str | os.PathLike, name_prefix: str = "") -> list
     `name_prefix`; returns what was removed."""
     removed: list[Path] = []
     try:
-        entries = list(Path(folder).iterdir())
+        names = os.listdir(folder)  # names only: cheap beside a folder of many files
     except OSError:
         return removed  # nothing to sweep where nothing can be listed
-    for entry in entries:
-        m = _TMP_RE.match(entry.name)
+    for name in names:
+        if not name.endswith(TMP_SUFFIX) or not name.startswith("."):
+            continue
+        m = _TMP_RE.match(name)
         if m is None or not m.group("name").startswith(name_prefix):
             continue
         pid = int(m.group("pid"))
         if pid != os.getpid() and not pid_alive(pid):
+            entry = Path(folder) / name
             try:
                 entry.unlink()
             except OSError:

@@ -29,7 +29,6 @@ import csv
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import tarfile
 import time
@@ -42,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from data import ilsvrc12
+from data.atomic import open_atomic
 from data.errors import ImagenetError
 from data.devkit_meta import format_meta
 
@@ -270,8 +270,9 @@ def _open_tar(fileobj: BinaryIO) -> tarfile.TarFile:
 
 
 def _write_tar_gz(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """A .tar.gz whose bytes depend only on `members` (gzip mtime 0, no file name stored)."""
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+    """A .tar.gz whose bytes depend only on `members` (gzip mtime 0, no file name stored),
+    written atomically."""
+    with open_atomic(path, durable=False) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
                                                  mtime=0) as gz, _open_tar(gz) as tar:
         for name, data in members:
             _add_bytes(tar, name, data)
@@ -283,10 +284,6 @@ def _md5(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def make_mini_ilsvrc12(
@@ -344,7 +341,7 @@ def make_mini_ilsvrc12(
     train_entries: list[tuple[str, int]] = []
 
     train_tar = outdir / ilsvrc12.TRAIN_ARCHIVE
-    with open(_tmp(train_tar), "wb") as raw, _open_tar(raw) as outer:
+    with open_atomic(train_tar, durable=False) as raw, _open_tar(raw) as outer:
         for label, wnid in enumerate(synsets):
             rng = np.random.default_rng([seed, 1, label])
             ids = np.sort(rng.choice(np.arange(*TRAIN_ID_RANGE), counts[label], replace=False))
@@ -361,7 +358,6 @@ def make_mini_ilsvrc12(
                     train_entries.append((f"{wnid}/{name}", label))
                     tick()
             _add_bytes(outer, f"{wnid}.tar", inner_buf.getvalue())
-    os.replace(_tmp(train_tar), train_tar)
 
     # Val: each class val_per_class times, in a seeded shuffle (like the real val set).
     n_val = classes * val_per_class
@@ -370,7 +366,7 @@ def make_mini_ilsvrc12(
     val_entries: list[tuple[str, int]] = []
     boxes: list[tuple[str, str, tuple, tuple[int, int]]] = []
     val_tar = outdir / ilsvrc12.VAL_ARCHIVE
-    with open(_tmp(val_tar), "wb") as raw, _open_tar(raw) as tar:
+    with open_atomic(val_tar, durable=False) as raw, _open_tar(raw) as tar:
         for i in range(1, n_val + 1):
             label = int(val_labels[i - 1])
             name = ilsvrc12.VAL_NAME_FORMAT.format(i)
@@ -379,7 +375,6 @@ def make_mini_ilsvrc12(
             val_entries.append((name, label))
             boxes.append((name, synsets[label], box, image.size))
             tick()
-    os.replace(_tmp(val_tar), val_tar)
 
     # Caffe's aux tarball: the listings plus the pickle nobody may load.
     train_entries.sort(key=lambda e: e[0])  # Caffe's train.txt is sorted by path
@@ -391,8 +386,7 @@ def make_mini_ilsvrc12(
         ("imagenet.bet.pickle", pickle.dumps({"mini-ilsvrc12": "never unpickle aux files"}, 2)),
     ]
     aux_tar = outdir / ilsvrc12.AUX_ARCHIVE
-    _write_tar_gz(_tmp(aux_tar), aux_members)
-    os.replace(_tmp(aux_tar), aux_tar)
+    _write_tar_gz(aux_tar, aux_members)
 
     # Devkit: ILSVRC2012_IDs are a seeded permutation, so ID order != sorted WNID order (the
     # trap of the real devkit); the ground truth holds IDs, not Caffe labels.
@@ -409,11 +403,10 @@ def make_mini_ilsvrc12(
     meta = format_meta(leaves + [root])
     ground_truth_text = "".join(f"{int(ids[lab])}\n" for _, lab in val_entries)
     devkit_tar = outdir / ilsvrc12.DEVKIT_ARCHIVE
-    _write_tar_gz(_tmp(devkit_tar), [
+    _write_tar_gz(devkit_tar, [
         (f"{ilsvrc12.DEVKIT_DIR}/{ilsvrc12.DEVKIT_META}", meta),
         (f"{ilsvrc12.DEVKIT_DIR}/{ilsvrc12.DEVKIT_GROUND_TRUTH}", ground_truth_text.encode()),
     ])
-    os.replace(_tmp(devkit_tar), devkit_tar)
     ground_truth = outdir / Path(ilsvrc12.DEVKIT_GROUND_TRUTH).name
     ilsvrc12.atomic_write_text(ground_truth, ground_truth_text)
 

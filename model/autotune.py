@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
 from model import kernels, machine
 from model.kernels import ConvPlan, Pair
@@ -212,14 +212,7 @@ def _store(key: ConvKey, result: Measurement) -> None:
         "seconds": round(result.seconds, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".conv_plans.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), durable=False)
 
 
 def conv_plan(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: Pair, pad: Pair,

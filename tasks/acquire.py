@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from prefect import task
 from prefect.logging import get_run_logger
 
+from data.atomic import symlink_atomic
 from data.errors import ImagenetError
 from data.ilsvrc12 import AUX_ARCHIVE, LISTING_FILES, TRAIN_ARCHIVE, TRAIN_DIR, VAL_ARCHIVE, VAL_DIR
 from tasks import redact
@@ -268,10 +269,7 @@ def download_archive(cache_key: str, source: str, data_root: str, md5: str | Non
         target = got.resolve()
         if target.is_relative_to(Path(data_root).resolve()):
             target = Path(os.path.relpath(target, dest.parent.resolve()))
-        tmp = dest.with_name(dest.name + f".link{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(target)
-        os.replace(tmp, dest)
+        symlink_atomic(dest, target)
     seconds = float(result.seconds)
     mb_s = result.bytes / MIB / seconds if seconds > 0 else 0.0
     digest = "md5:" + result.md5 if result.md5 else "sha256:" + file_digest(dest)

@@ -41,6 +41,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -168,9 +169,8 @@ def _location(output: Path) -> str:
 
 def _write_body(output: Path, body: Mapping[str, Any]) -> Path:
     path = manifest_path(output)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(body, indent=1, sort_keys=True, default=str).encode(),
+                       durable=False)
     return path
 
 

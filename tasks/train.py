@@ -29,6 +29,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled, State
 from pydantic import BaseModel
 
+from data.atomic import symlink_atomic, write_bytes_atomic
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 from tasks.cache import canonical_json, code_digest, file_digest, input_fingerprint, write_manifest
@@ -115,9 +116,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     """Atomic, and untouched when identical, so a rerun sees the same file."""
     if path.exists() and path.read_text() == text:
         return
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode(), durable=False)
 
 
 def _phase_of(layer: caffe_pb2.LayerParameter) -> int | None:
@@ -333,10 +332,7 @@ def link_latest(data_root: Path | str, weights: Path | str) -> Path:
     target = os.path.relpath(Path(weights).resolve(), link.parent.resolve())
     if link.is_symlink() and os.readlink(link) == target:
         return link
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
+    symlink_atomic(link, target)
     return link
 
 
@@ -620,9 +616,7 @@ def evaluate_weights(
     record = {"outputs": outputs, "top1": by_k.get(1), "top5": by_k.get(5),
               "iterations": iterations}
     out = Path(output)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+    write_bytes_atomic(out, json.dumps(record, indent=1).encode(), durable=False)
     digest = file_digest(out)
     write_manifest(out, stage="evaluate", key=cache_key, digest=digest, content=f"sha256:{digest}")
     log.info("evaluation of %s over %d iterations: %s", weights, iterations,

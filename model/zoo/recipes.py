@@ -19,13 +19,13 @@ Nothing else changes: the recipe's fillers, transforms and schedule are kept.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 
+from data.atomic import write_bytes_atomic
 from data.errors import ImagenetError
 from data.proto import caffe_pb2
 
@@ -230,9 +230,7 @@ def write_sized_recipe(name: str, out_dir: Path | str, *, classes: int,
         text = (f"# {r.name} ({r.folder / file_name}) sized to {classes} classes by "
                 f"model/zoo/recipes.py\n" + text_format.MessageToString(message))
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+            write_bytes_atomic(path, text.encode("utf-8"), durable=False)
         paths[file_name] = path
     return SizedRecipe(r, paths[SOLVER_FILE], paths[NET_FILE], paths[DEPLOY_FILE], classes,
                        renamed, resized, dropped)

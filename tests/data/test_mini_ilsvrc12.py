@@ -160,3 +160,37 @@ def test_thumb_profile_with_per_class_counts(tmp_path):
     assert len(listed) == sum(counts)
     with pytest.raises(ImagenetError, match="2 counts for 3 classes"):
         make_mini_ilsvrc12(tmp_path / "bad", classes=3, train_counts=[1, 2])
+
+
+def test_a_killed_build_leaves_nothing_after_the_rerun(tmp_path):
+    """A kill while the mini dataset was being built left .ILSVRC2012_img_train.tar.tmp-PID
+    (6 MB) that no rerun removed; its temporaries are now data.atomic's, which the rerun
+    sweeps, and the rerun's archives are the uninterrupted build's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "mini"
+    script = ("import sys; from data.mini import make_mini_ilsvrc12; "
+              "make_mini_ilsvrc12(sys.argv[1], classes=10, train_per_class=60, val_per_class=2)")
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)],
+                            env={**os.environ, "PYTHONPATH": repo})
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".") for p in out.glob(".*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no temporary seen"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert any(p.name.startswith(".") for p in out.iterdir()), "killed before any temporary"
+    make_mini_ilsvrc12(out, classes=10, train_per_class=60, val_per_class=2)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    fresh = tmp_path / "fresh"
+    make_mini_ilsvrc12(fresh, classes=10, train_per_class=60, val_per_class=2)
+    for archive in fresh.glob("*.tar*"):
+        assert md5(archive) == md5(out / archive.name), archive.name
