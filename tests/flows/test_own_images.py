@@ -4,8 +4,9 @@ files, a .jpg that is not an image, names that are not ASCII) through listings, 
 alexnet_mini sized to its classes, evaluation, finetuning, and `imagenet classify` with the
 user's class names. Adding or replacing an image reruns exactly what depends on it.
 
-The tests share one data root and run in file order. Training is 2 iterations: what is tested
-is the wiring; the accuracy reached on the README's folder is in the closing note.
+The tests share one data root and run in file order. One training, of 2 iterations, finetuned
+from the weights of a 10-class alexnet_mini (training from scratch is the ILSVRC12 flow's path,
+tests/flows/test_imagenet_flow.py): what is tested is the wiring.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 PER_CLASS = 6
 ITERATIONS = 2
 DATA_STAGES = ["listings", "convert", "mean"]
-SCRATCH = {"listings", "convert-train", "convert-val", "mean", f"train-0-{ITERATIONS}",
+ALL_STAGES = {"listings", "convert-train", "convert-val", "mean", f"train-0-{ITERATIONS}",
            "evaluate"}
 
 
@@ -55,14 +56,29 @@ def params(data_root: Path, photos, **overrides):
 
 
 @pytest.fixture(scope="module")
-def first_run(data_root, photos):
+def pretrained(tmp_path_factory) -> Path:
+    """Weights of the 10-class alexnet_mini (another dataset, its classifier named fc8)."""
+    import jax
+
+    from model.caffemodel import save_caffemodel
+    from model.net import Net
+    from model.zoo.recipes import RECIPES
+
+    source = Net.from_prototxt(RECIPES["alexnet_mini"].folder / "deploy.prototxt", "TEST")
+    path = tmp_path_factory.mktemp("pretrained") / "pretrained.caffemodel"
+    save_caffemodel(path, source, source.init(jax.random.PRNGKey(3)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(data_root, photos, pretrained):
     from flows.imagenet import imagenet
 
-    return imagenet(**params(data_root, photos))
+    return imagenet(**params(data_root, photos, weights=str(pretrained)))
 
 
 def test_folder_runs_the_same_stages_with_labels_and_a_sized_net(first_run, data_root, photos):
-    assert ran(first_run) == SCRATCH == set(statuses(first_run))  # no download, no extract
+    assert ran(first_run) == ALL_STAGES == set(statuses(first_run))  # no download, no extract
     labels = (data_root / "labels.txt").read_text(encoding="utf-8").splitlines()
     assert labels == ["circle", "lonely", "rayé", "square", "triangle"]
     listings = first_run["records"]["listings"]
@@ -88,10 +104,10 @@ def test_folder_runs_the_same_stages_with_labels_and_a_sized_net(first_run, data
 
 
 def test_rerun_is_cached_and_adding_an_image_reruns_exactly_its_split(first_run, data_root,
-                                                                       photos):
+                                                                       photos, pretrained):
     from flows.imagenet import imagenet
 
-    again = imagenet(**params(data_root, photos))
+    again = imagenet(**params(data_root, photos, weights=str(pretrained)))
     assert ran(again) == set()
     before = {name: (data_root / name).read_bytes() for name in ("train.txt", "val.txt")}
     digests = {s: read_manifest(convert_tasks.lmdb_path(data_root, s))["digest"]
@@ -130,28 +146,29 @@ def test_resize_mode_reconverts(first_run, data_root, photos):
 
 
 def test_finetuning_copies_by_name_and_starts_the_new_classifier_fresh(first_run, data_root,
-                                                                       photos, tmp_path):
-    """Weights of the 10-class alexnet_mini (another dataset): every layer but fc8 is copied,
-    fc8_garden starts from its filler, at 10x the lr_mult under a tenth of the base_lr."""
-    import jax
+                                                                       pretrained):
+    """Every layer but fc8 is copied from the 10-class weights; fc8_garden keeps its filler, at
+    10x the lr_mult under a tenth of the base_lr (flickr_style); the weights are part of the
+    configuration (from scratch would train in another folder)."""
+    from tasks import train as training
 
-    from flows.imagenet import imagenet
-    from model.caffemodel import save_caffemodel
-    from model.net import Net
-    from model.zoo.recipes import RECIPES
-
-    source = Net.from_prototxt(RECIPES["alexnet_mini"].folder / "deploy.prototxt", "TEST")
-    weights = tmp_path / "pretrained.caffemodel"
-    save_caffemodel(weights, source, source.init(jax.random.PRNGKey(3)))
-    tuned = imagenet(**params(data_root, photos, weights=str(weights)))
-    assert {f"train-0-{ITERATIONS}", "evaluate"} <= ran(tuned)
-    run_dir = Path(tuned["outputs"]["final weights"]).parent
-    assert run_dir != Path(first_run["outputs"]["final weights"]).parent  # another config
-    solver = (run_dir / "solver.prototxt").read_text()
-    assert "base_lr: 0.0005" in solver
+    run_dir = Path(first_run["outputs"]["final weights"]).parent
+    assert "base_lr: 0.0005" in (run_dir / "solver.prototxt").read_text()
     net = (run_dir / "train_val.prototxt").read_text()
     fc8 = net[net.index('name: "fc8_garden"'):]
     assert "lr_mult: 10" in fc8[:400] and "lr_mult: 20" in fc8[:400]
+    lines = training.finetune_report(str(run_dir / "solver.prototxt"), str(pretrained))
+    assert lines == [
+        "copied by name from the weights: 7 layers (conv1, conv2, conv3, conv4, conv5, fc6, fc7)",
+        "not in the weights, starting from their fillers: 1 layer (fc8_garden)",
+        "in the weights but not in the net, ignored: 1 layer (fc8)"]
+    lmdbs = {split: convert_tasks.lmdb_path(data_root, split) for split in ("train", "val")}
+    common = dict(train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
+                  mean_file=convert_tasks.mean_path(data_root), max_iter=ITERATIONS)
+    solver = data_root / "nets" / "alexnet_mini" / "solver.prototxt"
+    tuned = training.prepare_training(data_root, str(solver), weights=pretrained, **common)
+    scratch = training.prepare_training(data_root, str(solver), **common)
+    assert scratch.config_id != tuned.config_id and tuned.weights == str(pretrained.resolve())
 
 
 def test_classify_needs_only_the_weights_and_prints_the_users_class_names(first_run, photos,
