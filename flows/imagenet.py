@@ -65,6 +65,7 @@ DEFAULT_TRAIN_URL = "https://image-net.org/data/ILSVRC/2012/ILSVRC2012_img_train
 DEFAULT_VAL_URL = "https://image-net.org/data/ILSVRC/2012/ILSVRC2012_img_val.tar"
 DEFAULT_AUX_URL = "http://dl.caffe.berkeleyvision.org/caffe_ilsvrc12.tar.gz"
 DEFAULT_SOLVER = "model/zoo/bvlc_alexnet/solver.prototxt"
+DEFAULT_NET = "bvlc_alexnet"  # DEFAULT_SOLVER's recipe: what your own images train without net
 DEFAULT_RESIZE = 256  # examples/imagenet/create_imagenet.sh
 DEFAULT_SHUFFLE_SEED = 0
 # Parameters are checked strictly, once (PipelineParams): JSON's true is no worker count and
@@ -133,7 +134,8 @@ class PipelineParams(BaseModel):
     solver: str = Field(DEFAULT_SOLVER, min_length=1, description="solver.prototxt (its `net:` is the "
                         "train_val prototxt; its Data layers are pointed at this run's LMDBs)")
     net: NetName | None = Field(None, description="a zoo net and its solver (instead of "
-                               "solver), its classifier layers sized to the dataset's classes")
+                               "solver), its classifier layers sized to the dataset's classes "
+                               f"(with images and no solver: {DEFAULT_NET})")
     weights: str | None = Field(None, description="finetune: start training from this "
                                 ".caffemodel, layers copied by name (caffe train --weights)")
     finetune_lr_factor: float = Field(recipes.FINETUNE_LR_FACTOR, gt=0, description="with net "
@@ -166,6 +168,14 @@ class PipelineParams(BaseModel):
         if self.val_percent is not None and not self.images:
             raise ValueError("val_percent splits the images folder: give images too")
         return self
+
+    def zoo_net(self) -> str | None:
+        """The zoo recipe this run trains: `net`, or with your own images and neither net nor
+        solver given, the default solver's net (bvlc_alexnet) sized to their classes; None
+        when the run trains the user's solver as it is."""
+        if self.net:
+            return self.net
+        return DEFAULT_NET if self.images and self.solver == DEFAULT_SOLVER else None
 
     @field_validator("devices")
     @classmethod
@@ -464,7 +474,7 @@ def _conversion(p: PipelineParams, train_lmdb: Path, log: logging.LoggerAdapter
     built (tasks.convert.recorded_conversion), else the defaults; and the changes from what was
     built ("resize_height 64 -> 256"), which the run states rather than makes silently."""
     recorded = convert.recorded_conversion(train_lmdb)
-    size = recipes.RECIPES[p.net].record_size if p.net else DEFAULT_RESIZE
+    size = recipes.RECIPES[p.zoo_net()].record_size if p.zoo_net() else DEFAULT_RESIZE
     defaults = {"resize_height": size, "resize_width": size, "encoded": False,
                 "resize_mode": "squash"}
     params: dict[str, Any] = {}
@@ -521,7 +531,7 @@ def _sized_net(r: _Runner, log: logging.LoggerAdapter, listings: dict[str, Path]
     val_images = _count_lines(r.root / VAL_LIST)
     rename = recipes.layer_suffix(Path(p.images).resolve().name) if p.images else None
     sized = recipes.write_sized_recipe(
-        p.net, r.root / NETS_DIR / p.net, classes=classes, rename=rename,
+        p.zoo_net(), r.root / NETS_DIR / p.zoo_net(), classes=classes, rename=rename,
         finetune_lr_factor=p.finetune_lr_factor if p.weights else 1.0, val_images=val_images)
     log.info("%s", sized.describe())
     return sized
@@ -675,7 +685,7 @@ def _run_stages(r: _Runner, log: logging.LoggerAdapter) -> dict[str, Any]:
     data_after = r.after("convert-train", "convert-val", "mean")
     if r.wanted("train") or r.wanted("evaluate"):
         with r.stage("train" if r.wanted("train") else "evaluate"):
-            solver = str(_sized_net(r, log, listings).solver) if p.net else p.solver
+            solver = str(_sized_net(r, log, listings).solver) if p.zoo_net() else p.solver
             plan = training.prepare_training(
                 root, solver, train_lmdb=lmdbs["train"], val_lmdb=lmdbs["val"],
                 mean_file=mean_file, max_iter=p.max_iter, snapshot_interval=p.snapshot_interval,

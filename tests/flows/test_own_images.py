@@ -204,3 +204,7 @@ def test_bad_folder_parameters_fail_in_one_line(data_root, photos, tmp_path):
         PipelineParams(images=str(photos.folder), net="alexnet_mini", solver="x/solver.prototxt")
     with pytest.raises(ValueError, match="val_percent splits the images folder"):
         PipelineParams(val_percent=10)
+    # without net or solver, your own images train the default solver's net sized to them
+    assert PipelineParams(images=str(photos.folder)).zoo_net() == "bvlc_alexnet"
+    assert PipelineParams(images="x", solver="my/solver.prototxt").zoo_net() is None
+    assert PipelineParams().zoo_net() is None  # ILSVRC12 with the default solver, as it is
