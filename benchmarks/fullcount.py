@@ -20,7 +20,10 @@ per batch). Then, timed:
 - `cp -a` of the finished data root to another folder and the run on the copy (new paths, new
   inodes): every stage must be Cached and every output the same (tasks/cache.py re-verifies
   moved outputs by content instead of recomputing them);
-- the copy moved (`mv`) to a third name and the run again.
+- the copy moved (`mv`) to a third name and the run again;
+- every recorded output of that root touched (a new mtime, as `cp -r` or another filesystem's
+  timestamps leave them) and the run again: every output is re-verified by content (the
+  archives' md5, the LMDBs' record digests, the trees' file names and sizes), still all Cached.
 A thread samples /proc of the child and every process under it (extraction workers, the Prefect
 server, training processes): per stage the peak anonymous RSS of each (the process's own memory)
 and the peak file-backed RSS (mapped LMDB pages, which the kernel reclaims).
@@ -78,7 +81,6 @@ TARGET_MEMORY_MIB = 2048.0
 TARGET_RERUN_S = 60.0
 SAMPLE_S = 0.2
 SMALL_RECORD_BYTES = 1 << 20  # a stage's result record or manifest: paths, counts, digests
-MANIFEST_GLOB = ".manifest.json"
 MIB = 2**20
 SUMMARY_LINE = ("fullcount: {n:,} images, data stages {m:.1f} min, peak memory {p:,.0f} MiB, "
                 "cached rerun {s:.1f} s")
@@ -257,16 +259,20 @@ def child(spec_path: Path) -> None:
     if spec["copy"]:
         copy, moved = root + "-copy", root + "-moved"
         reruns += [("copied root (cp -a)", copy, ("cp", root, copy)),
-                   ("moved root (mv)", moved, ("mv", copy, moved))]
+                   ("moved root (mv)", moved, ("mv", copy, moved)),
+                   ("touched outputs (re-verified by content)", moved, ("touch", moved, moved))]
     for label, where, how in reruns:
         prepare_s = 0.0
         if how is not None:
             started = time.monotonic()
-            shutil.rmtree(how[2], ignore_errors=True)
             if how[0] == "cp":
+                shutil.rmtree(how[2], ignore_errors=True)
                 subprocess.run(["cp", "-a", how[1], how[2]], check=True)
-            else:
+            elif how[0] == "mv":
+                shutil.rmtree(how[2], ignore_errors=True)
                 os.rename(how[1], how[2])
+            else:
+                touch_outputs(Path(how[1]))
             prepare_s = time.monotonic() - started
         result, wall, memory = _flow_call(params(where, STAGES), imagenet)
         out["reruns"].append({"label": label, "wall_s": wall, "prepare_s": prepare_s,
@@ -276,6 +282,23 @@ def child(spec_path: Path) -> None:
         print(f"  {label}: {wall:.1f} s" + (f" (after {how[0]} in {prepare_s:.0f} s)" if how
                                              else ""), flush=True)
     Path(spec["out"]).write_text(json.dumps(out, default=str))
+
+
+def touch_outputs(root: Path) -> int:
+    """Give every output a stage recorded a new mtime (what `cp -r` or another filesystem's
+    timestamps do): the next run can only trust them by re-verifying their content (the
+    archives' md5, the LMDBs' record digests, the trees' names and sizes, files' sha256)."""
+    from tasks.cache import LMDB_DATA_FILE, MANIFEST_SUFFIX
+
+    touched = 0
+    for manifest in (p for pattern in ("*", "*/*", "training/*/*")
+                     for p in root.glob(pattern + MANIFEST_SUFFIX)):
+        output = manifest.with_name(manifest.name[:-len(MANIFEST_SUFFIX)])
+        target = output / LMDB_DATA_FILE if (output / LMDB_DATA_FILE).is_file() else output
+        if target.exists():
+            os.utime(target)
+            touched += 1
+    return touched
 
 
 def _disk_bytes(path: Path) -> int:
@@ -340,11 +363,12 @@ def check_lmdb(checks: Checks, db: Path, listing: Path, seed: int, split: str) -
 def check_small_records(checks: Checks, root: Path) -> None:
     """Prefect's result records and our manifests stay small at the full count (paths, counts
     and digests, never arrays or per-image lists)."""
+    from tasks.cache import MANIFEST_SUFFIX
     from tasks.stage import RESULTS_DIRNAME
 
     for what, files in (("Prefect result records", list((root / RESULTS_DIRNAME).iterdir())),
                         ("manifests", [p for pattern in ("*", "*/*", "training/*/*")
-                                       for p in root.glob(pattern + MANIFEST_GLOB)])):
+                                       for p in root.glob(pattern + MANIFEST_SUFFIX)])):
         sizes = {p: p.stat().st_size for p in files if p.is_file()}
         largest = max(sizes, key=sizes.get)
         checks.check(sizes[largest] < SMALL_RECORD_BYTES,
@@ -397,7 +421,7 @@ def print_table(out: dict[str, Any]) -> None:
               f"{row['disk_gib']:8.2f}  {row['throughput']}; {row['max_anon_process']}")
     for rerun in out["reruns"]:
         extra = f" (+ {rerun['prepare_s']:.0f} s to copy or move)" if rerun["prepare_s"] else ""
-        print(f"{rerun['label']:<34} {rerun['wall_s']:8.1f} s{extra}, peak RSS "
+        print(f"{rerun['label']:<42} {rerun['wall_s']:8.1f} s{extra}, peak RSS "
               f"{rerun['max_anon_mib']:,.0f} MiB")
 
 

@@ -1,6 +1,6 @@
 """benchmarks/fullcount.py at --scale 0.001 (1000 classes, 1,000 + 1,000 16x16 images), so the
 full-count rehearsal does not rot: it builds its set, serves it over HTTP, runs every stage, a
-cached rerun and the copied and moved data root reruns, passes every check and ends with its
+cached rerun, the copied and moved data root reruns and one with every output touched, passes every check and ends with its
 one summary line. The full count itself (`python benchmarks/fullcount.py`) takes about an hour
 and is not part of the suite."""
 from __future__ import annotations
@@ -33,7 +33,8 @@ def test_fullcount_rehearsal_at_a_thousandth(tmp_path):
     for check in ("train LMDB: every label 0..999 present", "val LMDB: keys %08d_<path> in the "
                   "seeded shuffle's order", "= `imagenet compute-image-mean`'s output byte for "
                   "byte", "copied root (cp -a): every stage Cached", "moved root (mv): the same "
-                  "counts, digests and scores as the first run"):
+                  "counts, digests and scores as the first run", "touched outputs (re-verified "
+                  "by content): every stage Cached"):
         assert any(line.strip().startswith("ok") and check in line
                    for line in out.splitlines()), check
     assert LAST_LINE.match(out.strip().splitlines()[-1]), out.strip().splitlines()[-1]
