@@ -3,6 +3,7 @@ then rerun; the rerun's outputs must equal an uninterrupted run's byte for byte,
 be left behind.
 
     python benchmarks/faults.py --trials 100 [--commands convert,extract,train,flow] [--seed 0]
+    python benchmarks/faults.py --commands deploy --trials 21 --port 4214
 
 Scenarios (SCENARIOS), each on tiny generated inputs built once:
 - convert: `imagenet convert-imageset` of generated JPEGs (resized). The rerun is the same
@@ -15,6 +16,14 @@ Scenarios (SCENARIOS), each on tiny generated inputs built once:
 - flow: `imagenet pipeline --stages convert` on a data root the mini ILSVRC12 was fetched,
   extracted and listed into; the rerun is the same command. Needs a Prefect API
   (PREFECT_API_URL); without one the script starts a temporary server for the campaign.
+
+- deploy: deployment runs of imagenet/mini-pipeline (the tiny mini, 20 iterations) through
+  `make up`'s own code (flows.services.up: server, work pool, deployments, worker) on a port,
+  run folder and Prefect home of the campaign's; each trial SIGKILLs the worker, the flow-run
+  process or the server (in turn) at a seeded instant of the run, starts what was killed again,
+  lets the killed run end (or marks it Crashed, as `make down` does), runs the deployment again
+  on the same data root when the killed run did not complete, and compares every file of the
+  data root with an uninterrupted run's (run_deploy_campaign).
 
 Kill instants: a trial either STEPS the process (after a marker file shows the work has begun,
 it runs for STEP_S, is stopped with SIGSTOP, and so on; it is killed after a seeded number of
@@ -511,6 +520,283 @@ def run_campaign(name: str, trials: int, workdir: Path, seed: int = 0, *,
     return Campaign(name, ref.steps, results)
 
 
+# ------------------------------------------------------------------ deployments through `make up`
+
+DEPLOYMENT = "imagenet/mini-pipeline"
+# The deployment's presets (mini sources, 64x64, alexnet_mini) made small enough for many
+# trials: the tiny mini, 20 iterations in two training segments, then the evaluation.
+DEPLOY_PARAMS = {"sources": {"train": "mini:tiny", "val": "mini:tiny", "aux": "mini:tiny"},
+                 "max_iter": 20, "snapshot_interval": 10, "workers": 2}
+DEPLOY_TARGETS = ("worker", "flow", "server")
+DEFAULT_DEPLOY_PORT = 4214
+# After a kill and the restart of what was killed: how long the killed flow run may take to
+# reach a final state by itself (a worker's kill leaves its flow running; a server's kill leaves
+# the flow process retrying) before it is marked Crashed, as `make down` does with a stuck run.
+SETTLE_S = 180
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+
+
+@dataclass
+class DeployTrial:
+    index: int
+    target: str              # what was SIGKILLed: "worker", "flow" (the flow-run process), "server"
+    at_s: float              # seconds after the run was created
+    landed: bool             # it was killed while the run was in flight
+    first_state: str         # the killed run's final state
+    reran: bool              # a second deployment run was needed
+    exact: bool
+    left_after: list[str]    # files the reference does not have, after the rerun
+    orphans: list[str]       # processes of the killed flow run still alive after the rerun
+    problem: str = ""
+
+
+class Deployments:
+    """`make up`'s services (flows.services.up: server, work pool, `prefect deploy --all`,
+    worker) on a port, run folder and Prefect home of the campaign's own, and what a trial
+    does to them: run the deployment, kill one of them, start it again."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        from flows import prefect_env, services
+
+        self.services, self.port = services, port
+        self.run_dir, self.home = workdir / "services", workdir / "prefect-home"
+        self.url = services.api_url(port)
+        prefect_env.configure(PREFECT_HOME=str(self.home))
+
+    def up(self) -> None:
+        self.services.up(self.port, self.run_dir, self.home)
+
+    def down(self) -> None:
+        self.services.down(self.run_dir, cancel_wait_s=60)
+
+    def pid(self, name: str) -> int | None:
+        return self.services._read_pid(self.run_dir, name)
+
+    def alive(self, name: str) -> bool:
+        """Whether `name` runs (this process started it: a dead one is reaped, not a zombie)."""
+        pid = self.pid(name)
+        if pid is None:
+            return False
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return self.services.pid_alive(pid)
+
+    def restart(self, name: str) -> None:
+        """Start `name` ("server" or "worker") again as `make up` did, if it is not running."""
+        s, env = self.services, self.services.service_env(self.port, self.home)
+        if self.alive(name):
+            return
+        argv = ([s._prefect(), "server", "start", "--host", s.HOST, "--port", str(self.port)]
+                if name == "server" else
+                [s._prefect(), "worker", "start", "--pool", s.POOL, "--type", "process"])
+        started = s._start(name, argv, self.run_dir, env)
+        if name == "server":
+            s.wait_healthy(self.port, pid=started)
+
+    def flow_process(self) -> int | None:
+        """The flow-run process the worker started (its child running the flow), if any."""
+        worker = self.pid("worker")
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except (OSError, IndexError):
+                continue
+            if worker is not None and int(fields[1]) == worker and b"python" in cmdline:
+                return int(stat.parent.name)
+        return None
+
+    def submit(self, data_root: Path) -> str:
+        with self.services.client(self.url) as api:
+            deployment = api.read_deployment_by_name(DEPLOYMENT)
+            run = api.create_flow_run_from_deployment(
+                deployment.id, parameters={**DEPLOY_PARAMS, "data_root": str(data_root)})
+        return str(run.id)
+
+    def state(self, run_id: str) -> str:
+        try:
+            with self.services.client(self.url, timeout=5) as api:
+                return api.read_flow_run(run_id).state_type.value
+        except Exception:  # noqa: BLE001 - the server may be the one killed
+            return "UNREACHABLE"
+
+    def wait(self, run_id: str, timeout: float) -> str:
+        """The run's state once final, or after `timeout`. A service that died meanwhile (not
+        by the campaign's hand: seen once on a shared, loaded machine) is started again and
+        said so, so a trial is not lost to it."""
+        deadline = time.monotonic() + timeout
+        state = self.state(run_id)
+        while state not in FINAL_STATES and time.monotonic() < deadline:
+            time.sleep(1)
+            for name in ("server", "worker"):
+                if not self.alive(name):
+                    print(f"  ({name} found dead while waiting for {run_id}: started again)",
+                          flush=True)
+                    self.restart(name)
+            state = self.state(run_id)
+        return state
+
+    def crash(self, run_id: str) -> None:
+        from prefect.states import Crashed
+
+        with self.services.client(self.url) as api:
+            api.set_flow_run_state(run_id, Crashed(message="killed by benchmarks/faults.py"),
+                                   force=True)
+
+
+def _start_time(pid: int) -> str | None:
+    """/proc's start time of `pid` (tells a process from a later one given the same pid)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _family(pid: int | None) -> dict[int, str | None]:
+    """`pid` and its descendants, with their start times."""
+    if pid is None:
+        return {}
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return {p: _start_time(p) for p in out}
+
+
+def _survivors(family: dict[int, str | None], wait_s: float = 15) -> list[str]:
+    """The processes of `family` still running after `wait_s` (a parent's helpers, e.g. a
+    forkserver, leave a moment after it)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [p for p, start in family.items() if start is not None and _start_time(p) == start]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    out = []
+    for p in alive:
+        try:
+            out.append(f"{p}: {Path(f'/proc/{p}/cmdline').read_bytes()[:80]!r}")
+        except OSError:
+            continue
+    return out
+
+
+def run_deploy_campaign(trials: int, workdir: Path, seed: int = 0, *,
+                        port: int = DEFAULT_DEPLOY_PORT,
+                        progress: Callable[[DeployTrial], None] | None = None
+                        ) -> tuple[float, list[str], list[DeployTrial]]:
+    """Deployment runs of imagenet/mini-pipeline through `make up`'s services, each with one
+    of the worker, the flow-run process or the server SIGKILLed at a seeded instant of the run
+    (uniform over the reference run's duration); what was killed is started again, the killed
+    run is left to end by itself (or marked Crashed after SETTLE_S, as `make down` does), and
+    when it did not complete a second deployment run on the same data root must. Its outputs
+    must equal an uninterrupted run's byte for byte (files that differ between two
+    uninterrupted runs, e.g. manifests holding an inode, are compared by presence and listed),
+    with nothing else left. Returns (reference seconds, the files compared by presence, trials)."""
+    base = workdir / "deploy"
+    # Every run on the same data root path: the net's data paths are in its caffemodels and the
+    # stage keys, so runs on two paths differ by design.
+    root = base / "root"
+    deployments = Deployments(base, port)
+    deployments.up()
+    try:
+        references = []
+        seconds = 0.0
+        for _ in range(2):  # the second run's time (the first compiles XLA's steps)
+            shutil.rmtree(root, ignore_errors=True)
+            started = time.monotonic()
+            run_id = deployments.submit(root)
+            state = deployments.wait(run_id, RUN_TIMEOUT_S)
+            if state != "COMPLETED":
+                raise RuntimeError(f"the uninterrupted deployment run {run_id} ended {state}; "
+                                   f"see {deployments.run_dir / 'worker.log'}")
+            seconds = time.monotonic() - started
+            references.append(tree_digests(root))
+        volatile = sorted(k for k in set(references[0]) | set(references[1])
+                          if references[0].get(k) != references[1].get(k))
+        reference = {k: ("present" if k in volatile else v) for k, v in references[1].items()}
+        rng = np.random.default_rng([seed, sum(map(ord, "deploy"))])
+        results = []
+        for i in range(trials):
+            target = DEPLOY_TARGETS[i % len(DEPLOY_TARGETS)]
+            at = float(rng.uniform(0.05, 0.95)) * seconds
+            shutil.rmtree(root, ignore_errors=True)
+            run_id = deployments.submit(root)
+            started = time.monotonic()
+            while time.monotonic() - started < at and deployments.state(run_id) not in FINAL_STATES:
+                time.sleep(POLL_S * 20)
+            landed = deployments.state(run_id) not in FINAL_STATES
+            family = _family(deployments.flow_process())
+            if landed:
+                if target == "worker":
+                    os.kill(deployments.pid("worker"), signal.SIGKILL)
+                elif target == "flow" and family:
+                    os.kill(next(iter(family)), signal.SIGKILL)
+                elif target == "server":
+                    os.killpg(deployments.pid("server"), signal.SIGKILL)
+                time.sleep(1)
+            deployments.restart("server")
+            deployments.restart("worker")
+            first = deployments.wait(run_id, SETTLE_S)
+            if first not in FINAL_STATES:
+                deployments.crash(run_id)
+                first = f"{first}, marked CRASHED"
+            problem = ""
+            reran = not first.startswith("COMPLETED")
+            if reran:
+                again = deployments.submit(root)
+                state = deployments.wait(again, RUN_TIMEOUT_S)
+                if state != "COMPLETED":
+                    problem = f"the rerun {again} ended {state}"
+            got = tree_digests(root)
+            got = {k: ("present" if k in volatile else v) for k, v in got.items()}
+            left_after = sorted(set(got) - set(reference))
+            if not problem and got != reference:
+                differ = sorted(k for k in set(got) | set(reference)
+                                if got.get(k) != reference.get(k))
+                problem = f"outputs differ from the reference: {differ[:5]}"
+            orphans = _survivors(family)
+            trial = DeployTrial(i, target, round(at, 1), landed, first, reran, not problem,
+                                left_after, orphans, problem)
+            results.append(trial)
+            if progress is not None:
+                progress(trial)
+            if not (trial.exact and not left_after and not orphans):
+                kept = base / f"failed-trial-{i:04d}"
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.move(root, kept)  # kept for a look
+        shutil.rmtree(root, ignore_errors=True)
+        return seconds, volatile, results
+    finally:
+        deployments.down()
+
+
+def _deploy_line(seconds: float, trials: list[DeployTrial]) -> str:
+    by_target = {t: [x for x in trials if x.target == t] for t in DEPLOY_TARGETS}
+    parts = [f"{t} {sum(x.landed for x in xs)}/{len(xs)}" for t, xs in by_target.items()]
+    return (f"deploy   trials {len(trials):4d}  kills inside the run ({', '.join(parts)})  "
+            f"exact reruns {sum(x.exact for x in trials):4d}  needed a second run "
+            f"{sum(x.reran for x in trials):4d}  left behind after rerun "
+            f"{sum(bool(x.left_after) for x in trials):4d}  orphan processes "
+            f"{sum(bool(x.orphans) for x in trials):4d}  (reference run: {seconds:.0f} s)")
+
+
+def _report_deploy(trial: DeployTrial) -> None:
+    print(f"  {trial.index:4d} {trial.target:6s} at {trial.at_s:5.1f} s: "
+          f"{'inside' if trial.landed else 'missed'}, killed run {trial.first_state}"
+          f"{', rerun' if trial.reran else ''}: {'exact' if trial.exact else trial.problem}"
+          f"{f'; left {trial.left_after}' if trial.left_after else ''}"
+          f"{f'; orphans {trial.orphans}' if trial.orphans else ''}", flush=True)
+
+
 def _temporary_prefect_api() -> contextlib.AbstractContextManager[None]:
     """A Prefect server for the flow scenario's children when PREFECT_API_URL is not set."""
     if os.environ.get("PREFECT_API_URL"):
@@ -545,22 +831,37 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="trials per command")
     parser.add_argument("--commands", default=",".join(SCENARIOS),
-                        help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+                        help=f"comma-separated, of: {', '.join([*SCENARIOS, 'deploy'])} "
+                        "(deploy: deployment runs through `make up`'s services; not in the "
+                        "default set)")
+    parser.add_argument("--port", type=int, default=DEFAULT_DEPLOY_PORT,
+                        help="the Prefect server port of the deploy campaign (one of your own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where inputs and runs go (default: a temporary folder, removed)")
     args = parser.parse_args()
     names = [n.strip() for n in args.commands.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(SCENARIOS))
+    unknown = sorted(set(names) - set(SCENARIOS) - {"deploy"})
     if unknown:
-        parser.error(f"unknown commands {unknown}; valid: {', '.join(SCENARIOS)}")
+        parser.error(f"unknown commands {unknown}; valid: {', '.join([*SCENARIOS, 'deploy'])}")
     print(header("benchmarks/faults.py"))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imagenet-faults-"))
     failures = 0
     try:
         with _temporary_prefect_api() if "flow" in names else contextlib.nullcontext():
+            # (the deploy campaign has `make up`'s server of its own)
             for name in names:
                 started = time.monotonic()
+                if name == "deploy":
+                    seconds, volatile, deploy_trials = run_deploy_campaign(
+                        args.trials, workdir, args.seed, port=args.port, progress=_report_deploy)
+                    print(f"  compared by presence (differ between two uninterrupted runs): "
+                          f"{volatile}")
+                    print(f"{_deploy_line(seconds, deploy_trials)}  "
+                          f"[{time.monotonic() - started:.0f} s]", flush=True)
+                    failures += sum(not t.exact or bool(t.left_after) or bool(t.orphans)
+                                    for t in deploy_trials)
+                    continue
                 campaign = run_campaign(name, args.trials, workdir, args.seed,
                                         progress=_report_failure)
                 print(f"{campaign.line()}  [{time.monotonic() - started:.0f} s]", flush=True)
