@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ _spec = importlib.util.spec_from_file_location(
 http_fixture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(http_fixture)
 TRAIN, VAL, AUX = ilsvrc12.TRAIN_ARCHIVE, ilsvrc12.VAL_ARCHIVE, ilsvrc12.AUX_ARCHIVE
+# Seconds to wait for Prefect's background log worker to write a run's lines to its database.
+LOG_WAIT_S = 60
 
 
 @pytest.fixture
@@ -81,6 +84,8 @@ def test_terminal_pipeline_keeps_url_credentials_out_of_everything(mirror, tmp_p
     """`imagenet pipeline` with user:pass@, a signed URL and a credentialed checksum list: the
     mirror gets every credential, nothing the run stores shows one (its terminal output: the
     next test, in a process of its own)."""
+    from prefect.logging.handlers import APILogHandler
+
     from flows.cli import main as cli
 
     root = tmp_path / "root"
@@ -102,15 +107,24 @@ def test_terminal_pipeline_keeps_url_credentials_out_of_everything(mirror, tmp_p
         _basic(secrets["user"], secrets["pw"]), _basic("carol", secrets["sums"])]
     assert _leaks(root, forms) == []  # manifests, stage cache records, .part sidecars
     db = _harness_db()
+    # Prefect's API log handler writes from a background worker: wait until the download's
+    # (masked) line is in the database, so that the scan below sees every line the run logged
+    # (under load the worker was seen to lag the flow's end).
+    deadline = time.monotonic() + LOG_WAIT_S
+    while True:
+        APILogHandler().flush()
+        with sqlite3.connect(db[0]) as conn:
+            logged = [row[0] for row in conn.execute(
+                "SELECT message FROM log WHERE message LIKE ?",
+                (f"downloading http://***@127.0.0.1:{mirror.port}/{TRAIN} -> %",))]
+        if logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert logged, "the download's log line is not in Prefect's database"
     assert db and not [f"{f}: {s!r}" for f in db for s in forms if s in f.read_bytes()]
     # What is stored instead: the masked URLs (so the scans looked where they would be).
     manifest = (root / "downloads" / (TRAIN + ".manifest.json")).read_text()
     assert f"http://***@127.0.0.1:{mirror.port}/{TRAIN}" in manifest
-    with sqlite3.connect(db[0]) as conn:
-        logged = [row[0] for row in conn.execute(
-            "SELECT message FROM log WHERE message LIKE ?",
-            (f"downloading http://***@127.0.0.1:{mirror.port}/{TRAIN} -> %",))]
-    assert logged, "the download's log line is not in Prefect's database"
 
 
 def test_before_stop_hook_case_in_a_fresh_terminal(tmp_path):
