@@ -59,6 +59,18 @@ def header(script: str, extra_versions: tuple[str, ...] = ()) -> str:
             f"{', '.join(versions)}")
 
 
+def disk_bytes(path: Path) -> int:
+    """Bytes allocated under `path` (du)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 def reexec_with_allocator(choice: str) -> None:
     """Re-run this benchmark under jemalloc when `choice` asks for it (auto: if installed);
     flows/allocator.py is the switch the `imagenet` training commands use too."""

@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header  # noqa: E402  (benchmarks/common.py: CPU model, ISA flags, load)
+from common import disk_bytes, header  # noqa: E402  (benchmarks/common.py)
 
 from data import ilsvrc12  # noqa: E402
 
@@ -250,7 +250,7 @@ def child(spec_path: Path) -> None:
             out["stages"].append({"stage": stage, "task": row["stage"], "status": row["status"],
                                   "why": row.get("why", ""), "work_s": float(row["work (s)"]),
                                   "throughput": row["throughput"], "wall_s": wall,
-                                  "disk_gib": _disk_bytes(Path(root)) / 2**30, **memory})
+                                  "disk_gib": disk_bytes(Path(root)) / 2**30, **memory})
         print(f"  {stage}: {wall:.1f} s, peak anonymous RSS {memory['max_anon_mib']:,.0f} MiB "
               f"({memory['max_anon_process']})", flush=True)
         if stage == "evaluate":
@@ -299,17 +299,6 @@ def touch_outputs(root: Path) -> int:
             os.utime(target)
             touched += 1
     return touched
-
-
-def _disk_bytes(path: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 # ----------------------------------------------------------------------------- checks

@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header  # noqa: E402  (benchmarks/common.py: CPU model, ISA flags, load)
+from common import disk_bytes, header  # noqa: E402  (benchmarks/common.py)
 
 from data import ilsvrc12  # noqa: E402
 
@@ -95,18 +95,6 @@ def _status_kib(fields: tuple[str, ...]) -> dict[str, int]:
         if name in fields:
             out[name] = int(line.split()[1])
     return out
-
-
-def disk_bytes(path: Path) -> int:
-    """Bytes allocated under `path` (du)."""
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 # ----------------------------------------------------------------------------- the child
