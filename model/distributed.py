@@ -176,7 +176,8 @@ def free_port(host: str = LOCALHOST) -> int:
 
 
 def run_local_processes(processes: int, solver: str, *, workdir: str | os.PathLike,
-                        snapshot: str | None = None, devices: str | Sequence[int] | None = None,
+                        snapshot: str | None = None, weights: str | Sequence[str] | None = None,
+                        devices: str | Sequence[int] | None = None,
                         stop_at_iter: int | None = None, precision: str = "fp32",
                         workers: int | None = None,
                         log: Callable[[str], None] | None = None,
@@ -191,7 +192,10 @@ def run_local_processes(processes: int, solver: str, *, workdir: str | os.PathLi
     from model.train import TrainResult
     if processes < 1:
         raise ImagenetError(f"processes must be >= 1, got {processes}")
+    # Every process reads the same --weights file(s): the copied layers start equal everywhere.
+    weights = [weights] if isinstance(weights, str) else list(weights) if weights else None
     spec = {"solver": str(solver), "workdir": str(workdir), "snapshot": snapshot,
+            "weights": weights,
             "devices": devices, "stop_at_iter": stop_at_iter, "precision": precision,
             "workers": workers,
             "coordinator": f"{LOCALHOST}:{free_port()}", "num_processes": processes,
@@ -325,7 +329,8 @@ def _worker(spec: dict[str, Any], out: TextIO) -> int:
             out.flush()
 
     try:
-        result = train(spec["solver"], snapshot=spec["snapshot"], devices=spec["devices"],
+        result = train(spec["solver"], snapshot=spec["snapshot"], weights=spec.get("weights"),
+                       devices=spec["devices"],
                        stop_at_iter=spec["stop_at_iter"], workdir=spec["workdir"],
                        precision=spec["precision"], workers=spec.get("workers"),
                        log=lambda line: emit({"event": "log", "line": line}),

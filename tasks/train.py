@@ -473,9 +473,6 @@ def train_segment(
                  f" (resuming from {snapshot})" if snapshot else
                  f" (finetuning from {finetune})" if finetune else " (from scratch)")
         if finetune:
-            if processes > 1:
-                raise ImagenetError("finetuning from weights runs in one process: leave "
-                                    f"processes at 1 (got {processes})")
             for line in finetune_report(solver, finetune):
                 log.info("%s", line)
         clock = TrainingClock(read_schedule(solver), resume or 0, end_iter)

@@ -160,3 +160,26 @@ def test_cli_refuses_half_given_process_flags(tmp_path, monkeypatch, capsys) -> 
     assert main(["train", "--solver=solver.prototxt", "--coordinator=127.0.0.1:12355",
                  "--num_processes=2"]) == 1
     assert "--process_id missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetuning_in_local_processes_matches_one_process(tmp_path) -> None:
+    """The pipeline's `processes` with `weights`: every process copies the same layers, so two
+    processes finetune to the weights one process reaches at the same global batch."""
+    from model.train import train
+
+    per_process = 2
+    source = make_tiny(tmp_path / "source", batch=per_process * PROCESSES)
+    train("solver.prototxt", workdir=source, log=lambda l: None)
+    (weights,) = source.glob(f"tiny_iter_{MAX_ITER}.caffemodel")
+    procs = make_tiny(tmp_path / "procs", batch=per_process)
+    one = make_tiny(tmp_path / "one", batch=per_process * PROCESSES)
+    lines: list[str] = []
+    distributed.run_local_processes(PROCESSES, "solver.prototxt", workdir=procs,
+                                    weights=str(weights), log=lines.append)
+    train("solver.prototxt", workdir=one, weights=str(weights), log=lambda l: None)
+    assert any(weights.name in line for line in lines), lines[:20]  # process 0 says it
+    name = f"tiny_iter_{MAX_ITER}.caffemodel"
+    start, two = load_caffemodel(weights), load_caffemodel(procs / name)
+    assert worst_rel(two, load_caffemodel(one / name)) <= 1e-4  # reduction order only
+    assert worst_rel(two, start) > 1e-6  # it trained from the copied weights
