@@ -20,10 +20,10 @@ Scenarios (SCENARIOS), each on tiny generated inputs built once:
 - deploy: deployment runs of imagenet/mini-pipeline (the tiny mini, 20 iterations) through
   `make up`'s own code (flows.services.up: server, work pool, deployments, worker) on a port,
   run folder and Prefect home of the campaign's; each trial SIGKILLs the worker, the flow-run
-  process or the server (in turn) at a seeded instant of the run, starts what was killed again,
-  lets the killed run end (or marks it Crashed, as `make down` does), runs the deployment again
-  on the same data root when the killed run did not complete, and compares every file of the
-  data root with an uninterrupted run's (run_deploy_campaign).
+  process or the server (in turn) at a seeded instant of the run; after a worker's or server's
+  kill it does what a user does, `make down` then `make up`; the deployment runs again on the
+  same data root when the killed run did not complete, and every file of the data root is
+  compared with an uninterrupted run's (run_deploy_campaign).
 
 Kill instants: a trial either STEPS the process (after a marker file shows the work has begun,
 it runs for STEP_S, is stopped with SIGSTOP, and so on; it is killed after a seeded number of
@@ -695,9 +695,10 @@ def run_deploy_campaign(trials: int, workdir: Path, seed: int = 0, *,
                         ) -> tuple[float, list[str], list[DeployTrial]]:
     """Deployment runs of imagenet/mini-pipeline through `make up`'s services, each with one
     of the worker, the flow-run process or the server SIGKILLed at a seeded instant of the run
-    (uniform over the reference run's duration); what was killed is started again, the killed
-    run is left to end by itself (or marked Crashed after SETTLE_S, as `make down` does), and
-    when it did not complete a second deployment run on the same data root must. Its outputs
+    (uniform over the reference run's duration). A killed flow process is left to the worker
+    (which reports the run Crashed); a killed worker or server is followed by `make down` and
+    `make up`. When the killed run did not complete, a second deployment run on the same data
+    root must. Its outputs
     must equal an uninterrupted run's byte for byte (files that differ between two
     uninterrupted runs, e.g. manifests holding an inode, are compared by presence and listed),
     with nothing else left. Returns (reference seconds, the files compared by presence, trials)."""
@@ -743,9 +744,16 @@ def run_deploy_campaign(trials: int, workdir: Path, seed: int = 0, *,
                 elif target == "server":
                     os.killpg(deployments.pid("server"), signal.SIGKILL)
                 time.sleep(1)
-            deployments.restart("server")
-            deployments.restart("worker")
-            first = deployments.wait(run_id, SETTLE_S)
+            if target == "flow" or not landed:
+                first = deployments.wait(run_id, SETTLE_S)  # the worker reports it Crashed
+            else:
+                # What a user does after a crashed server or worker: `make down` (cancels what
+                # still runs, stops the rest: a killed worker's flow process too, being in its
+                # process group) and `make up` (which frees the accelerator slot of the run
+                # that ended with them).
+                deployments.down()
+                deployments.up()
+                first = deployments.state(run_id)
             if first not in FINAL_STATES:
                 deployments.crash(run_id)
                 first = f"{first}, marked CRASHED"
@@ -756,6 +764,8 @@ def run_deploy_campaign(trials: int, workdir: Path, seed: int = 0, *,
                 state = deployments.wait(again, RUN_TIMEOUT_S)
                 if state != "COMPLETED":
                     problem = f"the rerun {again} ended {state}"
+                    deployments.down()  # nothing of this trial may reach into the next
+                    deployments.up()
             got = tree_digests(root)
             got = {k: ("present" if k in volatile else v) for k, v in got.items()}
             left_after = sorted(set(got) - set(reference))

@@ -162,7 +162,8 @@ def deploy_variables(prefect_home: Path) -> dict[str, str | None]:
 def configure_server(url: str, prefect_home: Path) -> None:
     """Set the deployments' variables and the accelerator's concurrency limit (both are upserts:
     a rerun of `make up` on the same database changes nothing else)."""
-    from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+    from prefect.client.schemas.actions import (GlobalConcurrencyLimitUpdate, VariableCreate,
+                                                VariableUpdate)
     from prefect.exceptions import ObjectNotFound
 
     from tasks.accelerator import ACCELERATOR_LIMIT, ACCELERATOR_SLOTS
@@ -179,6 +180,16 @@ def configure_server(url: str, prefect_home: Path) -> None:
             else:
                 api.update_variable(VariableUpdate(name=name, value=value))
         api.upsert_global_concurrency_limit_by_name(ACCELERATOR_LIMIT, ACCELERATOR_SLOTS)
+        # `up` runs only while this checkout's services are down, so no run of this host holds
+        # the slot now: one still counted was held by a run that ended with the previous
+        # services. A server killed outright forgets its leases (kept in memory), so nothing
+        # would ever give that slot back, and every later training would wait for it.
+        stale = api.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT).active_slots
+        if stale:
+            api.update_global_concurrency_limit(ACCELERATOR_LIMIT,
+                                                GlobalConcurrencyLimitUpdate(active_slots=0))
+            print(f"freed {stale} slot(s) of {ACCELERATOR_LIMIT} held by a run that ended "
+                  "with the previous server")
 
 
 def _run(argv: list[str], env: dict[str, str], run_dir: Path, what: str) -> None:
