@@ -137,6 +137,12 @@ def decode_encoded(data: bytes | memoryview, *, force_color: bool = False) -> np
     (channels as stored, EXIF ignored); DecodeDatum(datum, true) = IMREAD_COLOR. -> (C,H,W)."""
     import cv2  # see the module docstring: imported where needed
 
+    from data.images import ImageSkip, MAX_PIXELS_DEFAULT, check_size, read_header
+
+    try:  # a decompression bomb stored in a record is refused from its header, like a file
+        check_size(read_header(bytes(data)), MAX_PIXELS_DEFAULT, "")
+    except ImageSkip as skip:
+        raise ImagenetError(f"encoded image refused: {skip.reason}") from None
     flag = cv2.IMREAD_COLOR if force_color else cv2.IMREAD_UNCHANGED
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if img is None:

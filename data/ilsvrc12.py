@@ -99,15 +99,14 @@ def sort_synsets(wnids: Iterable[str]) -> list[str]:
 def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
     """Write `text` to `path` via a temp name + rename, so a kill never leaves half a file;
     `durable` also fsyncs it (pointless for a marker whose data files are not fsynced)."""
-    write_bytes_atomic(path, text.encode("utf-8"), durable=durable)
+    # surrogateescape: a file name that is not UTF-8 goes back as the bytes the OS gave
+    write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"), durable=durable)
 
 
 def _lines(path: Path) -> list[str]:
-    try:
-        text = read_text(path)
-    except UnicodeDecodeError as err:
-        raise ImagenetError(f"{path}: not UTF-8 text ({err})") from None
-    return caffe_lines(text)
+    """A listing's lines; names that are not UTF-8 come back as the OS's bytes (as Caffe reads
+    them), so a tree holding such a file lists and converts."""
+    return caffe_lines(read_text(path, errors="surrogateescape"))
 
 
 def parse_synsets(lines: list[str], where: str) -> list[str]:

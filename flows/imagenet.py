@@ -104,7 +104,7 @@ class PipelineParams(BaseModel):
                            "snapshots and the stage cache live")
     sources: Sources = Field(default_factory=Sources, description="where the three archives come "
                              "from (URL, path, or `mini` for the built-in mini ILSVRC12)")
-    images: str | None = Field(None, description="your own images instead of ILSVRC12: a "
+    images: str | None = Field(None, min_length=1, description="your own images instead of ILSVRC12: a "
                                "folder with one subfolder per class (any depth below it), or "
                                "train/ and val/ folders of class folders; no download or "
                                "extract stage then")
@@ -136,9 +136,10 @@ class PipelineParams(BaseModel):
     net: NetName | None = Field(None, description="a zoo net and its solver (instead of "
                                "solver), its classifier layers sized to the dataset's classes "
                                f"(with images and no solver: {DEFAULT_NET})")
-    weights: str | None = Field(None, description="finetune: start training from this "
+    weights: str | None = Field(None, min_length=1, description="finetune: start training from this "
                                 ".caffemodel, layers copied by name (caffe train --weights)")
-    finetune_lr_factor: float = Field(recipes.FINETUNE_LR_FACTOR, gt=0, description="with net "
+    finetune_lr_factor: float = Field(recipes.FINETUNE_LR_FACTOR, gt=0, allow_inf_nan=False,
+                                      description="with net "
                                       "and weights: base_lr / this, the new classifier layers' "
                                       "lr_mult x this (Caffe's flickr_style example: 10; 1 "
                                       "keeps the recipe's rates)")

@@ -139,3 +139,21 @@ def test_non_wnid_folder_in_train_fails(root):
     (root / "train" / "not_a_class").mkdir()
     with pytest.raises(ImagenetError, match="1 folders that are not WNIDs"):
         derive_train(root)
+
+
+def test_a_file_name_that_is_not_utf8_lists_and_reads_back(tmp_path):
+    """A tree holding a Latin-1 name (caf\\xe9.JPEG) made the listing writer raise
+    UnicodeEncodeError (a bug exit); its listing line holds the name's own bytes, as Caffe's
+    would, and reads back to the same name."""
+    import os
+
+    wnid = tmp_path / "train" / "n01440764"
+    wnid.mkdir(parents=True)
+    name = os.fsdecode(b"caf\xe9.JPEG")
+    (wnid / name).write_bytes(b"x")
+    synsets, train, _ = derive_train(tmp_path)
+    assert train == [(f"n01440764/{name}", 0)]
+    listing = tmp_path / "train.txt"
+    ilsvrc12.write_listing(listing, train)
+    assert listing.read_bytes() == b"n01440764/caf\xe9.JPEG 0\n"
+    assert ilsvrc12.read_listing(listing) == train
