@@ -43,7 +43,7 @@ from data import images
 from data.datum import encode_datum_bytes, encoded_datum_bytes
 from data.download import check_free_space
 from data.errors import ImagenetError, check_path_text, from_os_error
-from data.host import available_cores
+from data.host import available_cores, exit_with
 from data.lmdb_io import COMMIT_EVERY_DEFAULT, MAX_KEY_BYTES, LmdbWriter, value_hash
 from data.pixelsum import PixelSums
 from data.progress import Progress
@@ -268,8 +268,10 @@ def _build(opts: ConvertOptions, index: int, entry: ListingEntry) -> _Outcome:
 _worker_opts: ConvertOptions | None = None
 
 
-def _init_worker(opts: ConvertOptions) -> None:
+def _init_worker(opts: ConvertOptions, owner: int | None = None) -> None:
     global _worker_opts
+    if owner is not None:  # a worker process: it ends with the process that made the pool
+        exit_with(owner)
     _worker_opts = opts
     # One OpenCV thread per worker: the workers already use every core.
     cv2.setNumThreads(1)
@@ -311,7 +313,7 @@ def _process_pool(workers: int, opts: ConvertOptions) -> Pool:
     # script or `python -m` module started us), so workers start with OpenCV already loaded.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    return context.Pool(workers, initializer=_init_worker, initargs=(opts,))
+    return context.Pool(workers, initializer=_init_worker, initargs=(opts, os.getpid()))
 
 
 def _thread_pool(workers: int, opts: ConvertOptions) -> Pool:

@@ -22,7 +22,6 @@ free-space check runs before starting and says how many bytes are needed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import io
 import json
@@ -31,8 +30,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
-import sys
 import tarfile
 import threading
 import time
@@ -44,7 +41,7 @@ from typing import Callable, IO
 
 from data import ilsvrc12
 from data.atomic import remove_stale_temps
-from data.host import available_cores
+from data.host import available_cores, exit_with
 from data.download import check_free_space
 from data.errors import ImagenetError, from_os_error
 
@@ -67,7 +64,6 @@ _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPN
 # gzip, bzip2 and xz streams start with these bytes; a plain tar with none of them.
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _MAGIC_BYTES = 6
-_PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal for when the parent process dies
 
 
 @dataclass
@@ -477,27 +473,15 @@ class _Member:
 
 
 def _extract_in_worker(tar_path: str, root: str, member: _Member, wnid: str) -> tuple[int, int]:
-    """One synset in a worker process (its progress is counted by the parent when it ends);
-    stops when the process that started the pool is gone (a killed extraction must not go on
-    writing beside the rerun that replaces it)."""
-    parent = os.getppid()
-
-    def abandoned() -> None:
-        if os.getppid() != parent:
-            raise ImagenetError(f"{tar_path}: extraction abandoned (its parent process ended)")
-
+    """One synset in a worker process (its progress is counted by the parent when it ends).
+    The worker exits when the process that started the pool is gone (_init_worker): a killed
+    extraction must not go on writing beside the rerun that replaces it."""
     synsets = _Synsets(Path(tar_path), Path(root), _Counter(member.size, None), plain=True)
-    return synsets.extract_to_work(member, wnid, check=abandoned)
+    return synsets.extract_to_work(member, wnid)
 
 
-def _init_worker() -> None:
-    """Linux: this worker is killed with the process that forked it (the forkserver, which
-    exits when the extraction's process dies), instead of going on as an orphan."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass  # the getppid() check in _extract_in_worker still stops it
+def _init_worker(owner: int) -> None:
+    exit_with(owner)
 
 
 def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | None = None,
@@ -547,7 +531,8 @@ def extract_train(tar_path: Path, dest_root: Path, *, progress: ProgressFn | Non
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
             with ProcessPoolExecutor(workers, mp_context=context,
-                                     initializer=_init_worker) as pool:
+                                     initializer=_init_worker,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = [(member, wnid, pool.submit(
                     _extract_in_worker, str(tar_path), str(root),
                     _Member(member.name, member.offset_data, member.size), wnid))
