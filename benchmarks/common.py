@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,33 @@ def disk_bytes(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+class PeriodicSampler:
+    """A `with` block during which `sample()` runs every `period_s` on a thread (once more at
+    each end); subclasses keep the peaks they want."""
+
+    def __init__(self, period_s: float) -> None:
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def reexec_with_allocator(choice: str) -> None:

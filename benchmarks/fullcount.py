@@ -49,7 +49,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import disk_bytes, header  # noqa: E402  (benchmarks/common.py)
+from common import PeriodicSampler, disk_bytes, header  # noqa: E402  (benchmarks/common.py)
 
 from data import ilsvrc12  # noqa: E402
 
@@ -148,7 +147,7 @@ def _status(pid: int) -> tuple[str, int, int] | None:
     return name, anon, file
 
 
-class TreeSampler:
+class TreeSampler(PeriodicSampler):
     """Peak RssAnon / RssFile of this process and of every process under it, sampled every
     SAMPLE_S seconds while a stage runs: per process, and the tree's summed anonymous RSS."""
 
@@ -157,8 +156,7 @@ class TreeSampler:
         self.file: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.tree_anon = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(SAMPLE_S)
 
     def sample(self) -> None:
         pids, seen, total = [os.getpid()], set(), 0
@@ -176,20 +174,6 @@ class TreeSampler:
                 total += anon
             pids += _children(pid)
         self.tree_anon = max(self.tree_anon, total)
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            self.sample()
-
-    def __enter__(self) -> "TreeSampler":
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
     def summary(self) -> dict[str, Any]:
         me = os.getpid()

@@ -50,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -58,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import disk_bytes, header  # noqa: E402  (benchmarks/common.py)
+from common import PeriodicSampler, disk_bytes, header  # noqa: E402  (benchmarks/common.py)
 
 from data import ilsvrc12  # noqa: E402
 
@@ -99,33 +98,18 @@ def _status_kib(fields: tuple[str, ...]) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- the child
 
-class MemorySampler:
+class MemorySampler(PeriodicSampler):
     """Peak anonymous and file-backed RSS of this process while a stage runs."""
 
     FIELDS = ("RssAnon", "RssFile")
 
     def __init__(self) -> None:
         self.peaks = dict.fromkeys(self.FIELDS, 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(MEMORY_SAMPLE_S):
-            self.sample()
+        super().__init__(MEMORY_SAMPLE_S)
 
     def sample(self) -> None:
         for name, kib in _status_kib(self.FIELDS).items():
             self.peaks[name] = max(self.peaks[name], kib)
-
-    def __enter__(self) -> "MemorySampler":
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 def bench_solver(folder: Path) -> Path:
