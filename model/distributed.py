@@ -5,7 +5,8 @@ Owns
   before anything touches a JAX backend: `jax.distributed.initialize` with those values, or with
   none of them where a scheduler's environment says the job has several processes
   (`CLUSTER_ENVS`: SLURM's srun, Open MPI's mpirun), so JAX's own cluster detection fills them
-  in. One process and no scheduler: nothing to join. With explicit flags, model/peers.py's
+  in. One process and no scheduler: nothing to join. With flags or a scheduler's environment
+  alike (the latter read through JAX's detection: `scheduler_params`), model/peers.py's
   rendezvous runs first (a missing process is named in one line after `timeout_s`, 60 s by
   default: --join_timeout) and its watchdog stays beside JAX for the run (a process that fails
   or dies stops the others at once, with one line). JAX's coordination service then runs in a
@@ -107,7 +108,15 @@ def join(coordinator: str | None = None, num_processes: int | None = None,
         cluster = detected_cluster(environ)
         if cluster is None:
             return 1
-        return _initialize(None, None, None, environ, timeout_s, f"{cluster}'s environment")
+        what = f"{cluster}'s environment"
+        params = scheduler_params(timeout_s)
+        if params is None:  # this JAX cannot tell us: its own join, without our rendezvous
+            return _initialize(None, None, None, environ, timeout_s, what)
+        coordinator, num_processes, process_id = params
+        if num_processes == 1:
+            return 1
+        return _join_checked(coordinator, num_processes, process_id, environ, timeout_s, what,
+                             launcher=cluster)
     missing = [flag for flag, v in given.items() if v is None]
     if missing:
         raise ImagenetError(f"{', '.join(missing)} missing: --coordinator, --num_processes and "
@@ -119,16 +128,40 @@ def join(coordinator: str | None = None, num_processes: int | None = None,
                             "ids run from 0 to num_processes - 1")
     if num_processes == 1:
         return 1
+    return _join_checked(coordinator, num_processes, process_id, environ, timeout_s,
+                         f"coordinator {coordinator}")
+
+
+def scheduler_params(timeout_s: int) -> tuple[str, int, int] | None:
+    """(coordinator, process count, process id) as jax.distributed.initialize would work them
+    out from SLURM's or Open MPI's environment (JAX's own cluster detection, so the coordinator's
+    host and port are the ones JAX would use), or None when this JAX cannot say."""
+    try:
+        from jax._src.clusters import ClusterEnv  # what jax.distributed.initialize calls
+        coordinator, count, pid, _ = ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, None, timeout_s)
+    except Exception:  # moved or changed in another JAX: fall back to JAX's own join
+        return None
+    if coordinator is None or count is None or pid is None:
+        return None
+    return str(coordinator), int(count), int(pid)
+
+
+def _join_checked(coordinator: str, num_processes: int, process_id: int,
+                  environ: Mapping[str, str], timeout_s: int, what: str,
+                  launcher: str | None = None) -> int:
+    """Our rendezvous first (a missing process is named in one line), its watchdog for the run,
+    then JAX's join with the coordination service in the helper beside process 0."""
+    global _WATCHDOG
     if timeout_s <= 0:
         raise ImagenetError(f"--join_timeout={timeout_s}: must be a positive number of seconds")
-    global _WATCHDOG
     host, port = parse_coordinator(coordinator)
-    links, service = peers.rendezvous(host, port, num_processes, process_id, timeout_s)
+    links, service = peers.rendezvous(host, port, num_processes, process_id, timeout_s,
+                                      launcher=launcher)
     _WATCHDOG = peers.Watchdog(links, process_id, num_processes, service)
     # process 0's JAX starts its own service as always, but where nobody connects: the one
     # every client joins is the helper's, on the coordinator's port (model/peers.py)
-    return _initialize(coordinator, num_processes, process_id, environ, timeout_s,
-                       f"coordinator {coordinator}",
+    return _initialize(coordinator, num_processes, process_id, environ, timeout_s, what,
                        bind=peers.DECOY_BIND if service is not None else None)
 
 

@@ -216,15 +216,19 @@ def _ids(ids: list[int]) -> str:
     return ", ".join(str(i) for i in ids)
 
 
-def rendezvous(host: str, port: int, n: int, pid: int, timeout_s: float
-               ) -> tuple[dict[int, _Link], ServiceHelper | None]:
+def rendezvous(host: str, port: int, n: int, pid: int, timeout_s: float, *,
+               launcher: str | None = None) -> tuple[dict[int, _Link], ServiceHelper | None]:
     """All n processes present, or ImagenetError naming who is missing; returns this process's
     links (process 0: one per other process; the others: {0: link}) and, in process 0, the
-    helper serving JAX's coordination service on the port (None: JAX's own arrangement)."""
+    helper serving JAX's coordination service on the port (None: JAX's own arrangement).
+    `launcher`: the scheduler that started the processes (SLURM, Open MPI), named in the
+    errors instead of the flags."""
     coord = f"{host}:{port}"
     deadline = time.monotonic() + timeout_s
     if pid == 0:
-        return _gather(port, n, coord, deadline, timeout_s)
+        started = (f"started by {launcher} as a task of this job" if launcher else
+                   f"started with --coordinator={coord} --num_processes={n} --process_id=<id>")
+        return _gather(port, n, coord, deadline, timeout_s, started)
     link = None
     while link is None:
         try:
@@ -233,10 +237,13 @@ def rendezvous(host: str, port: int, n: int, pid: int, timeout_s: float
             link = _Link(sock)
         except OSError as err:
             if time.monotonic() >= deadline:
+                runs = (f"{launcher} started process 0" if launcher else
+                        f"process 0 runs with --coordinator={coord} --num_processes={n}")
                 raise ImagenetError(
-                    f"process {pid} of {n}: could not reach process 0 at --coordinator={coord} "
+                    f"process {pid} of {n}: could not reach process 0 at "
+                    f"{'' if launcher else '--coordinator='}{coord} "
                     f"within {timeout_s:g} s ({getattr(err, 'strerror', None) or err}): check "
-                    f"that process 0 runs with --coordinator={coord} --num_processes={n}, that "
+                    f"that {runs}, that "
                     f"{host} is process 0's host as seen from here and port {port} is open to "
                     "this host (--join_timeout if hosts start slowly)") from None
             time.sleep(RETRY_S)
@@ -256,13 +263,13 @@ def rendezvous(host: str, port: int, n: int, pid: int, timeout_s: float
     return {0: link}, None
 
 
-def _gather(port: int, n: int, coord: str, deadline: float, timeout_s: float
+def _gather(port: int, n: int, coord: str, deadline: float, timeout_s: float, started: str
             ) -> tuple[dict[int, _Link], ServiceHelper | None]:
     """Process 0's side of the rendezvous."""
     helper = ServiceHelper(port, n)
     links: dict[int, _Link] = {}
     try:
-        _collect(_listen(port, deadline), port, links, n, coord, deadline, timeout_s)
+        _collect(_listen(port, deadline), port, links, n, coord, deadline, timeout_s, started)
         try:
             serving = helper.serve()  # the port is free again: JAX's service takes it
         except ImagenetError as err:
@@ -280,7 +287,7 @@ def _gather(port: int, n: int, coord: str, deadline: float, timeout_s: float
 
 
 def _collect(server: socket.socket, port: int, links: dict[int, _Link], n: int, coord: str,
-             deadline: float, timeout_s: float) -> None:
+             deadline: float, timeout_s: float, started: str) -> None:
     """Accept the other processes' hellos into links until all n are there (closes server)."""
     try:
         while len(links) < n - 1:
@@ -291,8 +298,7 @@ def _collect(server: socket.socket, port: int, links: dict[int, _Link], n: int, 
                            f"did not join within "
                            f"{timeout_s:g} s (coordinator {coord}; joined: "
                            f"{_ids([0, *sorted(links)])}): check that "
-                           f"{'each was' if len(missing) > 1 else 'it was'} started with "
-                           f"--coordinator={coord} --num_processes={n} --process_id=<id>, and "
+                           f"{'each was' if len(missing) > 1 else 'it was'} {started}, and "
                            f"that its host reaches port {port} here (--join_timeout if hosts "
                            "start slowly)")
                 for link in links.values():

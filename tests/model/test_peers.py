@@ -38,6 +38,14 @@ def cli(run: Path, port: int, pid: int, env: dict[str, str], *extra: str) -> sub
         cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def slurm_env(env: dict[str, str], port: int, pid: int) -> dict[str, str]:
+    """What `srun --ntasks=2` gives task `pid` on one host (JAX_COORDINATOR_PORT instead of
+    the port JAX derives from the job id, so that a free one is used)."""
+    return {**env, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1",
+            "SLURM_NTASKS": "2", "SLURM_PROCID": str(pid), "SLURM_LOCALID": "0",
+            "JAX_COORDINATOR_PORT": str(port)}
+
+
 def last_line(err: str) -> str:
     return [line for line in err.strip().splitlines() if line.strip()][-1]
 
@@ -62,6 +70,33 @@ def test_a_process_alone_names_who_is_missing_after_the_join_timeout(tmp_path,
     assert took < JOIN_TIMEOUT_S + STARTUP_S, took
 
 
+@pytest.mark.parametrize("pid", [0, 1])
+def test_a_scheduler_s_task_alone_names_who_is_missing_too(tmp_path, tmp_path_factory, pid):
+    """Under srun/mpirun (no flags: the job's environment says who is who) the same rendezvous
+    runs: JAX alone waited its initialization timeout, then aborted natively."""
+    run = make_tiny(tmp_path / "alone")
+    port = distributed.free_port()
+    start = time.monotonic()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "--solver=solver.prototxt",
+         f"--join_timeout={JOIN_TIMEOUT_S}"], cwd=run,
+        env=slurm_env(child_env(tmp_path_factory), port, pid),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=WAIT_S)
+    took = time.monotonic() - start
+    assert p.returncode == 1, err[-3000:]
+    assert not any(n in err for n in NATIVE), err[-3000:]
+    line = last_line(err)
+    if pid == 0:
+        assert "process 1 of 2 did not join within 4 s" in line, line
+        assert "started by SLURM as a task of this job" in line, line
+    else:
+        assert f"could not reach process 0 at 127.0.0.1:{port}" in line, line
+        assert "SLURM started process 0" in line, line
+    assert "--num_processes" not in line, line  # no flag was given: none is suggested
+    assert took < JOIN_TIMEOUT_S + STARTUP_S, took
+
+
 # The process named by `how` (its last character) either fails with an error (raised at
 # iteration 20) or is killed there.
 FAILING = r"""
@@ -70,11 +105,14 @@ from data.errors import ImagenetError
 from model import distributed
 from model.train import train
 port, pid, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-distributed.join(f"127.0.0.1:{port}", 2, pid)
+if how.startswith("slurm"):
+    distributed.join()  # the scheduler's environment says who is who
+else:
+    distributed.join(f"127.0.0.1:{port}", 2, pid)
 def progress(it, max_iter):
     if pid == int(how[-1]) and it == 20:
         print("ACTING", flush=True)
-        if how.startswith("kill"):
+        if "kill" in how:
             os.kill(os.getpid(), signal.SIGKILL)
         raise ImagenetError("a bad label 7 in batch 20 (injected)")
 train("solver.prototxt", workdir=".", log=lambda l: None, on_progress=progress)
@@ -82,14 +120,15 @@ train("solver.prototxt", workdir=".", log=lambda l: None, on_progress=progress)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["kill1", "fail0", "fail1"])
+@pytest.mark.parametrize("how", ["kill1", "fail0", "fail1", "slurm-kill1"])
 def test_a_peer_that_dies_or_fails_stops_the_other_at_once(tmp_path, tmp_path_factory, how):
     run = make_tiny(tmp_path / how, batch=2, solver=SOLVER.replace("max_iter: 10",
                                                                     "max_iter: 100000"))
     port = distributed.free_port()
     env = child_env(tmp_path_factory)
     procs = [subprocess.Popen([sys.executable, "-c", FAILING, str(port), str(i), how], cwd=run,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=slurm_env(env, port, i) if how.startswith("slurm") else env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     culprit = int(how[-1])
     other = procs[1 - culprit]
@@ -104,7 +143,7 @@ def test_a_peer_that_dies_or_fails_stops_the_other_at_once(tmp_path, tmp_path_fa
     assert not any(n in err for n in NATIVE), err[-3000:]
     line = last_line(err)
     assert line.startswith(f"error: process {culprit} of 2 "), line
-    if how.startswith("kill"):
+    if "kill" in how:
         assert "exited or was killed" in line
         assert procs[culprit].returncode == -signal.SIGKILL
     else:
