@@ -146,7 +146,9 @@ class PipelineParams(BaseModel):
     max_iter: int | None = Field(None, gt=0, le=INT32_MAX, description="override the solver's max_iter")
     snapshot_interval: int | None = Field(None, gt=0, le=INT32_MAX, description="training segment length "
                                           "(default: the solver's snapshot)")
-    devices: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="accelerator ids (default: all / CPU)")
+    devices: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="device ids to train on, data-parallel (default: one, the solver's "
+        "device_id, as Caffe without --gpu)")
     processes: int = Field(1, ge=1, description="training processes on this host, joined by "
                            "jax.distributed (global batch = batch_size x devices of all)")
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES),
@@ -347,7 +349,8 @@ def imagenet(
         finetune_lr_factor: with net and weights: base_lr / f, new layers' lr_mult x f
         max_iter: override the solver's max_iter
         snapshot_interval: training segment length (default: the solver's snapshot)
-        devices: accelerator ids (default: all / CPU)
+        devices: device ids to train on, data-parallel (default: one, the solver's
+            device_id, as Caffe without --gpu)
         processes: training processes on this host, joined by jax.distributed
         stages: which stages to run (others use what is on disk)
         force: stages to recompute even when cached ([train]: train again from iteration 0)
