@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -295,6 +296,27 @@ def check_writable(data_root: Path, home: Path) -> None:
                                 "there)") from None
 
 
+def check_database(db: Path) -> None:
+    """A Prefect database that SQLite cannot open (a copy cut short, another file in its place)
+    made the temporary server retry its start for minutes, printing thousands of lines of
+    traceback, then a bug exit. One line now, before the server starts."""
+    import sqlite3
+
+    from data.errors import ImagenetError
+
+    if not db.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+                                ) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the schema page
+    except sqlite3.Error as err:
+        raise ImagenetError(
+            f"{db}: Prefect's database is damaged ({err}); it holds only the runs' history (the "
+            "data, their manifests and the stage cache are kept elsewhere in the data root): "
+            "move it away and run again; nothing was run") from None
+
+
 def start_temporary_server() -> None:
     """Without PREFECT_API_URL, start the temporary Prefect server Prefect would start on first
     use, made to outlive the signals that stop a run. The terminal sends Ctrl-C to its whole
@@ -307,12 +329,21 @@ def start_temporary_server() -> None:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
+    from data.errors import ImagenetError
+
     if PREFECT_API_URL.value():
         return
+    check_database(Path(os.environ["PREFECT_HOME"]) / "prefect.db")
     server = SubprocessASGIServer()  # the instance Prefect's clients use (port None)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         server.start()
+    except RuntimeError as err:  # prefect 3.9: "Timed out while attempting to connect ..."
+        reason = str(err).split(" stdout:")[0].strip() or type(err).__name__
+        raise ImagenetError(
+            f"Prefect's temporary server did not start ({reason}); its own messages are "
+            "above. Nothing was run; start a server with `make up` and set PREFECT_API_URL, "
+            "or give it longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     keeper = _ServerKeeper(server)

@@ -11,6 +11,7 @@ machine cannot make one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -918,6 +919,35 @@ def test_pipeline_without_a_reachable_prefect_api_is_one_line_and_creates_nothin
     _assert_one_line(proc, "pipeline", "PREFECT_API_URL", "no Prefect API answers",
                      "Connection refused", "nothing was run or created")
     assert list((tmp_path / "root").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "cut short"])
+def test_pipeline_with_a_damaged_prefect_database_is_one_line(damage, tmp_path):
+    """<data root>/.prefect/prefect.db that SQLite cannot open (random bytes, or a database cut
+    inside its header): the temporary server retried its start for ~3 minutes, printing
+    thousands of traceback lines, then exit 70. Now one line naming the file, before the
+    server starts, and the file is left as it was."""
+    home = tmp_path / "root" / ".prefect"
+    home.mkdir(parents=True)
+    db = home / "prefect.db"
+    if damage == "random bytes":
+        db.write_bytes(np.random.default_rng(0).bytes(8192))
+    else:
+        import sqlite3
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("create table t (x)")
+            conn.commit()
+        db.write_bytes(db.read_bytes()[:50])
+    before = db.read_bytes()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", "--data_root=root",
+                           "--train=mini:tiny", "--val=mini:tiny", "--aux=mini:tiny"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc, "pipeline", str(db), "Prefect's database is damaged",
+                     "move it away", "nothing was run")
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == [".prefect"]
 
 
 def test_pipeline_on_a_read_only_data_root_is_one_line(tmp_path):

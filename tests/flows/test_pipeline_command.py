@@ -141,3 +141,30 @@ def test_pipeline_stops_within_seconds_on_sigterm_and_ctrl_c(tiny_mirror, tiny_s
     status, text, seconds = _signal_during_training(command, tmp_path, signal.SIGINT)
     assert status == 130 and seconds < 60 and "ConnectError" not in text, text[-3000:]
     assert "Resuming from" in text and "stopped by SIGINT" in text
+
+
+def test_a_temporary_server_that_does_not_start_is_one_error(monkeypatch, tmp_path):
+    """Prefect's RuntimeError ("Timed out while attempting to connect to ephemeral Prefect API
+    server ... stdout: ... stderr: <its traceback>") was a bug exit; now an ImagenetError that
+    keeps the reason and drops the server's output (printed above it already)."""
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from data.errors import ImagenetError
+    from flows.commands import pipeline
+
+    def refuse(self, timeout=None):
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API "
+                           "server. Ephemeral server process exited with code 3. stdout: x "
+                           "stderr: Traceback (most recent call last): ...")
+
+    monkeypatch.setattr(prefect_server.SubprocessASGIServer, "start", refuse)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ImagenetError) as caught:
+            pipeline.start_temporary_server()
+    message = str(caught.value)
+    assert ("Prefect's temporary server did not start (Timed out while attempting to connect "
+            "to ephemeral Prefect API server. Ephemeral server process exited with code 3.)"
+            in message), message
+    assert "Traceback" not in message and "make up" in message
