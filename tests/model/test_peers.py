@@ -50,24 +50,30 @@ def last_line(err: str) -> str:
     return [line for line in err.strip().splitlines() if line.strip()][-1]
 
 
+def alone(p: subprocess.Popen) -> str:
+    """A process whose peer never starts: exit 1 within the join timeout (plus start-up), no
+    native abort; returns its last line."""
+    start = time.monotonic()
+    _, err = p.communicate(timeout=WAIT_S)
+    took = time.monotonic() - start
+    assert p.returncode == 1, err[-3000:]
+    assert not any(n in err for n in NATIVE), err[-3000:]
+    assert took < JOIN_TIMEOUT_S + STARTUP_S, took
+    return last_line(err)
+
+
 @pytest.mark.parametrize("pid", [0, 1])
 def test_a_process_alone_names_who_is_missing_after_the_join_timeout(tmp_path,
                                                                      tmp_path_factory, pid):
     run = make_tiny(tmp_path / "alone")
     port = distributed.free_port()
-    start = time.monotonic()
-    p = cli(run, port, pid, child_env(tmp_path_factory), f"--join_timeout={JOIN_TIMEOUT_S}")
-    _, err = p.communicate(timeout=WAIT_S)
-    took = time.monotonic() - start
-    assert p.returncode == 1, err[-3000:]
-    assert not any(n in err for n in NATIVE), err[-3000:]
-    line = last_line(err)
+    line = alone(cli(run, port, pid, child_env(tmp_path_factory),
+                     f"--join_timeout={JOIN_TIMEOUT_S}"))
     if pid == 0:
         assert "process 1 of 2 did not join within 4 s" in line, line
     else:
         assert f"could not reach process 0 at --coordinator=127.0.0.1:{port}" in line, line
     assert "--num_processes=2" in line and "--join_timeout" in line
-    assert took < JOIN_TIMEOUT_S + STARTUP_S, took
 
 
 @pytest.mark.parametrize("pid", [0, 1])
@@ -76,17 +82,11 @@ def test_a_scheduler_s_task_alone_names_who_is_missing_too(tmp_path, tmp_path_fa
     runs: JAX alone waited its initialization timeout, then aborted natively."""
     run = make_tiny(tmp_path / "alone")
     port = distributed.free_port()
-    start = time.monotonic()
-    p = subprocess.Popen(
+    line = alone(subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "train", "--solver=solver.prototxt",
          f"--join_timeout={JOIN_TIMEOUT_S}"], cwd=run,
         env=slurm_env(child_env(tmp_path_factory), port, pid),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, err = p.communicate(timeout=WAIT_S)
-    took = time.monotonic() - start
-    assert p.returncode == 1, err[-3000:]
-    assert not any(n in err for n in NATIVE), err[-3000:]
-    line = last_line(err)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     if pid == 0:
         assert "process 1 of 2 did not join within 4 s" in line, line
         assert "started by SLURM as a task of this job" in line, line
@@ -94,7 +94,6 @@ def test_a_scheduler_s_task_alone_names_who_is_missing_too(tmp_path, tmp_path_fa
         assert f"could not reach process 0 at 127.0.0.1:{port}" in line, line
         assert "SLURM started process 0" in line, line
     assert "--num_processes" not in line, line  # no flag was given: none is suggested
-    assert took < JOIN_TIMEOUT_S + STARTUP_S, took
 
 
 # The process named by `how` (its last character) either fails with an error (raised at
